@@ -1,0 +1,339 @@
+"""Command line: parse options, call the core, print. No torch at import time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mammacls import CLASSES, __version__
+from mammacls.errors import MammaclsError
+
+app = typer.Typer(
+    name="mammacls",
+    help="Classify breast ultrasound images (benign / malignant / normal): prepare, train, evaluate, predict.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@contextlib.contextmanager
+def _errors():
+    """Expected failures: one line on stderr and a non-zero exit, no traceback."""
+    try:
+        yield
+    except MammaclsError as exc:
+        from rich.markup import escape
+
+        _console().print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _console().print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def _emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mammacls {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """mammacls: honest breast-ultrasound classification."""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------ prepare ---
+
+@app.command()
+def prepare(
+    data_dir: Annotated[Path, typer.Argument(help="BUSI-layout folder with benign/ malignant/ normal/.")] = Path(
+        "Dataset_BUSI_with_GT"),
+    out: Annotated[Optional[Path], typer.Option(help="Write the prepared dataset here (default: the cache).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
+    val_fraction: Annotated[float, typer.Option(help="Share of images for validation.")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of images for test.")] = 0.15,
+    groups: Annotated[Optional[Path], typer.Option(
+        help="CSV (path,group_id) of known duplicate groups to merge into the detected ones.")] = None,
+    keep_conflicts: Annotated[bool, typer.Option(
+        help="Keep duplicate groups whose images carry different labels (left out by default).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Validate, de-duplicate and split a BUSI-layout dataset (train / val / test)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mammacls.data import PrepareOptions, prepare_dataset
+
+    options = PrepareOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                             keep_conflicts=keep_conflicts, groups_csv=groups)
+    with _errors(), Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), console=_console(), transient=True) as bar:
+        task = bar.add_task("decode", total=None)
+        summary = prepare_dataset(data_dir, out, options,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _print_prepare_summary(summary, _console(stderr=json_out))
+    if json_out:
+        _emit_json(summary)
+
+
+def _print_prepare_summary(summary: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['images_used']} images ready ({summary['images_found']} found)")
+    table.add_column("class")
+    for split in ("train", "val", "test", "total"):
+        table.add_column(split, justify="right")
+    for label in (*CLASSES, "total"):
+        row = summary["counts"][label]
+        table.add_row(label, *(str(row[s]) for s in ("train", "val", "test", "total")),
+                      style="bold" if label == "total" else None)
+    console.print(table)
+    conflict_note = "kept" if summary["keep_conflicts"] else f"left out, {summary['excluded_images']} images"
+    console.print(
+        f"duplicate groups: {summary['duplicate_groups']} ({summary['images_in_duplicate_groups']} images), "
+        f"each kept inside one split\n"
+        f"label conflicts: {summary['conflicts']} groups ({conflict_note})\n"
+        f"masks attached: {summary['masks_attached']} on {summary['images_with_masks']} images; "
+        f"skipped files: {len(summary['skipped'])}; non-image files ignored: {summary['non_image_files']}",
+        soft_wrap=True, markup=False)
+    for conflict in summary["conflict_groups"]:
+        members = ", ".join(f"{m['path']} ({m['label']})" for m in conflict["members"])
+        console.print(f"  conflict {conflict['group_id']}: {members}", soft_wrap=True, markup=False)
+    for item in summary["skipped"]:
+        console.print(f"  skipped {item['path']}: {item['reason']}", soft_wrap=True, markup=False)
+    if summary["missing_classes"]:
+        console.print(f"warning: no folder for {', '.join(summary['missing_classes'])}", style="yellow")
+    console.print(f"manifest: {summary['manifest']}\noverview: {summary['overview']}", soft_wrap=True,
+                  markup=False)
+
+
+# -------------------------------------------------------------------- train ---
+
+class _RichReporter:
+    """Shows epochs and batches with rich; prints one line per epoch."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self.epoch_task = None
+        self.batch_task = None
+
+    def message(self, text: str) -> None:
+        self.console.print(text, style="yellow", soft_wrap=True, markup=False)
+
+    def run_started(self, name, first_epoch, epochs, batches_per_epoch) -> None:
+        self.console.print(f"training [bold]{name}[/]", soft_wrap=True)
+        self.progress.start()
+        self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first_epoch - 1, info="")
+        self.batch_task = self.progress.add_task("batches", total=batches_per_epoch, info="")
+
+    def batch_done(self, epoch, loss) -> None:
+        self.progress.update(self.batch_task, advance=1, info=f"loss {loss:.3f}")
+
+    def epoch_done(self, record, improved) -> None:
+        self.progress.reset(self.batch_task)
+        info = f"val macro-F1 {record['val_macro_f1']:.3f}"
+        self.progress.update(self.epoch_task, advance=1, info=info)
+        self.progress.console.print(
+            f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
+            f"val acc {record['val_accuracy']:.3f}  val macro-F1 {record['val_macro_f1']:.3f}  "
+            f"val AUC {_fmt(record['val_roc_auc_macro'])}  {record['seconds']:.0f}s"
+            + ("  [green]best[/]" if improved else ""))
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+@app.command()
+def train(
+    arch: Annotated[str, typer.Option(help="resnet18 | vgg16 | mobilenet_v2")] = "mobilenet_v2",
+    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (torch hub cache).")] = True,
+    epochs: Annotated[int, typer.Option(help="Most epochs to run.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
+    img_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 42,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA when available).")] = "auto",
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset (default: the latest).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name of the model in the cache.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--name, or the latest).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON on stdout.")] = False,
+) -> None:
+    """Train a CNN; the model with the best validation macro-F1 is saved to the cache."""
+    from mammacls.train import TrainConfig, train_model
+
+    console = _console()
+    config = TrainConfig(arch=arch, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
+                         img_size=img_size, seed=seed, device=device, patience=patience,
+                         label_smoothing=label_smoothing)
+    reporter = _RichReporter(console)
+    try:
+        with _errors():
+            try:
+                meta = train_model(config, data, resume=resume, name=name, reporter=reporter)
+            except KeyboardInterrupt:
+                raise MammaclsError("interrupted: the last finished epoch is saved; continue with "
+                                    "mammacls train --resume", exit_code=130) from None
+    finally:
+        reporter.stop()
+    val = meta["val_metrics"]
+    console.print(
+        f"saved [bold]{meta['name']}[/] (best epoch {meta['best_epoch']} of {meta['epochs_run']}): "
+        f"val accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f}, "
+        f"ROC-AUC {_fmt(val['roc_auc_macro'])}", soft_wrap=True)
+    if json_out:
+        _emit_json(meta)
+
+
+# ----------------------------------------------------------------- evaluate ---
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[list[str]], typer.Option(
+        help="Model cache name, folder, .safetensors file or 'default'; repeat to compare (default: all cached).")
+    ] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Prepared dataset (its test split) or a BUSI-layout folder (every image). Default: latest test split.")
+    ] = None,
+    report: Annotated[bool, typer.Option("--report", help="Write an HTML report with figures and metrics.json.")] = False,
+    report_dir: Annotated[Path, typer.Option(help="Folder for --report.")] = Path("mammacls-report"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Score models on held-out data: accuracy, P/R/F1, ROC-AUC, confusion matrix."""
+    from mammacls.evaluate import evaluate_models, load_eval_set, models_to_evaluate, results_json
+
+    with _errors():
+        refs = models_to_evaluate(model)
+        eval_set = load_eval_set(data)
+        results = evaluate_models(refs, eval_set, device, batch_size)
+        document = results_json(results, eval_set)
+        html_path = None
+        if report:
+            from mammacls.report import write_report
+
+            html_path = write_report(results, eval_set, report_dir, document)
+            document["report"] = str(html_path.resolve())
+    console = _console(stderr=json_out)
+    _print_evaluation(document, console)
+    if html_path:
+        console.print(f"report: {html_path.resolve()}", soft_wrap=True, markup=False)
+    if json_out:
+        _emit_json(document)
+
+
+def _print_evaluation(document: dict, console) -> None:
+    from rich.table import Table
+
+    data = document["data"]
+    console.print(f"{data['description']}: {data['n']} images "
+                  f"({', '.join(f'{c} {n}' for c, n in data['counts'].items())})", soft_wrap=True, markup=False)
+    table = Table(title="model comparison")
+    for column in ("model", "arch", "px", "accuracy", "macro F1", "weighted F1", "AUC macro", "AUC weighted",
+                   *(f"recall {c}" for c in CLASSES)):
+        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for entry in document["models"]:
+        m = entry["metrics"]
+        table.add_row(entry["name"], str(entry["model"]["arch"]), str(entry["model"]["img_size"]),
+                      _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["weighted_f1"]), _fmt(m["roc_auc_macro"]),
+                      _fmt(m["roc_auc_weighted"]), *(_fmt(m["per_class"][c]["recall"]) for c in CLASSES))
+    console.print(table)
+    for entry in document["models"]:
+        cm = Table(title=f"confusion matrix: {entry['name']} (rows true, columns predicted)")
+        cm.add_column("true \\ predicted")
+        for c in CLASSES:
+            cm.add_column(c, justify="right")
+        for c, row in zip(CLASSES, entry["metrics"]["confusion_matrix"]):
+            cm.add_row(c, *map(str, row))
+        console.print(cm)
+
+
+# ------------------------------------------------------------------ predict ---
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    model: Annotated[Optional[str], typer.Option(
+        help="Model cache name, folder, .safetensors file or 'default' (default: best trained, else shipped).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Classify images. Files that cannot be read are reported (exit code 1); the rest are predicted."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from mammacls.predict import predict_paths
+
+    with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(),
+                             console=_console(), transient=True) as bar:
+        task = bar.add_task("predict", total=None)
+        result = predict_paths(paths, model, device, batch_size,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console = _console(stderr=json_out)
+    _print_predictions(result, console)
+    if json_out:
+        _emit_json(result)
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
+def _print_predictions(result: dict, console) -> None:
+    from rich.table import Table
+
+    model = result["model"]
+    console.print(f"model: {model['name']} ({model['arch']}, {model['img_size']} px, {model['source']})",
+                  soft_wrap=True, markup=False)
+    if result["predictions"]:
+        table = Table()
+        table.add_column("file", overflow="fold")
+        table.add_column("prediction")
+        for c in CLASSES:
+            table.add_column(f"p({c})", justify="right")
+        for p in result["predictions"]:
+            table.add_row(p["path"], p["label"], *(f"{p['probabilities'][c]:.3f}" for c in CLASSES))
+        console.print(table)
+    from rich.markup import escape
+
+    for error in result["errors"]:
+        _console().print(f"[red]cannot predict[/] {escape(error['path'])}: {escape(error['error'])}", soft_wrap=True)
+    if not result["predictions"] and not result["errors"]:
+        _console().print("no images found", style="yellow")
+
+
+def main() -> None:
+    app(prog_name="mammacls")
+
+
+if __name__ == "__main__":
+    main()

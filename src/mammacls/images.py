@@ -1,0 +1,131 @@
+"""Reading any image a user may hand us, and turning it into model input.
+
+Every path into a model (prepare, train, evaluate, predict) goes through
+``load_grayscale`` and ``resize_square`` so that the pixels a model sees at
+predict time are produced exactly as they were at training time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mammacls.errors import MammaclsError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+# Refuse images above this many pixels before decoding them (decompression bombs).
+# 50 MP is far above any ultrasound frame (BUSI's largest is about 0.7 MP).
+MAX_PIXELS = 50_000_000
+
+# Smallest side we accept: below this there is nothing to classify.
+MIN_SIDE = 16
+
+
+class ImageReadError(MammaclsError):
+    """One file could not be read as an image (reported per file, not fatal)."""
+
+
+def is_mask_name(path: Path) -> bool:
+    """BUSI masks are named ``NAME_mask.png`` or ``NAME_mask_N.png``."""
+    stem = path.stem
+    if stem.endswith("_mask"):
+        return True
+    head, sep, tail = stem.rpartition("_mask_")
+    return bool(sep) and bool(head) and tail.isdigit()
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_grayscale(path: Path) -> np.ndarray:
+    """Decode ``path`` into a 2-D uint8 grayscale array.
+
+    Handles 1/8/16/32-bit grayscale, RGB(A), palette and EXIF-rotated images.
+    Raises ImageReadError with a short reason for anything else.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ImageReadError("is a directory")
+        if path.stat().st_size == 0:
+            raise ImageReadError("empty file (0 bytes)")
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ImageReadError(
+                    f"image too large ({width}x{height} = {width * height:,} pixels, "
+                    f"limit {MAX_PIXELS:,}): refused before decoding"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageReadError(f"image too small ({width}x{height}, need at least {MIN_SIDE} px a side)")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_gray_array(img)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError("file not found") from None
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"cannot decode image ({_short(exc)})") from None
+
+
+def _to_gray_array(img) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        else:
+            # 16-bit data (and 32-bit ints holding it) map 0..65535 onto 0..255.
+            scaled = np.clip(arr, 0, 65535) / 257.0
+        return np.rint(scaled).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        # Composite transparent pixels onto black, the background of an ultrasound frame.
+        rgba = img.convert("RGBA")
+        from PIL import Image
+
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "L":
+        img = img.convert("RGB").convert("L")
+    return np.array(img, dtype=np.uint8)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize a 2-D uint8 image to ``size`` x ``size`` (area filter when shrinking)."""
+    import cv2
+
+    height, width = gray.shape[:2]
+    interpolation = cv2.INTER_AREA if size < min(height, width) else cv2.INTER_LINEAR
+    return cv2.resize(gray, (size, size), interpolation=interpolation)
+
+
+def load_mask_union(paths: list[Path], shape: tuple[int, int]) -> np.ndarray:
+    """OR together an image's mask files into one uint8 {0, 1} array of ``shape``."""
+    from PIL import Image
+
+    union = np.zeros(shape, dtype=np.uint8)
+    for path in paths:
+        with Image.open(path) as mask_img:
+            mask = np.asarray(mask_img.convert("L"))
+        if mask.shape != shape:
+            raise ImageReadError(f"mask {path.name} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+        union |= (mask > 127).astype(np.uint8)
+    return union

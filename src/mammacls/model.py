@@ -1,0 +1,150 @@
+"""Model: torchvision CNNs adapted to 1-channel ultrasound and 3 classes."""
+
+from __future__ import annotations
+
+from mammacls import CLASSES
+from mammacls.errors import MammaclsError
+
+ARCHS = ("resnet18", "vgg16", "mobilenet_v2")
+DEFAULT_ARCH = "mobilenet_v2"
+
+# One grey channel normalised with the mean of ImageNet's per-channel statistics.
+# Because every channel of a replicated grey image then carries the same value,
+# summing the pretrained RGB filters gives exactly the 3-channel response.
+GRAY_MEAN = 0.449
+GRAY_STD = 0.226
+
+
+def check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise MammaclsError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    return arch
+
+
+def build_model(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False):
+    """A torchvision ``arch`` with a 1-channel stem and a ``num_classes`` head.
+
+    With ``pretrained`` the ImageNet weights come through torchvision's weights
+    API (torch hub cache, download if missing); the stem is initialised from
+    the pretrained RGB filters summed over the channel axis.
+    """
+    from torchvision import models
+
+    check_arch(arch)
+    net = getattr(models, arch)(weights=None)
+    if pretrained:
+        net.load_state_dict(load_imagenet_state_dict(arch))
+    _set_first_conv(arch, net, fold_to_one_channel(_first_conv(arch, net)))
+    _replace_head(arch, net, num_classes)
+    return net
+
+
+def imagenet_weights(arch: str):
+    from torchvision import models
+
+    return models.get_model_weights(arch).DEFAULT
+
+
+def load_imagenet_state_dict(arch: str):
+    """ImageNet weights from the torch hub cache, downloading them if absent."""
+    import urllib.error
+
+    import torch
+
+    weights = imagenet_weights(arch)
+    filename = weights.url.rsplit("/", 1)[-1]
+    cache = f"{torch.hub.get_dir()}/checkpoints/{filename}"
+    try:
+        # weights_only=True: torch.load never unpickles arbitrary objects.
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise MammaclsError(
+            f"cannot get ImageNet weights for {arch} ({reason}): use --no-pretrained, "
+            f"or download {weights.url} to {cache}"
+        ) from None
+    except Exception as exc:  # a damaged or foreign file in the cache: zip, pickle or key errors
+        raise MammaclsError(
+            f"ImageNet weights file for {arch} is damaged ({str(exc).splitlines()[0][:120]}): "
+            f"delete {cache} and retry, or use --no-pretrained"
+        ) from None
+
+
+def fold_to_one_channel(conv):
+    """A Conv2d taking 1 channel whose filters are ``conv``'s summed over RGB."""
+    import torch
+    from torch import nn
+
+    folded = nn.Conv2d(
+        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+    )
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            folded.bias.copy_(conv.bias)
+    return folded
+
+
+def _first_conv(arch, net):
+    if arch == "resnet18":
+        return net.conv1
+    if arch == "vgg16":
+        return net.features[0]
+    return net.features[0][0]
+
+
+def _set_first_conv(arch, net, conv) -> None:
+    if arch == "resnet18":
+        net.conv1 = conv
+    elif arch == "vgg16":
+        net.features[0] = conv
+    else:
+        net.features[0][0] = conv
+
+
+def _replace_head(arch, net, num_classes: int) -> None:
+    from torch import nn
+
+    if arch == "resnet18":
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+    elif arch == "vgg16":
+        net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
+    else:
+        net.classifier[1] = nn.Linear(net.classifier[1].in_features, num_classes)
+
+
+def normalise(batch_uint8_or_unit):
+    """Map a float tensor in [0, 1] to the network's input scale."""
+    return (batch_uint8_or_unit - GRAY_MEAN) / GRAY_STD
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means CUDA when available; asking for CUDA without it is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MammaclsError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise MammaclsError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temperature: float = 1.0):
+    """Softmax probabilities (N x classes, numpy) for uint8 images of shape N x S x S."""
+    import numpy as np
+    import torch
+
+    net.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            batch = normalise(chunk.to(device).unsqueeze(1).float() / 255.0)
+            logits = net(batch).float() / temperature
+            outputs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    if not outputs:
+        return np.zeros((0, len(CLASSES)), dtype=np.float32)
+    return np.concatenate(outputs).astype(np.float64)

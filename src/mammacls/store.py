@@ -1,0 +1,91 @@
+"""Where mammacls keeps its state, and how it writes files safely.
+
+Everything lives under one cache directory (platformdirs' user cache dir for
+``mammacls``, or ``$MAMMACLS_CACHE_DIR``): prepared datasets under
+``datasets/``, trained models under ``models/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "MAMMACLS_CACHE_DIR"
+_LATEST_DATASET = "latest_dataset.txt"
+
+
+def cache_dir() -> Path:
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("mammacls", appauthor=False))
+
+
+def datasets_dir() -> Path:
+    return cache_dir() / "datasets"
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def record_latest_dataset(prepared_dir: Path) -> None:
+    atomic_write_text(cache_dir() / _LATEST_DATASET, str(prepared_dir.resolve()) + "\n")
+
+
+def latest_dataset() -> Path | None:
+    pointer = cache_dir() / _LATEST_DATASET
+    if not pointer.is_file():
+        return None
+    return Path(pointer.read_text(encoding="utf-8").strip())
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; move it into place only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: Path, obj: Any) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

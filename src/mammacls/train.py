@@ -1,0 +1,352 @@
+"""Train: fit a CNN on a prepared dataset, selecting the model on validation only.
+
+Selection and early stopping use validation macro-F1 (ties: lower validation
+loss). The test split is never read here. After every epoch a checkpoint
+(weights, optimiser, scheduler, RNG state, history) is written atomically, so
+an interrupted run resumes where it stopped; the best model so far is always
+saved as a complete model folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammacls import CLASSES
+from mammacls.data import PreparedDataset, load_prepared
+from mammacls.errors import MammaclsError
+from mammacls.images import resize_square
+from mammacls.model import GRAY_MEAN, GRAY_STD, build_model, check_arch, normalise, predict_proba, resolve_device
+from mammacls.metrics import compute_metrics
+from mammacls.store import atomic_path, models_dir
+from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, library_versions, save_model
+
+# Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
+SLOW_EPOCH_SECONDS = 60
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "mobilenet_v2"
+    pretrained: bool = True
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    img_size: int = 224
+    seed: int = 42
+    device: str = "auto"
+    patience: int = 10
+    label_smoothing: float = 0.0
+    augmentation: dict[str, Any] = field(default_factory=lambda: {
+        "random_resized_crop_scale": [0.75, 1.0], "horizontal_flip": 0.5,
+        "rotation_degrees": 10, "brightness": 0.2, "contrast": 0.2,
+    })
+
+    def validate(self) -> None:
+        check_arch(self.arch)
+        for name, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
+                                 ("img-size", self.img_size, 32), ("patience", self.patience, 1)):
+            if value < low:
+                raise MammaclsError(f"--{name} must be at least {low} (got {value})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise MammaclsError(f"--lr must be a positive number (got {self.lr})")
+        if not 0 <= self.label_smoothing < 1:
+            raise MammaclsError("--label-smoothing must be in [0, 1)")
+
+
+class TrainReporter:
+    """Hooks for progress display; the CLI fills them with rich output."""
+
+    def message(self, text: str) -> None: ...
+    def run_started(self, name: str, first_epoch: int, epochs: int, batches_per_epoch: int) -> None: ...
+    def batch_done(self, epoch: int, loss: float) -> None: ...
+    def epoch_done(self, record: dict[str, Any], improved: bool) -> None: ...
+
+
+def _new_run_name(arch: str) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, k = f"{arch}-{stamp}", 2
+    while (models_dir() / name).exists():
+        name, k = f"{arch}-{stamp}-{k}", k + 1
+    return name
+
+
+def find_resumable(name: str | None) -> Path:
+    root = models_dir()
+    if name:
+        folder = root / name
+        if not (folder / CHECKPOINT_FILE).is_file():
+            raise MammaclsError(f"nothing to resume for {name!r}: no checkpoint in {folder}")
+        return folder
+    candidates = sorted(
+        (p for p in root.glob(f"*/{CHECKPOINT_FILE}")), key=lambda p: p.stat().st_mtime, reverse=True
+    ) if root.is_dir() else []
+    if not candidates:
+        raise MammaclsError("nothing to resume: no interrupted training run in the cache")
+    return candidates[0].parent
+
+
+def _load_split(dataset: PreparedDataset, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = dataset.split(split)
+    if not rows:
+        raise MammaclsError(f"the prepared dataset has no {split} images; run mammacls prepare again")
+    images = np.stack([resize_square(dataset.load_image(row), size) for row in rows])
+    labels = np.array([CLASSES.index(row["label"]) for row in rows], dtype=np.int64)
+    return images, labels
+
+
+def _augmenter(config: TrainConfig):
+    from torchvision.transforms import v2
+
+    aug = config.augmentation
+    return v2.Compose([
+        v2.RandomResizedCrop(config.img_size, scale=tuple(aug["random_resized_crop_scale"]),
+                             ratio=(0.85, 1.18), antialias=True),
+        v2.RandomHorizontalFlip(aug["horizontal_flip"]),
+        v2.RandomRotation(aug["rotation_degrees"]),
+        v2.ColorJitter(brightness=aug["brightness"], contrast=aug["contrast"]),
+    ])
+
+
+def train_model(
+    config: TrainConfig,
+    data_dir: Path | None = None,
+    resume: bool = False,
+    name: str | None = None,
+    reporter: TrainReporter | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) one model; returns its saved metadata."""
+    import torch
+
+    reporter = reporter or TrainReporter()
+    checkpoint_state = None
+    if resume:
+        run_dir = find_resumable(name)
+        checkpoint_state = _read_checkpoint(run_dir / CHECKPOINT_FILE)
+        config = TrainConfig(**checkpoint_state["config"])
+        data_dir = Path(checkpoint_state["data_dir"])
+        name = run_dir.name
+    else:
+        config.validate()
+        if name and (models_dir() / name).exists():
+            raise MammaclsError(f"a model named {name!r} exists already; choose another --name or use --resume")
+        name = name or _new_run_name(config.arch)
+        run_dir = models_dir() / name
+    device = resolve_device(config.device)
+    dataset = load_prepared(data_dir)
+    if resume and dataset.manifest_sha256 != checkpoint_state["manifest_sha256"]:
+        raise MammaclsError(f"the prepared dataset at {dataset.root} changed since this run started; cannot resume")
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    net = build_model(config.arch, len(CLASSES), pretrained=config.pretrained and not resume).to(device)
+    train_x, train_y = _load_split(dataset, "train", config.img_size)
+    val_x, val_y = _load_split(dataset, "val", config.img_size)
+    counts = np.bincount(train_y, minlength=len(CLASSES)).astype(np.float64)
+    if (counts == 0).any():
+        missing = [c for c, n in zip(CLASSES, counts) if n == 0]
+        raise MammaclsError(f"the train split has no {', '.join(missing)} images; cannot train a 3-class model")
+    class_weights = counts.sum() / (len(CLASSES) * counts)
+    criterion = torch.nn.CrossEntropyLoss(
+        weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
+        label_smoothing=config.label_smoothing,
+    )
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    shuffler = torch.Generator().manual_seed(config.seed)
+    augment = _augmenter(config)
+    use_amp = device == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "macro_f1": -1.0, "val_loss": math.inf, "metrics": None}
+    first_epoch = 1
+    if checkpoint_state:
+        net.load_state_dict(checkpoint_state["model"])
+        optimizer.load_state_dict(checkpoint_state["optimizer"])
+        scheduler.load_state_dict(checkpoint_state["scheduler"])
+        torch.set_rng_state(checkpoint_state["rng"])
+        shuffler.set_state(checkpoint_state["shuffler"])
+        history, best = checkpoint_state["history"], checkpoint_state["best"]
+        first_epoch = len(history) + 1
+        reporter.message(f"resuming {name} at epoch {first_epoch}/{config.epochs} with its saved settings")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base_meta = {
+        "name": name, "arch": config.arch, "classes": list(CLASSES), "num_classes": len(CLASSES),
+        "in_chans": 1, "img_size": config.img_size, "input_size": [1, config.img_size, config.img_size],
+        "interpolation": "area (shrink) / bilinear (enlarge), square resize",
+        "mean": [GRAY_MEAN], "std": [GRAY_STD], "input_range": "grayscale uint8 / 255",
+        "pretrained": (str(_imagenet_tag(config.arch)) if config.pretrained else None),
+        "config": asdict(config), "seed": config.seed, "device": device,
+        "data": {"prepared_dir": str(dataset.root.resolve()), "manifest_sha256": dataset.manifest_sha256,
+                 "train_images": int(len(train_y)), "val_images": int(len(val_y)),
+                 "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist()))},
+        "selection": "best validation macro-F1 (ties: lower validation loss); test split never used",
+        "versions": library_versions(),
+    }
+    batches = math.ceil(len(train_y) / config.batch_size)
+    if device == "cpu" and first_epoch <= config.epochs:
+        _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, len(val_y), reporter)
+    reporter.run_started(name, first_epoch, config.epochs, batches)
+
+    epochs_since_best = first_epoch - 1 - best["epoch"] if best["epoch"] else 0
+    for epoch in range(first_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        net.train()
+        order = torch.randperm(len(train_y), generator=shuffler)
+        total_loss = 0.0
+        for b in range(batches):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            images = torch.stack([augment(torch.from_numpy(train_x[i]).unsqueeze(0)) for i in idx.tolist()])
+            inputs = normalise(images.to(device).float() / 255.0)
+            targets = torch.from_numpy(train_y[idx.numpy()]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
+                loss = criterion(net(inputs).float(), targets)
+            if not torch.isfinite(loss):
+                raise MammaclsError(f"training diverged at epoch {epoch} (loss {loss.item()}); try a lower --lr")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(idx)
+            reporter.batch_done(epoch, loss.item())
+        scheduler.step()
+
+        probabilities = predict_proba(net, val_x, device, batch_size=max(64, config.batch_size))
+        metrics = compute_metrics(val_y, probabilities)
+        val_loss = float(criterion(torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)).float().to(device),
+                                   torch.from_numpy(val_y).to(device)).item())
+        record = {
+            "epoch": epoch, "train_loss": total_loss / len(train_y), "val_loss": val_loss,
+            "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
+            "val_roc_auc_macro": metrics["roc_auc_macro"], "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        history.append(record)
+        improved = (metrics["macro_f1"] > best["macro_f1"]
+                    or (metrics["macro_f1"] == best["macro_f1"] and val_loss < best["val_loss"]))
+        if improved:
+            best = {"epoch": epoch, "macro_f1": metrics["macro_f1"], "val_loss": val_loss, "metrics": metrics}
+            epochs_since_best = 0
+            save_model(net, {**base_meta, "status": "training", "best_epoch": epoch,
+                             "val_metrics": metrics, "history": history}, run_dir)
+        else:
+            epochs_since_best += 1
+        _write_checkpoint(run_dir / CHECKPOINT_FILE, net, optimizer, scheduler, shuffler, {
+            "config": asdict(config), "data_dir": str(dataset.root.resolve()),
+            "manifest_sha256": dataset.manifest_sha256, "history": history, "best": best,
+        })
+        reporter.epoch_done(record, improved)
+        if epochs_since_best >= config.patience:
+            reporter.message(f"early stop: validation macro-F1 has not improved for {config.patience} epochs")
+            break
+
+    meta_path = run_dir / METADATA_FILE
+    final = json.loads(meta_path.read_text(encoding="utf-8"))
+    final.update(status="complete", history=history, epochs_run=len(history),
+                 finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    from mammacls.store import atomic_write_json
+
+    atomic_write_json(meta_path, final)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return final
+
+
+def _imagenet_tag(arch: str) -> str:
+    from mammacls.model import imagenet_weights
+
+    return f"torchvision:{imagenet_weights(arch)}"
+
+
+def _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, n_val, reporter) -> None:
+    """Time one training step and say what an epoch will cost when it is slow."""
+    import torch
+
+    size = min(config.batch_size, len(train_x))
+    inputs = normalise(torch.from_numpy(train_x[:size]).unsqueeze(1).float() / 255.0)
+    targets = torch.zeros(size, dtype=torch.long)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    started = time.perf_counter()
+    criterion(net(inputs), targets).backward()
+    step = time.perf_counter() - started
+    optimizer.zero_grad(set_to_none=True)
+    net.load_state_dict(saved)  # the timing step must not change the model (BN statistics)
+    per_epoch = step * (len(train_x) / size) * 1.15 + step / 3 * (n_val / size)
+    if per_epoch > SLOW_EPOCH_SECONDS or config.arch == "vgg16":
+        reporter.message(
+            f"CPU time estimate: about {per_epoch / 60:.1f} min per epoch for {config.arch} at "
+            f"{config.img_size} px ({per_epoch * config.epochs / 60:.0f} min for {config.epochs} epochs); "
+            "a smaller --img-size or a CUDA GPU is faster"
+        )
+
+
+# ----------------------------------------------------------- checkpoint ---
+
+def _write_checkpoint(path: Path, net, optimizer, scheduler, shuffler, info: dict[str, Any]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from mammacls.weights import state_dict_cpu
+
+    tensors = {f"model/{k}": v for k, v in state_dict_cpu(net).items()}
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, Any] = {}
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}/{key}"] = value
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors["rng/shuffler"] = shuffler.get_state()
+    header = {
+        "info": json.dumps(info),
+        "optim_param_groups": json.dumps(opt_state["param_groups"]),
+        "optim_scalars": json.dumps(scalars),
+        "scheduler": json.dumps(scheduler.state_dict()),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        info = json.loads(header["info"])
+        groups = json.loads(header["optim_param_groups"])
+        scalars = json.loads(header["optim_scalars"])
+        scheduler = json.loads(header["scheduler"])
+    except Exception as exc:  # damaged file: safetensors, JSON or missing keys
+        raise MammaclsError(f"cannot resume: checkpoint {path} is damaged ({str(exc)[:100]})") from None
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in scalars.items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {
+        **info,
+        "model": {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+        "optimizer": {"state": state, "param_groups": groups},
+        "scheduler": scheduler,
+        "rng": tensors["rng/torch"],
+        "shuffler": tensors["rng/shuffler"],
+    }
+

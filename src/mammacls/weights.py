@@ -1,0 +1,208 @@
+"""Model files: safetensors weights plus a JSON metadata record.
+
+A model is a folder holding ``model.safetensors`` and ``metadata.json``
+(arch, classes, input size, normalisation, training config, metrics,
+versions and the weights' sha256). The metadata is also embedded in the
+safetensors header, so a lone ``.safetensors`` file still describes itself.
+Model files are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mammacls import CLASSES
+from mammacls.errors import MammaclsError
+from mammacls.store import atomic_path, atomic_write_json, models_dir, sha256_file
+
+MODEL_FILE = "model.safetensors"
+METADATA_FILE = "metadata.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT = "mammacls-model/1"
+_HEADER_KEY = "mammacls"
+
+
+def shipped_weights_dir() -> Path:
+    """The ``weights/`` folder: inside the installed package, or the repo's own."""
+    packaged = Path(__file__).resolve().parent / "weights"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def shipped_model_dir() -> Path | None:
+    folder = shipped_weights_dir() / "default"
+    return folder if (folder / METADATA_FILE).is_file() and (folder / MODEL_FILE).is_file() else None
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+
+    import numpy
+    import torch
+    import torchvision
+
+    from mammacls import __version__
+
+    return {"mammacls": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def state_dict_cpu(net) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+
+
+def save_model(net, metadata: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """Write weights then metadata, each atomically; returns the metadata as written."""
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    record = {"format": FORMAT, **metadata, "weights_file": MODEL_FILE}
+    record.pop("sha256", None)
+    header = {_HEADER_KEY: json.dumps({k: v for k, v in record.items() if k != "history"})}
+    with atomic_path(model_dir / MODEL_FILE) as tmp:
+        save_file(state_dict_cpu(net), str(tmp), metadata=header)
+    record["sha256"] = sha256_file(model_dir / MODEL_FILE)
+    atomic_write_json(model_dir / METADATA_FILE, record)
+    return record
+
+
+@dataclass
+class ModelRef:
+    name: str
+    weights: Path
+    metadata: dict[str, Any]
+    source: str  # "cache", "file" or "shipped"
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.metadata
+        return {
+            "name": self.name, "source": self.source, "path": str(self.weights), "arch": meta.get("arch"),
+            "img_size": meta.get("img_size"), "classes": meta.get("classes"),
+            "sha256": meta.get("sha256"), "val_metrics": meta.get("val_metrics"),
+        }
+
+
+def list_cached_models() -> list[ModelRef]:
+    root = models_dir()
+    refs = []
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if (folder / METADATA_FILE).is_file() and (folder / MODEL_FILE).is_file():
+                try:
+                    refs.append(ModelRef(folder.name, folder / MODEL_FILE, read_metadata(folder), "cache"))
+                except MammaclsError:
+                    continue  # a half-written or foreign folder is not a model
+    return refs
+
+
+def read_metadata(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MammaclsError(f"cannot read model metadata {path}: {exc}") from None
+    return _validated(meta, path)
+
+
+def _validated(meta: Any, where: Path) -> dict[str, Any]:
+    from mammacls.model import ARCHS
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MammaclsError(f"{where} is not a mammacls model record")
+    if meta.get("arch") not in ARCHS:
+        raise MammaclsError(f"{where}: unknown architecture {meta.get('arch')!r}")
+    if list(meta.get("classes", [])) != list(CLASSES):
+        raise MammaclsError(f"{where}: classes {meta.get('classes')} are not {list(CLASSES)}")
+    if not isinstance(meta.get("img_size"), int) or meta["img_size"] < 8:
+        raise MammaclsError(f"{where}: bad input size {meta.get('img_size')!r}")
+    return meta
+
+
+def _header_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for foreign bytes
+        raise MammaclsError(f"{path} is not a valid safetensors file ({str(exc)[:100]})") from None
+    if _HEADER_KEY not in header:
+        raise MammaclsError(f"{path} carries no mammacls metadata (and no {METADATA_FILE} beside it)")
+    try:
+        return _validated(json.loads(header[_HEADER_KEY]), path)
+    except json.JSONDecodeError:
+        raise MammaclsError(f"{path}: damaged mammacls metadata in the file header") from None
+
+
+def resolve_model(spec: str | None) -> ModelRef:
+    """Find a model by cache name, path, ``default`` (shipped) or best available."""
+    if spec is None:
+        cached = list_cached_models()
+        if cached:
+            return max(cached, key=lambda ref: _val_score(ref.metadata))
+        shipped = shipped_model_dir()
+        if shipped is None:
+            raise MammaclsError("no model yet: run mammacls train (or pass --model PATH)")
+        return ModelRef("default", shipped / MODEL_FILE, read_metadata(shipped), "shipped")
+    if spec == "default":
+        shipped = shipped_model_dir()
+        if shipped is None:
+            raise MammaclsError("no shipped default model in this installation; run mammacls train")
+        return ModelRef("default", shipped / MODEL_FILE, read_metadata(shipped), "shipped")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise MammaclsError(f"{path} holds no {MODEL_FILE}")
+        return ModelRef(path.name, path / MODEL_FILE, read_metadata(path), "file")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise MammaclsError(
+                f"{path} is not a .safetensors model: mammacls only loads safetensors (it never unpickles files)"
+            )
+        beside = path.parent / METADATA_FILE
+        if beside.is_file():
+            meta = read_metadata(path.parent)
+            if meta.get("weights_file") == path.name:
+                return ModelRef(path.stem, path, meta, "file")
+        return ModelRef(path.stem, path, _header_metadata(path), "file")
+    cached_dir = models_dir() / spec
+    if "/" not in spec and (cached_dir / METADATA_FILE).is_file():
+        return ModelRef(spec, cached_dir / MODEL_FILE, read_metadata(cached_dir), "cache")
+    names = ", ".join(ref.name for ref in list_cached_models()) or "none"
+    raise MammaclsError(f"no model named {spec!r}: not a file, folder or cached model (cached: {names})")
+
+
+def _val_score(meta: dict[str, Any]) -> float:
+    value = (meta.get("val_metrics") or {}).get("macro_f1")
+    return float(value) if isinstance(value, (int, float)) else -1.0
+
+
+def load_network(ref: ModelRef, device: str = "cpu"):
+    """Build the network of ``ref`` and load its weights after checking integrity."""
+    from safetensors.torch import load_file
+
+    from mammacls.model import build_model
+
+    if not ref.weights.is_file():
+        raise MammaclsError(f"model weights missing: {ref.weights}")
+    expected = ref.metadata.get("sha256")
+    if expected and sha256_file(ref.weights) != expected:
+        raise MammaclsError(
+            f"{ref.weights} does not match the sha256 in its metadata: the file is corrupt or was modified"
+        )
+    try:
+        state = load_file(str(ref.weights), device="cpu")
+    except Exception as exc:  # safetensors' own error type, or OSError
+        raise MammaclsError(f"{ref.weights} is not a valid safetensors file ({str(exc)[:100]})") from None
+    net = build_model(ref.metadata["arch"], len(CLASSES), pretrained=False)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:160]
+        raise MammaclsError(f"{ref.weights} does not fit a {ref.metadata['arch']} model: {first}") from None
+    return net.to(device).eval()

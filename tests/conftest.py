@@ -1,0 +1,136 @@
+"""Shared fixtures: a synthetic BUSI-layout dataset, prepared once, and a tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset_BUSI_with_GT"
+IMAGES_PER_CLASS = 14
+SIZE = (48, 40)  # width, height
+
+
+def textured_image(rng: np.random.Generator, label_index: int, size=SIZE) -> np.ndarray:
+    """Speckle plus a class-dependent blob, so that a tiny model has something to learn."""
+    width, height = size
+    img = rng.integers(0, 90, size=(height, width)).astype(np.float64)
+    yy, xx = np.mgrid[0:height, 0:width]
+    cy, cx = rng.integers(10, height - 10), rng.integers(10, width - 10)
+    radius = 4 + 4 * label_index
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] += 120 if label_index != 2 else 0
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def save_rgb(path: Path, gray: np.ndarray) -> None:
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(path)
+
+
+def save_mask(path: Path, shape, filled: bool, rng) -> None:
+    mask = np.zeros(shape, dtype=np.uint8)
+    if filled:
+        y, x = rng.integers(0, shape[0] - 8), rng.integers(0, shape[1] - 8)
+        mask[y:y + 8, x:x + 8] = 255
+    Image.fromarray(mask).convert("1").save(path)
+
+
+def build_busi_fixture(root: Path, seed: int = 0) -> dict:
+    """benign/ malignant/ normal/ with masks, a planted exact and near duplicate,
+    a cross-label conflict, a corrupt image and a non-image file."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    planted: dict = {}
+    for k, label in enumerate(("benign", "malignant", "normal")):
+        folder = root / label
+        folder.mkdir()
+        for i in range(1, IMAGES_PER_CLASS + 1):
+            gray = textured_image(rng, k)
+            name = f"{label} ({i})"
+            save_rgb(folder / f"{name}.png", gray)
+            save_mask(folder / f"{name}_mask.png", gray.shape, label != "normal", rng)
+        # a second lesion mask for one image: must be attached, never an image
+        save_mask(root / label / f"{label} (1)_mask_1.png", gray.shape, label != "normal", rng)
+    benign = root / "benign"
+    base = np.array(Image.open(benign / "benign (2).png").convert("L"))
+    save_rgb(benign / "benign (101).png", base)  # exact duplicate (same pixels)
+    noisy = np.clip(base.astype(int) + rng.integers(-3, 4, size=base.shape), 0, 255).astype(np.uint8)
+    save_rgb(benign / "benign (102).png", noisy)  # near duplicate
+    planted["exact"] = ("benign/benign (2).png", "benign/benign (101).png")
+    planted["near"] = ("benign/benign (2).png", "benign/benign (102).png")
+    conflict = np.array(Image.open(benign / "benign (3).png").convert("L"))
+    save_rgb(root / "malignant" / "malignant (103).png", conflict)
+    planted["conflict"] = ("benign/benign (3).png", "malignant/malignant (103).png")
+    (benign / "benign (104).png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    planted["corrupt"] = "benign/benign (104).png"
+    (benign / "notes.txt").write_text("not an image")
+    return planted
+
+
+@pytest.fixture(scope="session")
+def busi_dir(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("busi") / "Dataset_BUSI_with_GT"
+    planted = build_busi_fixture(root)
+    return root, planted
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty mammacls cache for one test."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MAMMACLS_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session-cache")
+
+
+@pytest.fixture(scope="session")
+def prepared(busi_dir, session_cache) -> tuple[Path, dict]:
+    """The synthetic dataset prepared once (read-only for tests)."""
+    from mammacls.data import prepare_dataset
+
+    old = os.environ.get("MAMMACLS_CACHE_DIR")
+    os.environ["MAMMACLS_CACHE_DIR"] = str(session_cache)
+    try:
+        summary = prepare_dataset(busi_dir[0])
+    finally:
+        _restore("MAMMACLS_CACHE_DIR", old)
+    return Path(summary["prepared_dir"]), summary
+
+
+@pytest.fixture(scope="session")
+def tiny_model(prepared, session_cache) -> dict:
+    """A 2-epoch resnet18 at 32 px trained on the synthetic set, in the session cache."""
+    from mammacls.train import TrainConfig, train_model
+
+    old = os.environ.get("MAMMACLS_CACHE_DIR")
+    os.environ["MAMMACLS_CACHE_DIR"] = str(session_cache)
+    try:
+        return train_model(TrainConfig(arch="resnet18", pretrained=False, epochs=2, img_size=32, batch_size=16),
+                           prepared[0], name="tiny")
+    finally:
+        _restore("MAMMACLS_CACHE_DIR", old)
+
+
+@pytest.fixture
+def use_session_cache(session_cache, monkeypatch) -> Path:
+    monkeypatch.setenv("MAMMACLS_CACHE_DIR", str(session_cache))
+    return session_cache
+
+
+def _restore(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def real_busi_or_skip() -> Path:
+    if not REAL_BUSI.is_dir():
+        pytest.skip(f"real BUSI copy not found at {REAL_BUSI}")
+    return REAL_BUSI
