@@ -277,9 +277,10 @@ def _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, n_va
     targets = torch.zeros(size, dtype=torch.long)
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     net.train()
-    started = time.perf_counter()
-    criterion(net(inputs), targets).backward()
-    step = time.perf_counter() - started
+    with torch.random.fork_rng(devices=[]):  # dropout here must not shift the run's random stream
+        started = time.perf_counter()
+        criterion(net(inputs), targets).backward()
+        step = time.perf_counter() - started
     optimizer.zero_grad(set_to_none=True)
     net.load_state_dict(saved)  # the timing step must not change the model (BN statistics)
     per_epoch = step * (len(train_x) / size) * 1.15 + step / 3 * (n_val / size)

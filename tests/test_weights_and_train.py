@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mammacls.errors import MammaclsError
+from mammacls.model import build_model, predict_proba
+from mammacls.train import TrainConfig, TrainReporter, train_model
+from mammacls.weights import CHECKPOINT_FILE, list_cached_models, load_network, resolve_model, save_model
+
+
+def _meta(arch="mobilenet_v2", size=32):
+    return {"name": "m", "arch": arch, "classes": ["benign", "malignant", "normal"], "img_size": size}
+
+
+def test_safetensors_round_trip_gives_identical_predictions(tmp_path):
+    net = build_model("mobilenet_v2").eval()
+    record = save_model(net, _meta(), tmp_path / "m")
+    ref = resolve_model(str(tmp_path / "m"))
+    loaded = load_network(ref)
+    images = np.random.default_rng(0).integers(0, 255, size=(3, 32, 32)).astype(np.uint8)
+    assert np.array_equal(predict_proba(net, images), predict_proba(loaded, images))
+    assert record["sha256"] == ref.metadata["sha256"] and len(record["sha256"]) == 64
+    # a lone .safetensors file still describes itself through its header
+    (tmp_path / "m" / "metadata.json").unlink()
+    lone = resolve_model(str(tmp_path / "m" / "model.safetensors"))
+    assert lone.metadata["arch"] == "mobilenet_v2"
+    assert not list((tmp_path / "m").glob("*.tmp"))
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    save_model(build_model("resnet18"), _meta("resnet18"), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(MammaclsError, match="corrupt or was modified"):
+        load_network(resolve_model(str(tmp_path / "m")))
+
+
+def test_foreign_and_pickle_files_are_refused(tmp_path):
+    pickle_file = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pickle_file)
+    with pytest.raises(MammaclsError, match="never unpickles"):
+        resolve_model(str(pickle_file))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(MammaclsError, match="not a valid safetensors"):
+        resolve_model(str(junk))
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    save_model(build_model("resnet18"), _meta("resnet18"), tmp_path / "m")
+    meta_path = tmp_path / "m" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["arch"] = "mobilenet_v2"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(MammaclsError, match="does not fit a mobilenet_v2"):
+        load_network(resolve_model(str(tmp_path / "m")))
+
+
+def test_unknown_model_name_lists_what_exists(cache):
+    with pytest.raises(MammaclsError, match="no model named 'nope'"):
+        resolve_model("nope")
+    with pytest.raises(MammaclsError, match="no model yet: run mammacls train"):
+        resolve_model(None)
+
+
+def test_trained_model_metadata_is_complete(tiny_model, use_session_cache):
+    meta = tiny_model
+    for key in ("arch", "classes", "img_size", "input_size", "mean", "std", "config", "seed", "data",
+                "val_metrics", "versions", "sha256", "history", "best_epoch", "status"):
+        assert key in meta, key
+    assert meta["status"] == "complete" and meta["config"]["seed"] == 42
+    assert len(meta["data"]["manifest_sha256"]) == 64
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert "test" not in json.dumps(meta["history"])
+    assert [r.name for r in list_cached_models()] == ["tiny"]
+    folder = use_session_cache / "models" / "tiny"
+    assert not (folder / CHECKPOINT_FILE).exists()
+    assert set(load_file(str(folder / "model.safetensors"))) == set(build_model("resnet18").state_dict())
+
+
+class _StopAfter(TrainReporter):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def epoch_done(self, record, improved):
+        if record["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interrupt_equals_an_uninterrupted_run(prepared, cache):
+    config = dict(arch="mobilenet_v2", pretrained=False, epochs=3, img_size=32, batch_size=16, patience=5)
+    full = train_model(TrainConfig(**config), prepared[0], name="full")
+    with pytest.raises(KeyboardInterrupt):
+        train_model(TrainConfig(**config), prepared[0], name="cut", reporter=_StopAfter(2))
+    assert (cache / "models" / "cut" / CHECKPOINT_FILE).is_file()
+    assert (cache / "models" / "cut" / "model.safetensors").is_file()  # best so far is usable
+    resumed = train_model(TrainConfig(), resume=True)  # picks the interrupted run; settings from checkpoint
+    assert resumed["name"] == "cut" and resumed["epochs_run"] == 3
+    for a, b in zip(full["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"])
+    a = load_file(str(cache / "models" / "full" / "model.safetensors"))
+    b = load_file(str(cache / "models" / "cut" / "model.safetensors"))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    with pytest.raises(MammaclsError, match="nothing to resume"):
+        train_model(TrainConfig(), resume=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arch": "alexnet"}, "unknown architecture"),
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"img_size": 8}, "--img-size must be at least 32"),
+    ({"lr": -1.0}, "--lr must be a positive"),
+])
+def test_bad_training_options_are_clear_errors(prepared, cache, change, message):
+    with pytest.raises(MammaclsError, match=message):
+        train_model(TrainConfig(**{"pretrained": False, **change}), prepared[0])
+
+
+def test_training_without_a_prepared_dataset_says_what_to_do(cache):
+    with pytest.raises(MammaclsError, match="run mammacls prepare"):
+        train_model(TrainConfig(pretrained=False, epochs=1))
+
+
+def test_duplicate_run_name_is_refused(tiny_model, use_session_cache, prepared):
+    with pytest.raises(MammaclsError, match="exists already"):
+        train_model(TrainConfig(pretrained=False), prepared[0], name="tiny")
