@@ -259,23 +259,25 @@ def _print_evaluation(document: dict, console) -> None:
     console.print(f"{data['description']}: {data['n']} images "
                   f"({', '.join(f'{c} {n}' for c, n in data['counts'].items())})", soft_wrap=True, markup=False)
     table = Table(title="model comparison")
-    for column in ("model", "arch", "px", "accuracy", "macro F1", "weighted F1", "AUC macro", "AUC weighted",
-                   *(f"recall {c}" for c in CLASSES)):
-        table.add_column(column, justify="left" if column in ("model", "arch") else "right")
+    for column in ("model", "arch", "px", "acc", "macro F1", "AUC macro", "AUC wtd", "mal. recall"):
+        table.add_column(column, justify="left" if column in ("model", "arch") else "right",
+                         overflow="fold")
     for entry in document["models"]:
         m = entry["metrics"]
         table.add_row(entry["name"], str(entry["model"]["arch"]), str(entry["model"]["img_size"]),
-                      _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["weighted_f1"]), _fmt(m["roc_auc_macro"]),
-                      _fmt(m["roc_auc_weighted"]), *(_fmt(m["per_class"][c]["recall"]) for c in CLASSES))
+                      _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["roc_auc_macro"]),
+                      _fmt(m["roc_auc_weighted"]), _fmt(m["per_class"]["malignant"]["recall"]))
     console.print(table)
     for entry in document["models"]:
-        cm = Table(title=f"confusion matrix: {entry['name']} (rows true, columns predicted)")
-        cm.add_column("true \\ predicted")
-        for c in CLASSES:
-            cm.add_column(c, justify="right")
+        detail = Table(title=f"{entry['name']}: per class, and confusion matrix (rows true)")
+        for column in ("class", "prec", "recall", "F1", "AUC", "n", *(f"→{c[:3]}" for c in CLASSES)):
+            detail.add_column(column, justify="left" if column == "class" else "right")
+        per_class = entry["metrics"]["per_class"]
         for c, row in zip(CLASSES, entry["metrics"]["confusion_matrix"]):
-            cm.add_row(c, *map(str, row))
-        console.print(cm)
+            pc = per_class[c]
+            detail.add_row(c, _fmt(pc["precision"]), _fmt(pc["recall"]), _fmt(pc["f1"]), _fmt(pc["roc_auc"]),
+                           str(pc["support"]), *map(str, row))
+        console.print(detail)
 
 
 # ------------------------------------------------------------------ predict ---
