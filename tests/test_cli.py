@@ -234,3 +234,19 @@ def test_real_busi_end_to_end(cache, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     [prediction] = json.loads(result.stdout)["predictions"]
     assert prediction["path"] == str(scan)
+
+
+def test_predict_on_a_folder_without_images_is_an_error(tiny_model, use_session_cache, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.txt").write_text("x")
+    _one_line_error(runner.invoke(app, ["predict", str(tmp_path / "docs")]), "no images found")
+
+
+def test_evaluate_scores_every_image_of_a_busi_folder(tiny_model, use_session_cache, busi_dir):
+    result = runner.invoke(app, ["evaluate", "--model", "tiny", "--data", str(busi_dir[0]), "--json"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    # every readable image, conflicts included; the corrupt one is reported as skipped
+    assert document["data"]["n"] == 3 * 14 + 3
+    assert [Path(s["path"]).name for s in document["data"]["skipped"]] == ["benign (104).png"]
+    assert document["data"]["counts"] == {"benign": 14 + 2, "malignant": 14 + 1, "normal": 14}

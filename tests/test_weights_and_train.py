@@ -130,3 +130,30 @@ def test_training_without_a_prepared_dataset_says_what_to_do(cache):
 def test_duplicate_run_name_is_refused(tiny_model, use_session_cache, prepared):
     with pytest.raises(MammaclsError, match="exists already"):
         train_model(TrainConfig(pretrained=False), prepared[0], name="tiny")
+
+
+def test_predict_default_is_the_best_validated_model(cache):
+    for name, score in (("weak", 0.4), ("strong", 0.8), ("middling", 0.6)):
+        save_model(build_model("mobilenet_v2"), {**_meta(), "name": name, "val_metrics": {"macro_f1": score}},
+                   cache / "models" / name)
+    assert resolve_model(None).name == "strong"
+    assert resolve_model("weak").source == "cache"
+
+
+def test_vgg16_on_cpu_prints_a_time_estimate():
+    from mammacls.train import _estimate_cpu_time
+
+    messages = []
+
+    class Capture(TrainReporter):
+        def message(self, text):
+            messages.append(text)
+
+    net = build_model("mobilenet_v2")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.AdamW(net.parameters())
+    images = np.zeros((8, 32, 32), dtype=np.uint8)
+    _estimate_cpu_time(net, torch.nn.CrossEntropyLoss(), optimizer, TrainConfig(arch="vgg16", img_size=32,
+                       epochs=5), images, 1, 4, Capture())
+    assert len(messages) == 1 and "min per epoch for vgg16 at 32 px" in messages[0]
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the probe changed nothing

@@ -288,7 +288,9 @@ def predict(
     model: Annotated[Optional[str], typer.Option(
         help="Model cache name, folder, .safetensors file or 'default' (default: best trained, else shipped).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (cuda runs PyTorch).")] = "auto",
+    backend: Annotated[str, typer.Option(
+        help="auto | onnx | torch. auto: ONNX Runtime on the CPU when the model has an export.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
@@ -300,8 +302,10 @@ def predict(
     with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(),
                              console=_console(), transient=True) as bar:
         task = bar.add_task("predict", total=None)
-        result = predict_paths(paths, model, device, batch_size,
-                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+        result = predict_paths(paths, model, device, batch_size, backend,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total),
+                               notice=lambda text: bar.console.print(text, style="yellow", soft_wrap=True,
+                                                                     markup=False))
     console = _console(stderr=json_out)
     _print_predictions(result, console)
     if json_out:
@@ -314,7 +318,8 @@ def _print_predictions(result: dict, console) -> None:
     from rich.table import Table
 
     model = result["model"]
-    console.print(f"model: {model['name']} ({model['arch']}, {model['img_size']} px, {model['source']})",
+    console.print(f"model: {model['name']} ({model['arch']}, {model['img_size']} px, {model['source']}, "
+                  f"{model['backend']})",
                   soft_wrap=True, markup=False)
     if result["predictions"]:
         table = Table()
@@ -329,8 +334,33 @@ def _print_predictions(result: dict, console) -> None:
 
     for error in result["errors"]:
         _console().print(f"[red]cannot predict[/] {escape(error['path'])}: {escape(error['error'])}", soft_wrap=True)
-    if not result["predictions"] and not result["errors"]:
-        _console().print("no images found", style="yellow")
+
+
+# ------------------------------------------------------------------- export ---
+
+@app.command()
+def export(
+    model: Annotated[Optional[list[str]], typer.Option(
+        help="Model cache name or folder; repeat for several (default: every cached model without an export).")
+    ] = None,
+) -> None:
+    """Write an ONNX copy of a model beside its weights, for the fast torch-free predict path."""
+    from mammacls.export import export_onnx
+    from mammacls.weights import list_cached_models, resolve_model
+
+    console = _console()
+    with _errors():
+        if model:
+            refs = [resolve_model(spec) for spec in model]
+        else:
+            refs = [ref for ref in list_cached_models() if not ref.metadata.get("onnx")]
+            if not refs:
+                console.print("every cached model already has an ONNX export")
+                return
+        for ref in refs:
+            record = export_onnx(ref)
+            console.print(f"exported {ref.name} -> {ref.weights.parent / record['file']}", soft_wrap=True,
+                          markup=False)
 
 
 def main() -> None:

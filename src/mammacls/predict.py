@@ -57,18 +57,28 @@ def predict_paths(
     model: str | None = None,
     device: str = "auto",
     batch_size: int = 32,
+    backend: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Predict every image under ``paths``; unreadable files are reported, not fatal."""
-    from mammacls.model import predict_proba, resolve_device
-    from mammacls.weights import load_network, resolve_model
+    """Predict every image under ``paths``; unreadable files are reported, not fatal.
+
+    On the CPU the model's ONNX export runs in ONNX Runtime (torch is not
+    imported); ``device='cuda'`` or a model without an export uses PyTorch.
+    """
+    from mammacls.runtime import open_backend, softmax
+    from mammacls.weights import resolve_model
 
     if batch_size < 1:
         raise MammaclsError("--batch-size must be at least 1")
+    paths = list(paths)
     inputs = collect_inputs(paths)
+    if not inputs.files and not inputs.errors:
+        raise MammaclsError(f"no images found in {', '.join(str(p) for p in paths)}")
     ref = resolve_model(model)
-    device = resolve_device(device)
-    net = load_network(ref, device)
+    runner, hint = open_backend(ref, device, backend)
+    if hint and notice:
+        notice(hint)
     size = int(ref.metadata["img_size"])
     temperature = float(ref.metadata.get("temperature") or 1.0)
 
@@ -81,15 +91,12 @@ def predict_paths(
     predictions: list[dict[str, Any]] = []
     errors = list(inputs.errors)
     done = 0
-    # Decoding runs in threads (PIL and OpenCV release the GIL) ahead of inference.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        decoded = pool.map(decode, inputs.files)
-        batch: list[tuple[Path, np.ndarray]] = []
-        for item in _chunks(decoded, batch_size):
+        for item in _prefetched(pool, decode, inputs.files, batch_size):
             batch = [(p, arr) for p, arr, err in item if err is None]
             errors.extend({"path": str(p), "error": err} for p, _, err in item if err is not None)
             if batch:
-                probabilities = predict_proba(net, np.stack([a for _, a in batch]), device, batch_size, temperature)
+                probabilities = softmax(runner.logits(np.stack([a for _, a in batch])), temperature)
                 for (path, _), probs in zip(batch, probabilities):
                     predictions.append({
                         "path": str(path), "label": CLASSES[int(probs.argmax())],
@@ -98,16 +105,15 @@ def predict_paths(
             done += len(item)
             if progress:
                 progress(done, len(inputs.files))
-    return {"model": ref.describe(), "predictions": predictions, "errors": errors,
-            "ignored_files": inputs.ignored}
+    return {"model": {**ref.describe(), "backend": runner.name}, "predictions": predictions,
+            "errors": errors, "ignored_files": inputs.ignored}
 
 
-def _chunks(items: Iterable, size: int):
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _prefetched(pool, decode, files: list[Path], batch_size: int):
+    """Yield decoded batches while the pool decodes the next one (at most two batches in flight)."""
+    batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    pending = [pool.submit(decode, f) for f in batches[0]] if batches else []
+    for index in range(len(batches)):
+        upcoming = [pool.submit(decode, f) for f in batches[index + 1]] if index + 1 < len(batches) else []
+        yield [future.result() for future in pending]
+        pending = upcoming

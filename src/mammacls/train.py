@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +66,9 @@ class TrainConfig:
 class TrainReporter:
     """Hooks for progress display; the CLI fills them with rich output."""
 
-    def message(self, text: str) -> None: ...
+    def message(self, text: str) -> None:
+        print(text, file=sys.stderr)  # warnings must never be silent, even without a UI
+
     def run_started(self, name: str, first_epoch: int, epochs: int, batches_per_epoch: int) -> None: ...
     def batch_done(self, epoch: int, loss: float) -> None: ...
     def epoch_done(self, record: dict[str, Any], improved: bool) -> None: ...
@@ -122,8 +125,9 @@ def train_model(
     resume: bool = False,
     name: str | None = None,
     reporter: TrainReporter | None = None,
+    export: bool = True,
 ) -> dict[str, Any]:
-    """Train (or resume) one model; returns its saved metadata."""
+    """Train (or resume) one model, then export it to ONNX; returns its saved metadata."""
     import torch
 
     reporter = reporter or TrainReporter()
@@ -259,6 +263,15 @@ def train_model(
 
     atomic_write_json(meta_path, final)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if export:
+        from mammacls.export import export_onnx
+        from mammacls.weights import ModelRef
+
+        ref = ModelRef(name, run_dir / MODEL_FILE, final, "cache")
+        try:
+            export_onnx(ref)
+        except MammaclsError as exc:  # the model itself is saved; only the fast predict path is missing
+            reporter.message(f"warning: {exc}; predict will use PyTorch for this model")
     return final
 
 

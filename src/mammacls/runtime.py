@@ -1,0 +1,103 @@
+"""Running a model: ONNX Runtime on the CPU (no torch import), or PyTorch.
+
+Both backends take the same uint8 N x S x S batches (``images.resize_square``)
+and normalise them with ``to_network_input``, so their probabilities agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mammacls.errors import MammaclsError
+from mammacls.store import sha256_file
+from mammacls.weights import ModelRef
+
+
+def to_network_input(batch: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """uint8 N x S x S -> float32 N x 1 x S x S, scaled as in training."""
+    scaled = batch.astype(np.float32)[:, None] / np.float32(255.0)
+    return (scaled - np.float32(mean)) / np.float32(std)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, ref: ModelRef) -> None:
+        import onnxruntime as ort
+
+        record = ref.metadata["onnx"]
+        path = ref.weights.parent / record["file"]
+        if not path.is_file():
+            raise MammaclsError(f"ONNX export missing: {path} (run mammacls export --model {ref.name})")
+        if sha256_file(path) != record.get("sha256"):
+            raise MammaclsError(f"{path} does not match the sha256 in its metadata: corrupt or modified "
+                                f"(run mammacls export --model {ref.name} to rewrite it)")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own error types for bad files
+            raise MammaclsError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:160]}") from None
+        self.input_name = record.get("input", "image")
+        self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: to_network_input(batch, self.mean, self.std)})[0]
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, ref: ModelRef, device: str) -> None:
+        from mammacls.weights import load_network
+
+        self.device = device
+        self.net = load_network(ref, device)
+        self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        inputs = torch.from_numpy(to_network_input(batch, self.mean, self.std)).to(self.device)
+        with torch.inference_mode():
+            return self.net(inputs).float().cpu().numpy()
+
+
+BACKENDS = ("auto", "onnx", "torch")
+
+
+def open_backend(ref: ModelRef, device: str = "auto", backend: str = "auto") -> tuple[Any, str | None]:
+    """Pick how to run ``ref``: ONNX Runtime on the CPU when the model has an export,
+    PyTorch for ``device='cuda'``, ``backend='torch'`` or a model without an export.
+
+    Returns the backend and, when PyTorch was chosen only for want of an export, a hint.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise MammaclsError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if backend not in BACKENDS:
+        raise MammaclsError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+    has_onnx = bool(ref.metadata.get("onnx"))
+    if backend == "onnx":
+        if device == "cuda":
+            raise MammaclsError("--backend onnx runs on the CPU; drop --device cuda or use --backend torch")
+        if not has_onnx:
+            raise MammaclsError(f"model {ref.name} has no ONNX export: run mammacls export --model {ref.name}")
+        return OnnxBackend(ref), None
+    if backend == "auto" and device != "cuda" and has_onnx:
+        return OnnxBackend(ref), None
+    from mammacls.model import resolve_device
+
+    hint = None
+    if backend == "auto" and device != "cuda":
+        hint = (f"model {ref.name} has no ONNX export, so predict imports PyTorch (slower start); "
+                f"run mammacls export --model {ref.name}")
+    return TorchBackend(ref, resolve_device(device)), hint
