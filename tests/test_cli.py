@@ -242,10 +242,19 @@ def test_predict_on_a_folder_without_images_is_an_error(tiny_model, use_session_
     _one_line_error(runner.invoke(app, ["predict", str(tmp_path / "docs")]), "no images found")
 
 
-def test_evaluate_scores_every_image_of_a_busi_folder(tiny_model, use_session_cache, busi_dir):
-    result = runner.invoke(app, ["evaluate", "--model", "tiny", "--data", str(busi_dir[0]), "--json"])
+def test_evaluate_scores_every_image_of_a_busi_folder(tiny_model, use_session_cache, busi_dir, prepared):
+    # the folder holds the model's own training images: refused unless --allow-overlap, then flagged
+    refused = runner.invoke(app, ["evaluate", "--model", "tiny", "--data", str(busi_dir[0])])
+    seen = prepared[1]["counts"]["total"]["train"] + prepared[1]["counts"]["total"]["val"]
+    _one_line_error(refused, f"{seen} of 45 evaluation images overlap the training/validation data of model tiny")
+    assert "--allow-overlap" in refused.stderr
+    result = runner.invoke(app, ["evaluate", "--model", "tiny", "--data", str(busi_dir[0]), "--json",
+                                 "--allow-overlap"])
     assert result.exit_code == 0, result.stderr
+    assert "inflated" in result.stderr
     document = json.loads(result.stdout)
+    overlap = document["models"][0]["overlap"]
+    assert overlap["images"] >= seen and overlap["identical"] >= seen
     # every readable image, conflicts included; the corrupt one is reported as skipped
     assert document["data"]["n"] == 3 * 14 + 3
     assert [Path(s["path"]).name for s in document["data"]["skipped"]] == ["benign (104).png"]

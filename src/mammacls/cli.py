@@ -186,10 +186,13 @@ def train(
     data: Annotated[Optional[Path], typer.Option(help="Prepared dataset (default: the latest).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the model in the cache.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--name, or the latest).")] = False,
+    folds: Annotated[int, typer.Option(
+        help="K-fold cross-validation over train+val (groups whole, classes stratified); 0 = off.")] = 0,
+    repeat: Annotated[int, typer.Option(help="Train N times with seeds seed, seed+1, … to show spread.")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON on stdout.")] = False,
 ) -> None:
-    """Train a CNN; the model with the best validation macro-F1 is saved to the cache."""
-    from mammacls.train import TrainConfig, train_model
+    """Train a CNN; the model with the best validation macro-F1 is saved to the cache and calibrated."""
+    from mammacls.train import TrainConfig, train_cross_validation, train_model, train_repeats
 
     console = _console()
     config = TrainConfig(arch=arch, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -198,20 +201,56 @@ def train(
     reporter = _RichReporter(console)
     try:
         with _errors():
+            if folds and repeat > 1:
+                raise MammaclsError("--folds and --repeat do not combine; choose one", exit_code=2)
+            if resume and (folds or repeat > 1):
+                raise MammaclsError("to continue a cross-validation or repeat run, run the same command again "
+                                    "with its --name (finished members are skipped)", exit_code=2)
             try:
-                meta = train_model(config, data, resume=resume, name=name, reporter=reporter)
+                if folds:
+                    group = train_cross_validation(config, folds, data, name, reporter)
+                elif repeat > 1:
+                    group = train_repeats(config, repeat, data, name, reporter)
+                else:
+                    group = None
+                    meta = train_model(config, data, resume=resume, name=name, reporter=reporter)
             except KeyboardInterrupt:
-                raise MammaclsError("interrupted: the last finished epoch is saved; continue with "
-                                    "mammacls train --resume", exit_code=130) from None
+                again = ("run the same command again" if folds or repeat > 1 else "mammacls train --resume")
+                raise MammaclsError(f"interrupted: the last finished epoch is saved; continue with {again}",
+                                    exit_code=130) from None
     finally:
         reporter.stop()
+    if group is not None:
+        _print_group(group, console)
+        if json_out:
+            _emit_json(group)
+        return
     val = meta["val_metrics"]
+    calibration = meta.get("calibration") or {}
     console.print(
         f"saved [bold]{meta['name']}[/] (best epoch {meta['best_epoch']} of {meta['epochs_run']}): "
         f"val accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f}, "
-        f"ROC-AUC {_fmt(val['roc_auc_macro'])}", soft_wrap=True)
+        f"ROC-AUC {_fmt(val['roc_auc_macro'])}; temperature {_fmt(meta.get('temperature'), 2)} "
+        f"(val ECE {_fmt(calibration.get('val_before', {}).get('ece'))} -> "
+        f"{_fmt(calibration.get('val_after', {}).get('ece'))})", soft_wrap=True)
     if json_out:
         _emit_json(meta)
+
+
+def _print_group(group: dict, console) -> None:
+    from rich.table import Table
+
+    kind = "cross-validation" if group["kind"] == "cv" else "repeated runs"
+    table = Table(title=f"{group['run']}: {kind}, validation figures")
+    for column in ("model", "best epoch", "val acc", "val macro F1", "val AUC"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in group["runs"]:
+        table.add_row(row["name"], str(row["best_epoch"]), _fmt(row["accuracy"]), _fmt(row["macro_f1"]),
+                      _fmt(row["roc_auc_macro"]))
+    stats = group["summary"]
+    table.add_row("mean ± std", "", *(f"{_fmt(stats[k]['mean'])} ± {_fmt(stats[k]['std'])}"
+                                     for k in ("accuracy", "macro_f1", "roc_auc_macro")), style="bold")
+    console.print(table)
 
 
 # ----------------------------------------------------------------- evaluate ---
@@ -228,16 +267,24 @@ def evaluate(
     report_dir: Annotated[Path, typer.Option(help="Folder for --report.")] = Path("mammacls-report"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    calibration: Annotated[bool, typer.Option(
+        help="Use the temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    allow_overlap: Annotated[bool, typer.Option(
+        help="Report even when the data overlaps a model's training/validation images (flagged).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Score models on held-out data: accuracy, P/R/F1, ROC-AUC, confusion matrix."""
+    """Score models on held-out data, with 95% bootstrap intervals, calibration and malignant operating points."""
     from mammacls.evaluate import evaluate_models, load_eval_set, models_to_evaluate, results_json
 
     with _errors():
+        if bootstrap < 100:
+            raise MammaclsError("--bootstrap needs at least 100 resamples", exit_code=2)
         refs = models_to_evaluate(model)
         eval_set = load_eval_set(data)
-        results = evaluate_models(refs, eval_set, device, batch_size)
-        document = results_json(results, eval_set)
+        results = evaluate_models(refs, eval_set, device, batch_size, calibration, bootstrap, seed, allow_overlap)
+        document = results_json(results, eval_set, calibration)
         html_path = None
         if report:
             from mammacls.report import write_report
@@ -252,32 +299,81 @@ def evaluate(
         _emit_json(document)
 
 
+def _ci(value: Any, interval: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else f"{value:.3f}"
+
+
 def _print_evaluation(document: dict, console) -> None:
     from rich.table import Table
 
     data = document["data"]
     console.print(f"{data['description']}: {data['n']} images "
-                  f"({', '.join(f'{c} {n}' for c, n in data['counts'].items())})", soft_wrap=True, markup=False)
+                  f"({', '.join(f'{c} {n}' for c, n in data['counts'].items())}); "
+                  f"{'calibrated' if document['calibrated'] else 'raw (uncalibrated)'} probabilities; "
+                  "95% stratified bootstrap intervals", soft_wrap=True, markup=False)
     table = Table(title="model comparison")
-    for column in ("model", "arch", "px", "acc", "macro F1", "AUC macro", "AUC wtd", "mal. recall"):
-        table.add_column(column, justify="left" if column in ("model", "arch") else "right",
-                         overflow="fold")
+    for column in ("model", "px", "accuracy", "macro F1", "AUC macro", "mal. sensitivity"):
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for entry in document["models"]:
-        m = entry["metrics"]
-        table.add_row(entry["name"], str(entry["model"]["arch"]), str(entry["model"]["img_size"]),
-                      _fmt(m["accuracy"]), _fmt(m["macro_f1"]), _fmt(m["roc_auc_macro"]),
-                      _fmt(m["roc_auc_weighted"]), _fmt(m["per_class"]["malignant"]["recall"]))
+        m, ci = entry["metrics"], entry["metrics"]["ci95"]
+        name = entry["name"] + (" [overlap!]" if (entry.get("overlap") or {}).get("images") else "")
+        table.add_row(name, str(entry["model"]["img_size"]), _ci(m["accuracy"], ci.get("accuracy")),
+                      _ci(m["macro_f1"], ci.get("macro_f1")), _ci(m["roc_auc_macro"], ci.get("roc_auc_macro")),
+                      _ci(m["malignant"]["sensitivity"], m["malignant"].get("sensitivity_ci95")))
     console.print(table)
     for entry in document["models"]:
-        detail = Table(title=f"{entry['name']}: per class, and confusion matrix (rows true)")
-        for column in ("class", "prec", "recall", "F1", "AUC", "n", *(f"→{c[:3]}" for c in CLASSES)):
-            detail.add_column(column, justify="left" if column == "class" else "right")
-        per_class = entry["metrics"]["per_class"]
-        for c, row in zip(CLASSES, entry["metrics"]["confusion_matrix"]):
-            pc = per_class[c]
-            detail.add_row(c, _fmt(pc["precision"]), _fmt(pc["recall"]), _fmt(pc["f1"]), _fmt(pc["roc_auc"]),
-                           str(pc["support"]), *map(str, row))
-        console.print(detail)
+        overlap = entry.get("overlap") or {}
+        if overlap.get("images"):
+            console.print(f"warning: {entry['name']} was trained or validated on {overlap['images']} of these "
+                          f"images ({overlap['identical']} identical, {overlap['near_duplicate']} near-duplicates):"
+                          " its figures are inflated", style="bold red", soft_wrap=True, markup=False)
+        _print_model_detail(entry, console)
+    for group in document.get("groups", []):
+        _print_group_evaluation(group, console)
+
+
+def _print_model_detail(entry: dict, console) -> None:
+    from rich.table import Table
+
+    m = entry["metrics"]
+    detail = Table(title=f"{entry['name']}: per class, and confusion matrix (rows true)")
+    for column in ("class", "precision", "recall", "F1", "AUC", "n", *(f"→{c[:3]}" for c in CLASSES)):
+        detail.add_column(column, justify="left" if column == "class" else "right")
+    for c, row in zip(CLASSES, m["confusion_matrix"]):
+        pc = m["per_class"][c]
+        detail.add_row(c, _ci(pc["precision"], pc.get("precision_ci95")), _ci(pc["recall"], pc.get("recall_ci95")),
+                       _fmt(pc["f1"]), _fmt(pc["roc_auc"]), str(pc["support"]), *map(str, row))
+    console.print(detail)
+    mal, cal = m["malignant"], m["calibration"]
+    line = (f"malignant vs rest: sensitivity {_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
+            f"specificity {_ci(mal['specificity'], mal.get('specificity_ci95'))}")
+    if "sensitivity_at_spec90" in mal:
+        line += (f"; at the validation threshold for 90% specificity (p ≥ {mal['threshold_spec90']:.3f}): "
+                 f"sensitivity {_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
+                 f"specificity {_fmt(mal['specificity_at_spec90'])}")
+    console.print(line, soft_wrap=True, markup=False)
+    console.print(f"calibration (T = {cal['temperature']:.2f}): ECE {cal['before']['ece']:.3f} -> "
+                  f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> {cal['after']['brier']:.3f}, "
+                  f"NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}", soft_wrap=True, markup=False)
+
+
+def _print_group_evaluation(group: dict, console) -> None:
+    from rich.table import Table
+
+    kind = "cross-validation folds" if group["kind"] == "cv" else "repeated runs"
+    table = Table(title=f"{group['run']}: {kind}")
+    columns = ("val_accuracy", "val_macro_f1", "val_roc_auc_macro", "test_accuracy", "test_macro_f1",
+               "test_roc_auc_macro")
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column.replace("_roc_auc_macro", " AUC").replace("_", " "), justify="right")
+    for row in group["members"]:
+        table.add_row(row["name"], *(_fmt(row[c]) for c in columns))
+    table.add_row("mean ± std", *(f"{_fmt(group['summary'][c]['mean'])} ± {_fmt(group['summary'][c]['std'])}"
+                                  for c in columns), style="bold")
+    console.print(table)
 
 
 # ------------------------------------------------------------------ predict ---
@@ -292,6 +388,8 @@ def predict(
     backend: Annotated[str, typer.Option(
         help="auto | onnx | torch. auto: ONNX Runtime on the CPU when the model has an export.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    calibration: Annotated[bool, typer.Option(
+        help="Temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Classify images. Files that cannot be read are reported (exit code 1); the rest are predicted."""
@@ -302,7 +400,7 @@ def predict(
     with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(),
                              console=_console(), transient=True) as bar:
         task = bar.add_task("predict", total=None)
-        result = predict_paths(paths, model, device, batch_size, backend,
+        result = predict_paths(paths, model, device, batch_size, backend, calibration,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                notice=lambda text: bar.console.print(text, style="yellow", soft_wrap=True,
                                                                      markup=False))

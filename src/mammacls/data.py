@@ -152,6 +152,14 @@ def perceptual_hash(gray: np.ndarray) -> np.ndarray:
     return low > np.median(low)
 
 
+def phash_to_hex(bits: np.ndarray) -> str:
+    return np.packbits(np.asarray(bits, dtype=bool)).tobytes().hex()
+
+
+def phash_from_hex(text: str) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:63].astype(bool)
+
+
 def thumbnail_vector(gray: np.ndarray) -> np.ndarray:
     """32x32 thumbnail, centred and unit-normed, so a dot product is a correlation."""
     import cv2

@@ -25,7 +25,23 @@ class EvalSet:
     skipped: list[dict[str, str]] = field(default_factory=list)
     overview_png: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    sha256: list[str] = field(default_factory=list)
     _resized: dict[int, np.ndarray] = field(default_factory=dict)
+    _phashes: np.ndarray | None = None
+
+    def phashes(self) -> np.ndarray:
+        if self._phashes is None:
+            from mammacls.data import perceptual_hash
+
+            self._phashes = np.stack([perceptual_hash(img) for img in self.images])
+        return self._phashes
+
+    def content_hashes(self) -> list[str]:
+        if not self.sha256:
+            from mammacls.data import pixel_sha256
+
+            self.sha256 = [pixel_sha256(img) for img in self.images]
+        return self.sha256
 
     def at_size(self, size: int) -> np.ndarray:
         if size not in self._resized:
@@ -49,6 +65,7 @@ def load_eval_set(data: Path | None = None, split: str = "test") -> EvalSet:
             images=[dataset.load_image(row) for row in rows],
             overview_png=overview if overview.is_file() else None,
             summary=dataset.summary,
+            sha256=[row["sha256"] for row in rows],
         )
     scan = scan_dataset(Path(data))
     images, labels, paths, skipped = [], [], [], list(scan.skipped)
@@ -75,29 +92,152 @@ def models_to_evaluate(specs: list[str] | None) -> list[ModelRef]:
 
 
 def evaluate_models(
-    refs: list[ModelRef], eval_set: EvalSet, device: str = "cpu", batch_size: int = 64
+    refs: list[ModelRef], eval_set: EvalSet, device: str = "cpu", batch_size: int = 64,
+    calibrated: bool = True, resamples: int = 1000, seed: int = 0, allow_overlap: bool = False,
 ) -> list[dict[str, Any]]:
-    from mammacls.model import predict_proba, resolve_device
+    """Score each model; probabilities are temperature-calibrated unless ``calibrated`` is False.
+
+    A model whose training or validation images (identical or near-duplicate)
+    are in the evaluation set is refused unless ``allow_overlap``; then the
+    overlap is reported with its results.
+    """
+    from mammacls.model import predict_logits, resolve_device
 
     device = resolve_device(device)
+    overlaps = {ref.name: training_overlap(ref, eval_set) for ref in refs}
+    leaking = {name: o for name, o in overlaps.items() if o["checked"] and o["images"]}
+    if leaking and not allow_overlap:
+        name, o = next(iter(leaking.items()))
+        raise MammaclsError(
+            f"{o['images']} of {len(eval_set.paths)} evaluation images overlap the training/validation data of "
+            f"model {name} ({o['identical']} identical, {o['near_duplicate']} near-duplicates)"
+            + (f" and {len(leaking) - 1} more model(s)" if len(leaking) > 1 else "")
+            + ": these figures would be inflated; evaluate on unseen images, or pass --allow-overlap to report "
+              "them flagged")
     results = []
     for ref in refs:
         net = load_network(ref, device)
-        probabilities = predict_proba(net, eval_set.at_size(int(ref.metadata["img_size"])), device, batch_size)
-        results.append({
-            "name": ref.name,
-            "model": ref.describe(),
-            "metrics": compute_metrics(eval_set.labels, probabilities),
-            "probabilities": probabilities,
-        })
+        logits = predict_logits(net, eval_set.at_size(int(ref.metadata["img_size"])), device, batch_size)
         del net
+        result = score(ref.name, ref.describe(), logits, ref.metadata, eval_set.labels, calibrated, resamples, seed)
+        result["overlap"] = overlaps[ref.name]
+        result["group"] = ref.metadata.get("group")
+        results.append(result)
+    results.extend(_ensembles(refs, results, eval_set, calibrated, resamples, seed))
     return results
 
 
-def results_json(results: list[dict[str, Any]], eval_set: EvalSet) -> dict[str, Any]:
+def _ensembles(refs, results, eval_set: EvalSet, calibrated: bool, resamples: int, seed: int) -> list[dict]:
+    """One averaged-probability ensemble per cross-validation run whose folds are all here."""
+    members: dict[str, list[tuple[ModelRef, dict]]] = {}
+    for ref, result in zip(refs, results):
+        group = ref.metadata.get("group") or {}
+        if group.get("kind") == "cv":
+            members.setdefault(group["run"], []).append((ref, result))
+    ensembles = []
+    for run, pairs in members.items():
+        if len(pairs) < 2:
+            continue
+        averaged = np.mean([result["probabilities"] for _, result in pairs], axis=0)
+        first = pairs[0][0]
+        description = {"name": f"{run}-ensemble", "source": "ensemble", "path": None,
+                       "arch": first.metadata["arch"], "img_size": first.metadata["img_size"],
+                       "classes": list(CLASSES), "sha256": None, "members": [ref.name for ref, _ in pairs],
+                       "val_metrics": None}
+        entry = score(f"{run}-ensemble", description, np.log(np.clip(averaged, 1e-12, 1)), {}, eval_set.labels,
+                      calibrated, resamples, seed, probabilities=averaged)
+        entry["overlap"] = {key: max(r["overlap"][key] for _, r in pairs) if key != "checked" else
+                            all(r["overlap"]["checked"] for _, r in pairs) for key in ("checked", "images",
+                                                                                     "identical", "near_duplicate")}
+        entry["overlap"]["paths"] = sorted({p for _, r in pairs for p in r["overlap"]["paths"]})
+        entry["group"] = {"kind": "cv-ensemble", "run": run, "member": None, "of": len(pairs)}
+        ensembles.append(entry)
+    return ensembles
+
+
+def group_summaries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validation and test figures of each cross-validation or repeat run: per member, mean and std."""
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        group = result.get("group") or {}
+        if group.get("kind") in ("cv", "repeat"):
+            groups.setdefault(group["run"], []).append(result)
+    summaries = []
+    for run, members in groups.items():
+        rows = []
+        for r in sorted(members, key=lambda r: r["group"]["member"]):
+            val = r["model"].get("val_metrics") or {}
+            rows.append({"name": r["name"], "member": r["group"]["member"],
+                         **{f"val_{k}": val.get(k) for k in ("accuracy", "macro_f1", "roc_auc_macro")},
+                         **{f"test_{k}": r["metrics"][k] for k in ("accuracy", "macro_f1", "roc_auc_macro")}})
+        stats = {}
+        for key in rows[0]:
+            if key.startswith(("val_", "test_")):
+                values = [row[key] for row in rows if row[key] is not None]
+                stats[key] = {"mean": float(np.mean(values)) if values else None,
+                              "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        summaries.append({"run": run, "kind": members[0]["group"]["kind"], "members": rows, "summary": stats})
+    return summaries
+
+
+def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
+    """How many evaluation images the model saw in training or validation (same pixels or near-duplicate)."""
+    from mammacls.data import PHASH_MAX_DISTANCE, phash_from_hex
+
+    prints = (ref.metadata.get("data") or {}).get("train_val_fingerprints")
+    if not prints or not prints.get("sha256"):
+        return {"checked": False, "images": 0, "identical": 0, "near_duplicate": 0, "paths": []}
+    seen = set(prints["sha256"])
+    identical = np.array([h in seen for h in eval_set.content_hashes()])
+    known = np.stack([phash_from_hex(h) for h in prints["phash"]]).astype(np.int32)
+    ours = eval_set.phashes().astype(np.int32)
+    hamming = ours @ (1 - known.T) + (1 - ours) @ known.T
+    near = (hamming.min(axis=1) <= PHASH_MAX_DISTANCE) & ~identical
+    hit = identical | near
+    return {"checked": True, "images": int(hit.sum()), "identical": int(identical.sum()),
+            "near_duplicate": int(near.sum()), "paths": [p for p, h in zip(eval_set.paths, hit) if h]}
+
+
+def score(name: str, description: dict[str, Any], logits: np.ndarray, metadata: dict[str, Any],
+          labels: np.ndarray, calibrated: bool, resamples: int, seed: int,
+          probabilities: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics with bootstrap intervals, malignant operating points and calibration figures."""
+    from mammacls.metrics import (
+        bootstrap_ci, calibration_metrics, malignant_metrics, reliability_bins, softmax,
+    )
+
+    temperature = float(metadata.get("temperature") or 1.0)
+    raw = softmax(logits) if probabilities is None else probabilities
+    tuned = softmax(logits, temperature) if probabilities is None else probabilities
+    chosen = tuned if calibrated else raw
+    threshold = metadata.get("malignant_threshold_spec90" if calibrated else "malignant_threshold_spec90_raw")
+    metrics = compute_metrics(labels, chosen)
+    metrics["malignant"] = malignant_metrics(labels, chosen, threshold)
+    ci = bootstrap_ci(labels, chosen, threshold, resamples=resamples, seed=seed)
+    metrics["ci95"] = {k: v for k, v in ci.items() if "_" not in k or k in ("macro_f1", "roc_auc_macro")}
+    for c in CLASSES:
+        metrics["per_class"][c]["recall_ci95"] = ci.get(f"recall_{c}")
+        metrics["per_class"][c]["precision_ci95"] = ci.get(f"precision_{c}")
+    for key in ("sensitivity", "specificity"):
+        metrics["malignant"][f"{key}_ci95"] = ci.get(f"malignant_{key}")
+    if threshold is not None:
+        metrics["malignant"]["sensitivity_at_spec90_ci95"] = ci.get("malignant_sensitivity_at_spec90")
+    metrics["calibration"] = {
+        "temperature": temperature, "applied": calibrated and probabilities is None,
+        "before": calibration_metrics(labels, raw), "after": calibration_metrics(labels, tuned),
+        "bins_before": reliability_bins(labels, raw), "bins_after": reliability_bins(labels, tuned),
+    }
+    metrics["bootstrap"] = {"resamples": resamples, "seed": seed, "stratified": True, "level": 0.95}
+    return {"name": name, "model": description, "metrics": metrics, "probabilities": chosen}
+
+
+def results_json(results: list[dict[str, Any]], eval_set: EvalSet, calibrated: bool = True) -> dict[str, Any]:
     return {
         "data": {"description": eval_set.description, "n": len(eval_set.paths),
                  "counts": {c: int((eval_set.labels == k).sum()) for k, c in enumerate(CLASSES)},
                  "skipped": eval_set.skipped},
-        "models": [{"name": r["name"], "model": r["model"], "metrics": r["metrics"]} for r in results],
+        "models": [{"name": r["name"], "model": r["model"], "metrics": r["metrics"],
+                    "overlap": r.get("overlap"), "group": r.get("group")} for r in results],
+        "groups": group_summaries(results),
+        "calibrated": calibrated,
     }

@@ -23,6 +23,9 @@ MAX_PIXELS = 50_000_000
 MIN_SIDE = 16
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 class ImageReadError(MammaclsError):
     """One file could not be read as an image (reported per file, not fatal)."""
 
@@ -64,7 +67,8 @@ def load_grayscale(path: Path) -> np.ndarray:
             if min(width, height) < MIN_SIDE:
                 raise ImageReadError(f"image too small ({width}x{height}, need at least {MIN_SIDE} px a side)")
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # transpose copies: only when needed
+                img = ImageOps.exif_transpose(img)
             return _to_gray_array(img)
     except ImageReadError:
         raise
@@ -98,8 +102,10 @@ def _to_gray_array(img) -> np.ndarray:
 
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
-    if img.mode != "L":
-        img = img.convert("RGB").convert("L")
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # palette, CMYK, YCbCr, 1-bit: through RGB, as Pillow's luma needs
+    if img.mode == "RGB":
+        img = img.convert("L")
     return np.array(img, dtype=np.uint8)
 
 

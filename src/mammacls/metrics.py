@@ -59,3 +59,140 @@ def compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, 
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+MALIGNANT = CLASSES.index("malignant")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins."""
+    y_true = np.asarray(y_true)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def reliability_bins(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    return [{"low": float(edges[b]), "high": float(edges[b + 1]), "count": int((which == b).sum()),
+             "confidence": float(confidence[which == b].mean()) if (which == b).any() else None,
+             "accuracy": float(correct[which == b].mean()) if (which == b).any() else None}
+            for b in range(bins)]
+
+
+def brier_score(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Multi-class Brier score: mean squared distance to the one-hot truth (0 best, 2 worst)."""
+    onehot = np.eye(probabilities.shape[1])[np.asarray(y_true)]
+    return float(((probabilities - onehot) ** 2).sum(axis=1).mean())
+
+
+def calibration_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    clipped = np.clip(probabilities, 1e-12, 1.0)
+    nll = -np.log(clipped[np.arange(len(y_true)), np.asarray(y_true)]).mean() if len(y_true) else 0.0
+    return {"ece": expected_calibration_error(y_true, probabilities), "brier": brier_score(y_true, probabilities),
+            "nll": float(nll)}
+
+
+def threshold_at_specificity(y_true: np.ndarray, p_malignant: np.ndarray, specificity: float = 0.9) -> float:
+    """Lowest malignant-probability threshold whose specificity (malignant vs rest) reaches ``specificity``."""
+    negatives = np.sort(p_malignant[np.asarray(y_true) != MALIGNANT])
+    if len(negatives) == 0:
+        return 0.5
+    # predicting malignant when p >= t: specificity = share of negatives below t
+    k = int(np.ceil(specificity * len(negatives)))
+    if k >= len(negatives):
+        return float(np.nextafter(negatives[-1], np.inf))
+    return float(np.nextafter(negatives[k - 1], np.inf)) if k > 0 else float(negatives[0])
+
+
+def malignant_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: float | None) -> dict[str, Any]:
+    """Malignant vs rest: sensitivity and specificity of the argmax decision, and at ``threshold``."""
+    y_true = np.asarray(y_true)
+    positive = y_true == MALIGNANT
+    predicted = probabilities.argmax(axis=1) == MALIGNANT
+    result = {"sensitivity": _rate(predicted, positive), "specificity": _rate(~predicted, ~positive)}
+    if threshold is not None:
+        at = probabilities[:, MALIGNANT] >= threshold
+        result.update(threshold_spec90=float(threshold), sensitivity_at_spec90=_rate(at, positive),
+                      specificity_at_spec90=_rate(~at, ~positive))
+    return result
+
+
+def _rate(hit: np.ndarray, among: np.ndarray) -> float | None:
+    return float(hit[among].mean()) if among.any() else None
+
+
+def _fast_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC-AUC by the rank-sum (Mann-Whitney) formula, ties counted half."""
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _point_metrics(y: np.ndarray, probabilities: np.ndarray, threshold: float | None) -> dict[str, float | None]:
+    """The figures that get a confidence interval, computed fast (one bootstrap resample)."""
+    k = len(CLASSES)
+    pred = probabilities.argmax(axis=1)
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    tp = np.diag(cm)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = (support > 0) | (predicted > 0)
+    aucs = [_fast_auc(y == c, probabilities[:, c]) for c in range(k)]
+    defined = [a for a in aucs if a is not None]
+    out: dict[str, float | None] = {
+        "accuracy": float(tp.sum() / len(y)),
+        "macro_f1": float(f1[present].mean()),
+        "roc_auc_macro": float(np.mean(defined)) if defined else None,
+    }
+    for c, name in enumerate(CLASSES):
+        out[f"recall_{name}"] = float(recall[c]) if support[c] else None
+        out[f"precision_{name}"] = float(precision[c]) if predicted[c] else None
+    mal = malignant_metrics(y, probabilities, threshold)
+    out["malignant_sensitivity"], out["malignant_specificity"] = mal["sensitivity"], mal["specificity"]
+    if threshold is not None:
+        out["malignant_sensitivity_at_spec90"] = mal["sensitivity_at_spec90"]
+    return out
+
+
+def bootstrap_ci(
+    y_true: np.ndarray, probabilities: np.ndarray, threshold: float | None = None,
+    resamples: int = 1000, seed: int = 0, level: float = 0.95,
+) -> dict[str, list[float] | None]:
+    """Percentile intervals from a class-stratified bootstrap (each class resampled within itself)."""
+    y_true = np.asarray(y_true, dtype=int)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y_true == c) for c in range(len(CLASSES))]
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(members, size=len(members)) for members in by_class if len(members)])
+        for key, value in _point_metrics(y_true[idx], probabilities[idx], threshold).items():
+            if value is not None:
+                draws.setdefault(key, []).append(value)
+    alpha = (1 - level) / 2
+    return {key: [float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))]
+            for key, vals in draws.items() if len(vals) >= resamples // 2}

@@ -132,8 +132,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temperature: float = 1.0):
-    """Softmax probabilities (N x classes, numpy) for uint8 images of shape N x S x S."""
+def predict_logits(net, images, device: str = "cpu", batch_size: int = 64):
+    """Raw class scores (N x classes, numpy float64) for uint8 images of shape N x S x S."""
     import numpy as np
     import torch
 
@@ -143,8 +143,14 @@ def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temper
         for start in range(0, len(images), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
             batch = normalise(chunk.to(device).unsqueeze(1).float() / 255.0)
-            logits = net(batch).float() / temperature
-            outputs.append(torch.softmax(logits, dim=1).cpu().numpy())
+            outputs.append(net(batch).float().cpu().numpy())
     if not outputs:
-        return np.zeros((0, len(CLASSES)), dtype=np.float32)
+        return np.zeros((0, len(CLASSES)))
     return np.concatenate(outputs).astype(np.float64)
+
+
+def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temperature: float = 1.0):
+    """Softmax probabilities (N x classes, numpy) for uint8 images of shape N x S x S."""
+    from mammacls.metrics import softmax
+
+    return softmax(predict_logits(net, images, device, batch_size), temperature)

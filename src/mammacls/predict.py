@@ -58,6 +58,7 @@ def predict_paths(
     device: str = "auto",
     batch_size: int = 32,
     backend: str = "auto",
+    calibrated: bool = True,
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -66,7 +67,8 @@ def predict_paths(
     On the CPU the model's ONNX export runs in ONNX Runtime (torch is not
     imported); ``device='cuda'`` or a model without an export uses PyTorch.
     """
-    from mammacls.runtime import open_backend, softmax
+    from mammacls.metrics import softmax
+    from mammacls.runtime import open_backend
     from mammacls.weights import resolve_model
 
     if batch_size < 1:
@@ -80,7 +82,7 @@ def predict_paths(
     if hint and notice:
         notice(hint)
     size = int(ref.metadata["img_size"])
-    temperature = float(ref.metadata.get("temperature") or 1.0)
+    temperature = float(ref.metadata.get("temperature") or 1.0) if calibrated else 1.0
 
     def decode(path: Path):
         try:
@@ -105,7 +107,8 @@ def predict_paths(
             done += len(item)
             if progress:
                 progress(done, len(inputs.files))
-    return {"model": {**ref.describe(), "backend": runner.name}, "predictions": predictions,
+    return {"model": {**ref.describe(), "backend": runner.name, "temperature": temperature},
+            "calibrated": calibrated, "predictions": predictions,
             "errors": errors, "ignored_files": inputs.ignored}
 
 

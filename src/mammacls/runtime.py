@@ -21,13 +21,6 @@ def to_network_input(batch: np.ndarray, mean: float, std: float) -> np.ndarray:
     return (scaled - np.float32(mean)) / np.float32(std)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class OnnxBackend:
     name = "onnxruntime"
 

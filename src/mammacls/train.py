@@ -82,6 +82,20 @@ def _new_run_name(arch: str) -> str:
     return name
 
 
+def _rows_for(dataset: PreparedDataset, split_rows: dict[str, list[str]] | None):
+    """Train and val rows: the prepared split, or explicit paths (one cross-validation fold)."""
+    if split_rows is None:
+        train_rows, val_rows = dataset.split("train"), dataset.split("val")
+    else:
+        by_path = {row["path"]: row for row in dataset.rows}
+        train_rows = [by_path[p] for p in split_rows["train"]]
+        val_rows = [by_path[p] for p in split_rows["val"]]
+    for name, rows in (("train", train_rows), ("val", val_rows)):
+        if not rows:
+            raise MammaclsError(f"the prepared dataset has no {name} images; run mammacls prepare again")
+    return train_rows, val_rows
+
+
 def find_resumable(name: str | None) -> Path:
     root = models_dir()
     if name:
@@ -97,13 +111,18 @@ def find_resumable(name: str | None) -> Path:
     return candidates[0].parent
 
 
-def _load_split(dataset: PreparedDataset, split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = dataset.split(split)
-    if not rows:
-        raise MammaclsError(f"the prepared dataset has no {split} images; run mammacls prepare again")
-    images = np.stack([resize_square(dataset.load_image(row), size) for row in rows])
+def _load_rows(dataset: PreparedDataset, rows: list[dict[str, str]], size: int, fingerprints: dict[str, list]):
+    """Resized images and labels of ``rows``; records each image's content fingerprint."""
+    from mammacls.data import perceptual_hash, phash_to_hex
+
+    images = []
+    for row in rows:
+        full = dataset.load_image(row)
+        fingerprints["sha256"].append(row["sha256"])
+        fingerprints["phash"].append(phash_to_hex(perceptual_hash(full)))
+        images.append(resize_square(full, size))
     labels = np.array([CLASSES.index(row["label"]) for row in rows], dtype=np.int64)
-    return images, labels
+    return np.stack(images), labels
 
 
 def _augmenter(config: TrainConfig):
@@ -126,9 +145,12 @@ def train_model(
     name: str | None = None,
     reporter: TrainReporter | None = None,
     export: bool = True,
+    split_rows: dict[str, list[str]] | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) one model, then export it to ONNX; returns its saved metadata."""
     import torch
+    from safetensors.torch import load_file
 
     reporter = reporter or TrainReporter()
     checkpoint_state = None
@@ -137,6 +159,8 @@ def train_model(
         checkpoint_state = _read_checkpoint(run_dir / CHECKPOINT_FILE)
         config = TrainConfig(**checkpoint_state["config"])
         data_dir = Path(checkpoint_state["data_dir"])
+        split_rows = checkpoint_state.get("split_rows")
+        extra_metadata = checkpoint_state.get("extra_metadata")
         name = run_dir.name
     else:
         config.validate()
@@ -152,8 +176,10 @@ def train_model(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     net = build_model(config.arch, len(CLASSES), pretrained=config.pretrained and not resume).to(device)
-    train_x, train_y = _load_split(dataset, "train", config.img_size)
-    val_x, val_y = _load_split(dataset, "val", config.img_size)
+    train_rows, val_rows = _rows_for(dataset, split_rows)
+    fingerprints: dict[str, list] = {"sha256": [], "phash": []}
+    train_x, train_y = _load_rows(dataset, train_rows, config.img_size, fingerprints)
+    val_x, val_y = _load_rows(dataset, val_rows, config.img_size, fingerprints)
     counts = np.bincount(train_y, minlength=len(CLASSES)).astype(np.float64)
     if (counts == 0).any():
         missing = [c for c, n in zip(CLASSES, counts) if n == 0]
@@ -194,9 +220,12 @@ def train_model(
         "config": asdict(config), "seed": config.seed, "device": device,
         "data": {"prepared_dir": str(dataset.root.resolve()), "manifest_sha256": dataset.manifest_sha256,
                  "train_images": int(len(train_y)), "val_images": int(len(val_y)),
-                 "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist()))},
+                 "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist())),
+                 "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
+                 "train_val_fingerprints": fingerprints},
         "selection": "best validation macro-F1 (ties: lower validation loss); test split never used",
         "versions": library_versions(),
+        **(extra_metadata or {}),
     }
     batches = math.ceil(len(train_y) / config.batch_size)
     if device == "cpu" and first_epoch <= config.epochs:
@@ -249,19 +278,19 @@ def train_model(
         _write_checkpoint(run_dir / CHECKPOINT_FILE, net, optimizer, scheduler, shuffler, {
             "config": asdict(config), "data_dir": str(dataset.root.resolve()),
             "manifest_sha256": dataset.manifest_sha256, "history": history, "best": best,
+            "split_rows": split_rows, "extra_metadata": extra_metadata,
         })
         reporter.epoch_done(record, improved)
         if epochs_since_best >= config.patience:
             reporter.message(f"early stop: validation macro-F1 has not improved for {config.patience} epochs")
             break
 
-    meta_path = run_dir / METADATA_FILE
-    final = json.loads(meta_path.read_text(encoding="utf-8"))
+    final = json.loads((run_dir / METADATA_FILE).read_text(encoding="utf-8"))
     final.update(status="complete", history=history, epochs_run=len(history),
                  finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    from mammacls.store import atomic_write_json
-
-    atomic_write_json(meta_path, final)
+    net.load_state_dict(load_file(str(run_dir / MODEL_FILE), device=device))  # the selected epoch
+    final.update(_calibrate(net, val_x, val_y, device))
+    final = save_model(net, final, run_dir)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     if export:
         from mammacls.export import export_onnx
@@ -273,6 +302,25 @@ def train_model(
         except MammaclsError as exc:  # the model itself is saved; only the fast predict path is missing
             reporter.message(f"warning: {exc}; predict will use PyTorch for this model")
     return final
+
+
+def _calibrate(net, val_x: np.ndarray, val_y: np.ndarray, device: str) -> dict[str, Any]:
+    """Temperature scaling and the malignant threshold for 90 % specificity, both fitted on validation."""
+    from mammacls.calibration import fit_temperature
+    from mammacls.metrics import MALIGNANT, calibration_metrics, softmax, threshold_at_specificity
+    from mammacls.model import predict_logits
+
+    logits = predict_logits(net, val_x, device)
+    temperature = fit_temperature(logits, val_y)
+    calibrated = softmax(logits, temperature)
+    return {
+        "temperature": temperature,
+        "calibration": {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
+                        "val_before": calibration_metrics(val_y, softmax(logits)),
+                        "val_after": calibration_metrics(val_y, calibrated)},
+        "malignant_threshold_spec90": threshold_at_specificity(val_y, calibrated[:, MALIGNANT], 0.9),
+        "malignant_threshold_spec90_raw": threshold_at_specificity(val_y, softmax(logits)[:, MALIGNANT], 0.9),
+    }
 
 
 def _imagenet_tag(arch: str) -> str:
@@ -364,3 +412,95 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         "shuffler": tensors["rng/shuffler"],
     }
 
+
+
+# --------------------------------------------------------- several runs ---
+
+SUMMARY_KEYS = ("accuracy", "macro_f1", "roc_auc_macro")
+
+
+def summarise_runs(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-run validation figures and their mean and standard deviation."""
+    rows = [{"name": m["name"], "best_epoch": m.get("best_epoch"),
+             **{k: m["val_metrics"].get(k) for k in SUMMARY_KEYS}} for m in metas]
+    stats = {}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in rows if r[key] is not None]
+        stats[key] = {"mean": float(np.mean(values)) if values else None,
+                      "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    return {"runs": rows, "summary": stats}
+
+
+def _complete_or_resumable(name: str) -> str:
+    folder = models_dir() / name
+    if (folder / CHECKPOINT_FILE).is_file():
+        return "resume"
+    if (folder / METADATA_FILE).is_file():
+        meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        if meta.get("status") == "complete":
+            return "done"
+        raise MammaclsError(f"model folder {folder} holds an unfinished run without a checkpoint; remove it")
+    return "new"
+
+
+def _run_member(config, data_dir, name, reporter, **kwargs) -> dict[str, Any]:
+    state = _complete_or_resumable(name)
+    if state == "done":
+        reporter.message(f"{name} is already trained; skipping it")
+        return json.loads((models_dir() / name / METADATA_FILE).read_text(encoding="utf-8"))
+    if state == "resume":
+        return train_model(config, resume=True, name=name, reporter=reporter)
+    return train_model(config, data_dir, name=name, reporter=reporter, **kwargs)
+
+
+def train_cross_validation(
+    config: TrainConfig, folds: int, data_dir: Path | None = None, name: str | None = None,
+    reporter: TrainReporter | None = None,
+) -> dict[str, Any]:
+    """K-fold cross-validation over train+val, duplicate groups whole and classes stratified.
+
+    Each fold's model is saved as ``NAME-foldI``; the test split is not touched.
+    Running the same command again skips finished folds and resumes an interrupted one.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    reporter = reporter or TrainReporter()
+    config.validate()
+    if folds < 2:
+        raise MammaclsError("--folds must be at least 2")
+    dataset = load_prepared(data_dir)
+    rows = dataset.split("train") + dataset.split("val")
+    labels = [row["label"] for row in rows]
+    groups = [row["group_id"] for row in rows]
+    if len(set(groups)) < folds:
+        raise MammaclsError(f"--folds {folds}: only {len(set(groups))} duplicate groups to share out")
+    run = name or _new_run_name(f"cv{folds}-{config.arch}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    metas = []
+    for fold, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(rows)), labels, groups), start=1):
+        reporter.message(f"fold {fold}/{folds}: {len(train_idx)} train, {len(val_idx)} validation images")
+        metas.append(_run_member(
+            config, dataset.root, f"{run}-fold{fold}", reporter,
+            split_rows={"train": [rows[i]["path"] for i in train_idx], "val": [rows[i]["path"] for i in val_idx]},
+            extra_metadata={"group": {"kind": "cv", "run": run, "member": fold, "of": folds}},
+        ))
+    return {"run": run, "kind": "cv", **summarise_runs(metas)}
+
+
+def train_repeats(
+    config: TrainConfig, repeats: int, data_dir: Path | None = None, name: str | None = None,
+    reporter: TrainReporter | None = None,
+) -> dict[str, Any]:
+    """The same recipe with seeds seed, seed+1, …, to show run-to-run spread."""
+    reporter = reporter or TrainReporter()
+    config.validate()
+    if repeats < 2:
+        raise MammaclsError("--repeat must be at least 2")
+    run = name or _new_run_name(f"rep{repeats}-{config.arch}")
+    metas = []
+    for k in range(repeats):
+        seeded = TrainConfig(**{**asdict(config), "seed": config.seed + k})
+        metas.append(_run_member(seeded, data_dir, f"{run}-seed{seeded.seed}", reporter,
+                                 extra_metadata={"group": {"kind": "repeat", "run": run, "member": k + 1,
+                                                           "of": repeats}}))
+    return {"run": run, "kind": "repeat", **summarise_runs(metas)}
