@@ -338,14 +338,21 @@ def _print_model_detail(entry: dict, console) -> None:
     from rich.table import Table
 
     m = entry["metrics"]
-    detail = Table(title=f"{entry['name']}: per class, and confusion matrix (rows true)")
-    for column in ("class", "precision", "recall", "F1", "AUC", "n", *(f"→{c[:3]}" for c in CLASSES)):
-        detail.add_column(column, justify="left" if column == "class" else "right")
-    for c, row in zip(CLASSES, m["confusion_matrix"]):
+    detail = Table(title=f"{entry['name']}: per class")
+    for column in ("class", "precision", "recall", "F1", "AUC", "n"):
+        detail.add_column(column, justify="left" if column == "class" else "right", no_wrap=True)
+    for c in CLASSES:
         pc = m["per_class"][c]
         detail.add_row(c, _ci(pc["precision"], pc.get("precision_ci95")), _ci(pc["recall"], pc.get("recall_ci95")),
-                       _fmt(pc["f1"]), _fmt(pc["roc_auc"]), str(pc["support"]), *map(str, row))
+                       _fmt(pc["f1"]), _fmt(pc["roc_auc"]), str(pc["support"]))
     console.print(detail)
+    confusion = Table(title="confusion matrix (rows true, columns predicted)")
+    confusion.add_column("true \\ predicted")
+    for c in CLASSES:
+        confusion.add_column(c, justify="right")
+    for c, row in zip(CLASSES, m["confusion_matrix"]):
+        confusion.add_row(c, *map(str, row))
+    console.print(confusion)
     mal, cal = m["malignant"], m["calibration"]
     line = (f"malignant vs rest: sensitivity {_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
             f"specificity {_ci(mal['specificity'], mal.get('specificity_ci95'))}")
@@ -366,11 +373,12 @@ def _print_group_evaluation(group: dict, console) -> None:
     table = Table(title=f"{group['run']}: {kind}")
     columns = ("val_accuracy", "val_macro_f1", "val_roc_auc_macro", "test_accuracy", "test_macro_f1",
                "test_roc_auc_macro")
-    table.add_column("model")
+    table.add_column("member", no_wrap=True)
     for column in columns:
         table.add_column(column.replace("_roc_auc_macro", " AUC").replace("_", " "), justify="right")
+    label = "fold" if group["kind"] == "cv" else "run"
     for row in group["members"]:
-        table.add_row(row["name"], *(_fmt(row[c]) for c in columns))
+        table.add_row(f"{label} {row['member']}", *(_fmt(row[c]) for c in columns))
     table.add_row("mean ± std", *(f"{_fmt(group['summary'][c]['mean'])} ± {_fmt(group['summary'][c]['std'])}"
                                   for c in columns), style="bold")
     console.print(table)

@@ -97,3 +97,56 @@ def roc_figure(y_true: np.ndarray, probabilities: np.ndarray, title: str):
     ax.set_title(title)
     ax.legend(loc="lower right", frameon=False)
     return figure
+
+
+def precision_recall_figure(y_true: np.ndarray, probabilities: np.ndarray, title: str):
+    """One-vs-rest precision-recall curve of each class, with its average precision."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    figure = _figure(5, 4.5)
+    ax = figure.add_subplot()
+    for k, label in enumerate(CLASSES):
+        positives = y_true == k
+        if positives.all() or not positives.any():
+            continue
+        precision, recall, _ = precision_recall_curve(positives, probabilities[:, k])
+        ap = average_precision_score(positives, probabilities[:, k])
+        ax.plot(recall, precision, label=f"{label} (AP {ap:.3f}, prevalence {positives.mean():.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="lower left", frameon=False, fontsize=8)
+    return figure
+
+
+def reliability_figure(bins_before: list[dict], bins_after: list[dict], ece_before: float, ece_after: float,
+                       title: str):
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    figure = _figure(5, 4.5)
+    ax = figure.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    for bins, name, ece, marker in ((bins_before, "raw", ece_before, "o"), (bins_after, "calibrated", ece_after, "s")):
+        used = [b for b in bins if b["count"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker=marker,
+                label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left", frameon=False)
+    return figure
+
+
+def thumbnail_png(gray: np.ndarray, height: int = 96) -> bytes:
+    """A small PNG of a grayscale image (for galleries in the report)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(gray)
+    width = max(1, round(img.width * height / img.height))
+    buffer = io.BytesIO()
+    img.resize((width, height), Image.Resampling.BILINEAR).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

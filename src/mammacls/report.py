@@ -11,7 +11,10 @@ from typing import Any
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
-from mammacls.plots import confusion_matrix_figure, figure_png_bytes, roc_figure
+from mammacls.plots import (
+    confusion_matrix_figure, figure_png_bytes, precision_recall_figure, reliability_figure, roc_figure,
+    thumbnail_png,
+)
 from mammacls.store import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _STYLE = """
@@ -24,6 +27,9 @@ th:first-child,td:first-child{text-align:left} th{background:#f6f8fa}
 td.best{font-weight:700;color:#1a7f37}
 section{margin:2.5rem 0;border-top:2px solid #d0d7de;padding-top:1rem}
 .figs{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start} img{max-width:100%}
+.gallery{display:flex;flex-wrap:wrap;gap:.6rem}.gallery figure{margin:0;font-size:.8rem;max-width:170px}
+.gallery figcaption{color:#57606a} .flag{color:#cf222e;font-weight:700}
+.group{display:flex;gap:.3rem;align-items:flex-end;border:1px solid #d0d7de;padding:.3rem;border-radius:6px}
 .note{background:#fff8c5;border:1px solid #d4a72c;padding:.6rem .9rem;border-radius:6px}
 """
 
@@ -34,6 +40,79 @@ def _slug(name: str) -> str:
 
 def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _ci(value: Any, interval: Any) -> str:
+    if value is None:
+        return "–"
+    return (f"{value:.3f} <small>[{interval[0]:.2f}–{interval[1]:.2f}]</small>" if interval
+            else f"{value:.3f}")
+
+
+def _malignant_line(mal: dict[str, Any]) -> str:
+    text = (f"Malignant vs rest: sensitivity {_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
+            f"specificity {_ci(mal['specificity'], mal.get('specificity_ci95'))}")
+    if "sensitivity_at_spec90" in mal:
+        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal['threshold_spec90']:.3f}): "
+                 f"sensitivity {_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
+                 f"specificity {_fmt(mal['specificity_at_spec90'])}")
+    return text + "."
+
+
+def _group_table(group: dict[str, Any]) -> str:
+    columns = ("val_accuracy", "val_macro_f1", "val_roc_auc_macro", "test_accuracy", "test_macro_f1",
+               "test_roc_auc_macro")
+    head = "".join(f"<th>{c.replace('_roc_auc_macro', ' AUC').replace('_', ' ')}</th>" for c in columns)
+    body = "".join(f"<tr><td>{html.escape(row['name'])}</td>" + "".join(f"<td>{_fmt(row[c])}</td>" for c in columns)
+                   + "</tr>" for row in group["members"])
+    stats = group["summary"]
+    body += ("<tr><th>mean ± std</th>" + "".join(f"<th>{_fmt(stats[c]['mean'])} ± {_fmt(stats[c]['std'])}</th>"
+                                                for c in columns) + "</tr>")
+    kind = "cross-validation folds" if group["kind"] == "cv" else "repeated runs (seeds)"
+    return f"<h3>{html.escape(group['run'])}: {kind}</h3><table><tr><th>model</th>{head}</tr>{body}</table>"
+
+
+def _misclassified_gallery(result: dict[str, Any], eval_set, limit: int = 40) -> str:
+    probabilities = result["probabilities"]
+    predicted = probabilities.argmax(axis=1)
+    wrong = [i for i in range(len(predicted)) if predicted[i] != eval_set.labels[i]]
+    wrong.sort(key=lambda i: -probabilities[i, predicted[i]])  # most confident mistakes first
+    cards = []
+    for i in wrong[:limit]:
+        caption = (f"{html.escape(Path(eval_set.paths[i]).name)}<br>true {CLASSES[eval_set.labels[i]]}, "
+                   f"predicted <b>{CLASSES[predicted[i]]}</b> ({probabilities[i, predicted[i]]:.2f})")
+        cards.append(f"<figure>{_img_tag(thumbnail_png(eval_set.images[i]), eval_set.paths[i])}"
+                     f"<figcaption>{caption}</figcaption></figure>")
+    more = f" (the {limit} most confident of {len(wrong)} shown)" if len(wrong) > limit else ""
+    return (f"<h3>Misclassified test images: {len(wrong)}{more}</h3><div class=gallery>{''.join(cards)}</div>"
+            if wrong else "<h3>No misclassified images</h3>")
+
+
+def _duplicates_html(summary: dict[str, Any], limit: int = 12) -> str:
+    if not summary:
+        return ""
+    from mammacls.images import ImageReadError, load_grayscale
+
+    source = Path(summary.get("source", ""))
+    blocks = []
+    for group_id, members in list(summary.get("duplicate_group_members", {}).items())[:limit]:
+        thumbs = []
+        for rel in members[:4]:
+            try:
+                thumbs.append(f"<figure>{_img_tag(thumbnail_png(load_grayscale(source / rel), 80), rel)}"
+                              f"<figcaption>{html.escape(Path(rel).name)}</figcaption></figure>")
+            except ImageReadError:
+                thumbs.append(f"<figure><figcaption>{html.escape(rel)} (unreadable now)</figcaption></figure>")
+        blocks.append(f"<div class=group>{''.join(thumbs)}</div>")
+    conflicts = "".join(
+        "<li>" + ", ".join(f"{html.escape(m['path'])} ({m['label']})" for m in c["members"])
+        + (" — left out" if c.get("excluded") else " — kept") + "</li>"
+        for c in summary.get("conflict_groups", []))
+    return (f"<h3>Duplicate groups ({summary.get('duplicate_groups')} groups, "
+            f"{summary.get('images_in_duplicate_groups')} images; each stays inside one split): "
+            f"the first {min(limit, len(summary.get('duplicate_group_members', {})))}</h3>"
+            f"<div class=gallery>{''.join(blocks)}</div>"
+            + (f"<h3>Label conflicts ({summary.get('conflicts')})</h3><ul>{conflicts}</ul>" if conflicts else ""))
 
 
 def _img_tag(png: bytes, alt: str) -> str:
@@ -48,32 +127,53 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", document)
 
-    headline = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "roc_auc_weighted")
+    headline = ("accuracy", "macro_f1", "roc_auc_macro")
     best = {k: max((r["metrics"][k] for r in results if r["metrics"][k] is not None), default=None)
             for k in headline}
     rows = []
     for r in results:
+        m = r["metrics"]
         cells = "".join(
-            f'<td class="{"best" if len(results) > 1 and r["metrics"][k] == best[k] else ""}">{_fmt(r["metrics"][k])}</td>'
+            f'<td class="{"best" if len(results) > 1 and m[k] == best[k] else ""}">{_ci(m[k], m["ci95"].get(k))}</td>'
             for k in headline)
-        recall = r["metrics"]["per_class"]["malignant"]["recall"]
-        rows.append(f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(str(r['model']['arch']))}</td>"
-                    f"<td>{r['model']['img_size']}</td>{cells}<td>{_fmt(recall)}</td></tr>")
-    comparison = ("<table><tr><th>model</th><th>arch</th><th>px</th>"
-                  + "".join(f"<th>{k.replace('_', ' ')}</th>" for k in headline)
-                  + "<th>malignant recall</th></tr>" + "".join(rows) + "</table>")
+        mal, cal = m["malignant"], m["calibration"]
+        flag = ' <span class=flag>overlaps training data</span>' if (r.get("overlap") or {}).get("images") else ""
+        rows.append(f"<tr><td>{html.escape(r['name'])}{flag}</td><td>{html.escape(str(r['model']['arch']))}</td>"
+                    f"<td>{r['model']['img_size']}</td>{cells}"
+                    f"<td>{_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}</td>"
+                    f"<td>{_fmt(mal['specificity'])}</td>"
+                    f"<td>{_fmt(cal['before']['ece'])} → {_fmt(cal['after']['ece'])}</td></tr>")
+    comparison = ("<table><tr><th>model</th><th>arch</th><th>px</th><th>accuracy</th><th>macro F1</th>"
+                  "<th>ROC-AUC macro</th><th>malignant sensitivity</th><th>malignant specificity</th>"
+                  "<th>ECE raw → calibrated</th></tr>" + "".join(rows) + "</table>"
+                  + "<p class=sub>95% intervals from a class-stratified bootstrap "
+                  f"({results[0]['metrics']['bootstrap']['resamples']} resamples). "
+                  + ("Probabilities are temperature-calibrated on each model's validation data."
+                     if document.get("calibrated", True) else "Raw (uncalibrated) probabilities.") + "</p>")
+    groups_html = "".join(_group_table(g) for g in document.get("groups", []))
 
     sections = []
     for r in results:
         slug = _slug(r["name"])
-        cm_png = figure_png_bytes(confusion_matrix_figure(r["metrics"]["confusion_matrix"], r["name"]))
-        roc_png = figure_png_bytes(roc_figure(eval_set.labels, r["probabilities"], f"ROC one-vs-rest: {r['name']}"))
-        atomic_write_bytes(out_dir / f"confusion_matrix_{slug}.png", cm_png)
-        atomic_write_bytes(out_dir / f"roc_{slug}.png", roc_png)
+        cal = r["metrics"]["calibration"]
+        figures = {
+            "confusion_matrix": confusion_matrix_figure(r["metrics"]["confusion_matrix"], r["name"]),
+            "roc": roc_figure(eval_set.labels, r["probabilities"], f"ROC one-vs-rest: {r['name']}"),
+            "precision_recall": precision_recall_figure(eval_set.labels, r["probabilities"],
+                                                        f"precision-recall: {r['name']}"),
+            "reliability": reliability_figure(cal["bins_before"], cal["bins_after"], cal["before"]["ece"],
+                                              cal["after"]["ece"], f"reliability (T = {cal['temperature']:.2f})"),
+        }
+        pngs = {}
+        for kind, figure in figures.items():
+            pngs[kind] = figure_png_bytes(figure)
+            atomic_write_bytes(out_dir / f"{kind}_{slug}.png", pngs[kind])
         per_class = "".join(
-            f"<tr><td>{c}</td>" + "".join(f"<td>{_fmt(r['metrics']['per_class'][c][k])}</td>"
-                                          for k in ("precision", "recall", "f1", "roc_auc", "support")) + "</tr>"
-            for c in CLASSES)
+            f"<tr><td>{c}</td>"
+            + f"<td>{_ci(r['metrics']['per_class'][c]['precision'], r['metrics']['per_class'][c]['precision_ci95'])}</td>"
+            + f"<td>{_ci(r['metrics']['per_class'][c]['recall'], r['metrics']['per_class'][c]['recall_ci95'])}</td>"
+            + "".join(f"<td>{_fmt(r['metrics']['per_class'][c][k])}</td>" for k in ("f1", "roc_auc", "support"))
+            + "</tr>" for c in CLASSES)
         val = r["model"].get("val_metrics") or {}
         sections.append(
             f"<section><h2>{html.escape(r['name'])}</h2>"
@@ -82,8 +182,12 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
             f"validation macro-F1 {_fmt(val.get('macro_f1'))}</p>"
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th>"
             f"<th>support</th></tr>{per_class}</table>"
-            f"<div class=figs>{_img_tag(cm_png, 'confusion matrix ' + r['name'])}"
-            f"{_img_tag(roc_png, 'ROC curves ' + r['name'])}</div></section>")
+            f"<p>{_malignant_line(r['metrics']['malignant'])}</p>"
+            f"<p>Calibration: temperature {cal['temperature']:.2f}; ECE {cal['before']['ece']:.3f} → "
+            f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} → {cal['after']['brier']:.3f} "
+            "(15 confidence bins).</p>"
+            f"<div class=figs>{''.join(_img_tag(png, kind + ' ' + r['name']) for kind, png in pngs.items())}</div>"
+            f"{_misclassified_gallery(r, eval_set)}</section>")
 
     counts = document["data"]["counts"]
     data_lines = [f"{html.escape(eval_set.description)}: {len(eval_set.paths)} images "
@@ -108,10 +212,11 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
         "<h1>mammacls evaluation report</h1>"
         f"<p class=sub>{created} · mammacls {__version__} · {len(results)} model(s)</p>"
         "<p class=note>Research and education only: not a medical device, not for diagnosis.</p>"
-        f"<h2>Comparison</h2>{comparison}"
+        f"<h2>Comparison</h2>{comparison}{groups_html}"
         f"<p>{'</p><p>'.join(data_lines)}</p>"
         + "".join(sections)
-        + (f"<section><h2>Dataset</h2>{overview}</section>" if overview else "")
+        + (f"<section><h2>Dataset</h2>{overview}{_duplicates_html(summary)}</section>"
+           if overview or summary else "")
         + "</body></html>\n"
     )
     atomic_write_text(out_dir / "index.html", page)

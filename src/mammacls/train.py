@@ -339,6 +339,7 @@ def _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, n_va
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     net.train()
     with torch.random.fork_rng(devices=[]):  # dropout here must not shift the run's random stream
+        criterion(net(inputs), targets).backward()  # warm-up: the first step pays one-off costs
         started = time.perf_counter()
         criterion(net(inputs), targets).backward()
         step = time.perf_counter() - started
@@ -462,29 +463,35 @@ def train_cross_validation(
     Each fold's model is saved as ``NAME-foldI``; the test split is not touched.
     Running the same command again skips finished folds and resumes an interrupted one.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     reporter = reporter or TrainReporter()
     config.validate()
     if folds < 2:
         raise MammaclsError("--folds must be at least 2")
     dataset = load_prepared(data_dir)
+    run = name or _new_run_name(f"cv{folds}-{config.arch}")
+    metas = []
+    for fold, split_rows in enumerate(cv_fold_rows(dataset, folds, config.seed), start=1):
+        reporter.message(f"fold {fold}/{folds}: {len(split_rows['train'])} train, "
+                         f"{len(split_rows['val'])} validation images")
+        metas.append(_run_member(
+            config, dataset.root, f"{run}-fold{fold}", reporter, split_rows=split_rows,
+            extra_metadata={"group": {"kind": "cv", "run": run, "member": fold, "of": folds}},
+        ))
+    return {"run": run, "kind": "cv", **summarise_runs(metas)}
+
+
+def cv_fold_rows(dataset: PreparedDataset, folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """Train/val image paths of each fold of train+val (StratifiedGroupKFold; test untouched)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     rows = dataset.split("train") + dataset.split("val")
     labels = [row["label"] for row in rows]
     groups = [row["group_id"] for row in rows]
     if len(set(groups)) < folds:
         raise MammaclsError(f"--folds {folds}: only {len(set(groups))} duplicate groups to share out")
-    run = name or _new_run_name(f"cv{folds}-{config.arch}")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=config.seed)
-    metas = []
-    for fold, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(rows)), labels, groups), start=1):
-        reporter.message(f"fold {fold}/{folds}: {len(train_idx)} train, {len(val_idx)} validation images")
-        metas.append(_run_member(
-            config, dataset.root, f"{run}-fold{fold}", reporter,
-            split_rows={"train": [rows[i]["path"] for i in train_idx], "val": [rows[i]["path"] for i in val_idx]},
-            extra_metadata={"group": {"kind": "cv", "run": run, "member": fold, "of": folds}},
-        ))
-    return {"run": run, "kind": "cv", **summarise_runs(metas)}
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [{"train": [rows[i]["path"] for i in train_idx], "val": [rows[i]["path"] for i in val_idx]}
+            for train_idx, val_idx in splitter.split(np.zeros(len(rows)), labels, groups)]
 
 
 def train_repeats(
