@@ -178,8 +178,11 @@ def test_evaluate_cv_run_shows_folds_and_ensemble_with_intervals(cv_run, prepare
     assert ensemble["model"]["members"] == ["cv-fold1", "cv-fold2", "cv-fold3"]
     folds = document["models"][:3]
     assert all("sensitivity_at_spec90" in f["metrics"]["malignant"] for f in folds)
-    assert "fold table" not in result.stderr and "cross-validation folds" in result.stderr
+    assert "cross-validation folds" in result.stderr
     html_text = (tmp_path / "r" / "index.html").read_text()
+    from tests.test_cli import _assert_self_contained_html
+
+    _assert_self_contained_html(html_text)
     assert "cv-ensemble" in html_text and "Misclassified" in html_text and "reliability" in html_text
     for kind in ("confusion_matrix", "roc", "precision_recall", "reliability"):
         assert (tmp_path / "r" / f"{kind}_cv-ensemble.png").is_file()

@@ -300,9 +300,9 @@ def evaluate(
 
 
 def _ci(value: Any, interval: Any) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else f"{value:.3f}"
+    from mammacls.evaluate import format_ci
+
+    return format_ci(value, interval)
 
 
 def _print_evaluation(document: dict, console) -> None:
@@ -353,14 +353,10 @@ def _print_model_detail(entry: dict, console) -> None:
     for c, row in zip(CLASSES, m["confusion_matrix"]):
         confusion.add_row(c, *map(str, row))
     console.print(confusion)
-    mal, cal = m["malignant"], m["calibration"]
-    line = (f"malignant vs rest: sensitivity {_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
-            f"specificity {_ci(mal['specificity'], mal.get('specificity_ci95'))}")
-    if "sensitivity_at_spec90" in mal:
-        line += (f"; at the validation threshold for 90% specificity (p ≥ {mal['threshold_spec90']:.3f}): "
-                 f"sensitivity {_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
-                 f"specificity {_fmt(mal['specificity_at_spec90'])}")
-    console.print(line, soft_wrap=True, markup=False)
+    from mammacls.evaluate import describe_malignant
+
+    cal = m["calibration"]
+    console.print(describe_malignant(m["malignant"]), soft_wrap=True, markup=False)
     console.print(f"calibration (T = {cal['temperature']:.2f}): ECE {cal['before']['ece']:.3f} -> "
                   f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> {cal['after']['brier']:.3f}, "
                   f"NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}", soft_wrap=True, markup=False)

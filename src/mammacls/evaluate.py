@@ -241,3 +241,21 @@ def results_json(results: list[dict[str, Any]], eval_set: EvalSet, calibrated: b
         "groups": group_summaries(results),
         "calibrated": calibrated,
     }
+
+
+def format_ci(value: float | None, interval: list[float] | None) -> str:
+    """``0.874 [0.82–0.92]``, or the bare value when there is no interval."""
+    if value is None:
+        return "–"
+    return f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else f"{value:.3f}"
+
+
+def describe_malignant(mal: dict[str, Any]) -> str:
+    """One sentence on the malignant-vs-rest operating points, with intervals."""
+    text = (f"malignant vs rest: sensitivity {format_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
+            f"specificity {format_ci(mal['specificity'], mal.get('specificity_ci95'))}")
+    if "sensitivity_at_spec90" in mal:
+        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal['threshold_spec90']:.3f}): "
+                 f"sensitivity {format_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
+                 f"specificity {format_ci(mal['specificity_at_spec90'], None)}")
+    return text

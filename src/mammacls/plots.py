@@ -79,18 +79,23 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[int]], title: str):
     return figure
 
 
+def _one_vs_rest(y_true: np.ndarray, probabilities: np.ndarray):
+    """(class, is-that-class mask, its probability) for each class with positives and negatives."""
+    for k, label in enumerate(CLASSES):
+        positives = y_true == k
+        if positives.any() and not positives.all():
+            yield label, positives, probabilities[:, k]
+
+
 def roc_figure(y_true: np.ndarray, probabilities: np.ndarray, title: str):
     """One-vs-rest ROC curve of each class, with its AUC."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     figure = _figure(5, 4.5)
     ax = figure.add_subplot()
-    for k, label in enumerate(CLASSES):
-        positives = y_true == k
-        if positives.all() or not positives.any():
-            continue
-        fpr, tpr, _ = roc_curve(positives, probabilities[:, k])
-        ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(positives, probabilities[:, k]):.3f})")
+    for label, positives, scores in _one_vs_rest(y_true, probabilities):
+        fpr, tpr, _ = roc_curve(positives, scores)
+        ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(positives, scores):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -105,12 +110,9 @@ def precision_recall_figure(y_true: np.ndarray, probabilities: np.ndarray, title
 
     figure = _figure(5, 4.5)
     ax = figure.add_subplot()
-    for k, label in enumerate(CLASSES):
-        positives = y_true == k
-        if positives.all() or not positives.any():
-            continue
-        precision, recall, _ = precision_recall_curve(positives, probabilities[:, k])
-        ap = average_precision_score(positives, probabilities[:, k])
+    for label, positives, scores in _one_vs_rest(y_true, probabilities):
+        precision, recall, _ = precision_recall_curve(positives, scores)
+        ap = average_precision_score(positives, scores)
         ax.plot(recall, precision, label=f"{label} (AP {ap:.3f}, prevalence {positives.mean():.2f})")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")

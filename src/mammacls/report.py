@@ -11,6 +11,7 @@ from typing import Any
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
+from mammacls.evaluate import describe_malignant
 from mammacls.plots import (
     confusion_matrix_figure, figure_png_bytes, precision_recall_figure, reliability_figure, roc_figure,
     thumbnail_png,
@@ -49,14 +50,8 @@ def _ci(value: Any, interval: Any) -> str:
             else f"{value:.3f}")
 
 
-def _malignant_line(mal: dict[str, Any]) -> str:
-    text = (f"Malignant vs rest: sensitivity {_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
-            f"specificity {_ci(mal['specificity'], mal.get('specificity_ci95'))}")
-    if "sensitivity_at_spec90" in mal:
-        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal['threshold_spec90']:.3f}): "
-                 f"sensitivity {_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
-                 f"specificity {_fmt(mal['specificity_at_spec90'])}")
-    return text + "."
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def _group_table(group: dict[str, Any]) -> str:
@@ -182,7 +177,7 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
             f"validation macro-F1 {_fmt(val.get('macro_f1'))}</p>"
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th>"
             f"<th>support</th></tr>{per_class}</table>"
-            f"<p>{_malignant_line(r['metrics']['malignant'])}</p>"
+            f"<p>{html.escape(_sentence(describe_malignant(r['metrics']['malignant'])))}</p>"
             f"<p>Calibration: temperature {cal['temperature']:.2f}; ECE {cal['before']['ece']:.3f} → "
             f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} → {cal['after']['brier']:.3f} "
             "(15 confidence bins).</p>"
