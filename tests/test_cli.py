@@ -259,3 +259,24 @@ def test_evaluate_scores_every_image_of_a_busi_folder(tiny_model, use_session_ca
     assert document["data"]["n"] == 3 * 14 + 3
     assert [Path(s["path"]).name for s in document["data"]["skipped"]] == ["benign (104).png"]
     assert document["data"]["counts"] == {"benign": 14 + 2, "malignant": 14 + 1, "normal": 14}
+
+
+def test_report_takes_an_optional_folder():
+    from mammacls.cli import _report_option_value
+
+    assert _report_option_value(["evaluate", "--report"]) == ["evaluate", "--report"]
+    assert _report_option_value(["evaluate", "--report", "out"]) == ["evaluate", "--report", "--report-dir", "out"]
+    assert _report_option_value(["evaluate", "--report=out", "--json"]) == [
+        "evaluate", "--report", "--report-dir", "out", "--json"]
+    assert _report_option_value(["evaluate", "--report", "--json"]) == ["evaluate", "--report", "--json"]
+    assert _report_option_value(["predict", "--report", "x"]) == ["predict", "--report", "x"]
+
+
+def test_report_folder_through_the_installed_command(tiny_model, session_cache, prepared, tmp_path):
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "mammacls", "evaluate", "--data", str(prepared[0]),
+                           "--bootstrap", "100", "--report", str(tmp_path / "my report")],
+                          capture_output=True, text=True, env={**os.environ, "MAMMACLS_CACHE_DIR": str(session_cache)})
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert (tmp_path / "my report" / "index.html").is_file()

@@ -263,7 +263,8 @@ def evaluate(
     data: Annotated[Optional[Path], typer.Option(
         help="Prepared dataset (its test split) or a BUSI-layout folder (every image). Default: latest test split.")
     ] = None,
-    report: Annotated[bool, typer.Option("--report", help="Write an HTML report with figures and metrics.json.")] = False,
+    report: Annotated[bool, typer.Option("--report", help=(
+        "Write an HTML report with figures and metrics.json; --report DIR names its folder."))] = False,
     report_dir: Annotated[Path, typer.Option(help="Folder for --report.")] = Path("mammacls-report"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
@@ -465,8 +466,32 @@ def export(
                           markup=False)
 
 
+def _report_option_value(argv: list[str]) -> list[str]:
+    """Let ``evaluate --report DIR`` (and ``--report=DIR``) name the report folder.
+
+    Typer options cannot take an optional value, so ``--report`` is a flag and
+    the folder is ``--report-dir``; evaluate has no positional arguments, so a
+    bare word after ``--report`` can only be that folder.
+    """
+    if not argv or argv[0] != "evaluate":
+        return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--report="):
+            out += ["--report", "--report-dir", token.split("=", 1)[1]]
+        elif token == "--report" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            out += ["--report", "--report-dir", argv[i + 1]]
+            i += 1
+        else:
+            out.append(token)
+        i += 1
+    return out
+
+
 def main() -> None:
-    app(prog_name="mammacls")
+    app(args=_report_option_value(sys.argv[1:]), prog_name="mammacls")
 
 
 if __name__ == "__main__":
