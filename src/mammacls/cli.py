@@ -395,6 +395,8 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     calibration: Annotated[bool, typer.Option(
         help="Temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,
+    explain: Annotated[Optional[Path], typer.Option(
+        help="Write a Grad-CAM heatmap beside each image into this folder (uses PyTorch).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Classify images. Files that cannot be read are reported (exit code 1); the rest are predicted."""
@@ -405,7 +407,7 @@ def predict(
     with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(),
                              console=_console(), transient=True) as bar:
         task = bar.add_task("predict", total=None)
-        result = predict_paths(paths, model, device, batch_size, backend, calibration,
+        result = predict_paths(paths, model, device, batch_size, backend, calibration, explain,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                notice=lambda text: bar.console.print(text, style="yellow", soft_wrap=True,
                                                                      markup=False))

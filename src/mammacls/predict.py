@@ -59,13 +59,15 @@ def predict_paths(
     batch_size: int = 32,
     backend: str = "auto",
     calibrated: bool = True,
+    explain_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every image under ``paths``; unreadable files are reported, not fatal.
 
     On the CPU the model's ONNX export runs in ONNX Runtime (torch is not
-    imported); ``device='cuda'`` or a model without an export uses PyTorch.
+    imported); ``device='cuda'``, ``explain_dir`` (Grad-CAM needs gradients) or
+    a model without an export uses PyTorch.
     """
     from mammacls.metrics import softmax
     from mammacls.runtime import open_backend
@@ -78,17 +80,32 @@ def predict_paths(
     if not inputs.files and not inputs.errors:
         raise MammaclsError(f"no images found in {', '.join(str(p) for p in paths)}")
     ref = resolve_model(model)
+    if explain_dir is not None:
+        if backend == "onnx":
+            raise MammaclsError("--explain needs PyTorch (gradients); drop --backend onnx")
+        explain_dir = Path(explain_dir)
+        if explain_dir.exists() and not explain_dir.is_dir():
+            raise MammaclsError(f"--explain {explain_dir} exists and is not a folder")
+        explain_dir.mkdir(parents=True, exist_ok=True)
+        backend = "torch"
     runner, hint = open_backend(ref, device, backend)
     if hint and notice:
         notice(hint)
     size = int(ref.metadata["img_size"])
     temperature = float(ref.metadata.get("temperature") or 1.0) if calibrated else 1.0
 
+    originals: dict[Path, np.ndarray] = {}  # full-size images, kept only for the explanations
+
     def decode(path: Path):
         try:
-            return path, resize_square(load_grayscale(path), size), None
+            gray = load_grayscale(path)
         except ImageReadError as exc:
             return path, None, str(exc)
+        if explain_dir is not None:
+            originals[path] = gray
+        return path, resize_square(gray, size), None
+
+    written: set[str] = set()
 
     predictions: list[dict[str, Any]] = []
     errors = list(inputs.errors)
@@ -98,12 +115,20 @@ def predict_paths(
             batch = [(p, arr) for p, arr, err in item if err is None]
             errors.extend({"path": str(p), "error": err} for p, _, err in item if err is not None)
             if batch:
-                probabilities = softmax(runner.logits(np.stack([a for _, a in batch])), temperature)
-                for (path, _), probs in zip(batch, probabilities):
-                    predictions.append({
-                        "path": str(path), "label": CLASSES[int(probs.argmax())],
-                        "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs)},
-                    })
+                stacked = np.stack([a for _, a in batch])
+                if explain_dir is None:
+                    logits, cams = runner.logits(stacked), None
+                else:
+                    logits, cams = runner.explain(stacked, ref.metadata["arch"])
+                probabilities = softmax(logits, temperature)
+                for k, ((path, _), probs) in enumerate(zip(batch, probabilities)):
+                    label = CLASSES[int(probs.argmax())]
+                    entry = {"path": str(path), "label": label,
+                             "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs)}}
+                    if cams is not None:
+                        entry["explanation"] = str(_write_explanation(
+                            explain_dir, path, originals.pop(path), cams[k], f"{label} {probs.max():.2f}", written))
+                    predictions.append(entry)
             done += len(item)
             if progress:
                 progress(done, len(inputs.files))
@@ -120,3 +145,14 @@ def _prefetched(pool, decode, files: list[Path], batch_size: int):
         upcoming = [pool.submit(decode, f) for f in batches[index + 1]] if index + 1 < len(batches) else []
         yield [future.result() for future in pending]
         pending = upcoming
+
+
+def _write_explanation(folder: Path, source: Path, gray: np.ndarray, cam: np.ndarray, caption: str,
+                       written: set[str]) -> Path:
+    from mammacls.explain import overlay_png
+
+    name, k = f"{source.stem}.gradcam.png", 2
+    while name in written:  # same file name from two folders
+        name, k = f"{source.stem}.gradcam-{k}.png", k + 1
+    written.add(name)
+    return overlay_png(gray, cam, folder / name, caption)

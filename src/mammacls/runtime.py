@@ -64,6 +64,12 @@ class TorchBackend:
         with torch.inference_mode():
             return self.net(inputs).float().cpu().numpy()
 
+    def explain(self, batch: np.ndarray, arch: str) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and Grad-CAM heatmaps of the predicted classes."""
+        from mammacls.explain import grad_cam
+
+        return grad_cam(self.net, arch, batch, self.mean, self.std, self.device)
+
 
 BACKENDS = ("auto", "onnx", "torch")
 

@@ -1,0 +1,82 @@
+"""Explanations: Grad-CAM heatmaps for the predicted class (Selvaraju et al. 2017).
+
+The activations of each architecture's last convolutional block are weighted
+by the spatial mean of the predicted class score's gradient, summed over
+channels, rectified and scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mammacls.errors import MammaclsError
+from mammacls.store import atomic_write_bytes
+
+
+def last_conv_block(arch: str, net):
+    """The module whose output Grad-CAM explains: the last convolutional block."""
+    if arch == "resnet18":
+        return net.layer4
+    if arch == "vgg16":
+        return net.features[29]  # ReLU after the last convolution, before the final pooling
+    if arch == "mobilenet_v2":
+        return net.features[18]
+    raise MammaclsError(f"no Grad-CAM layer known for {arch!r}")
+
+
+def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device: str = "cpu",
+             target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N x classes) and heatmaps (N x h x w, in [0, 1]) for uint8 images N x S x S.
+
+    ``target`` picks the class to explain per image (default: the predicted one).
+    """
+    import torch
+
+    from mammacls.runtime import to_network_input
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["activation"] = output
+
+    handle = last_conv_block(arch, net).register_forward_hook(keep)
+    try:
+        net.eval()
+        inputs = torch.from_numpy(to_network_input(images, mean, std)).to(device)
+        with torch.enable_grad():
+            logits = net(inputs)
+            classes = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=logits.device)
+            net.zero_grad(set_to_none=True)
+            logits.gather(1, classes[:, None]).sum().backward()
+        activation = captured["activation"]
+        weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+        cams = torch.relu((weights * activation).sum(dim=1)).detach()
+    finally:
+        handle.remove()
+    peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+    return logits.detach().float().cpu().numpy(), (cams / peak).cpu().numpy()
+
+
+def overlay_png(gray: np.ndarray, cam: np.ndarray, target: Path, caption: str = "") -> Path:
+    """Write the image beside its heatmap overlay as one PNG (atomically); returns the path."""
+    import cv2
+
+    height, width = gray.shape
+    heat = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    coloured = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)
+    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    blended = cv2.addWeighted(base, 0.55, coloured, 0.45, 0)
+    gap = np.full((height, max(4, width // 100), 3), 255, dtype=np.uint8)
+    panel = np.hstack([base, gap, blended])
+    if caption:
+        scale = max(0.4, height / 900)
+        cv2.putText(panel, caption, (8, int(24 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                    max(1, int(2 * scale)), cv2.LINE_AA)
+    ok, encoded = cv2.imencode(".png", panel)
+    if not ok:
+        raise MammaclsError(f"could not encode the explanation for {target.name}")
+    atomic_write_bytes(target, encoded.tobytes())
+    return target
