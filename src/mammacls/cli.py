@@ -358,6 +358,12 @@ def _print_model_detail(entry: dict, console) -> None:
 
     cal = m["calibration"]
     console.print(describe_malignant(m["malignant"]), soft_wrap=True, markup=False)
+    selective = m.get("selective")
+    if selective:
+        console.print(f"abstention: {selective['coverage']:.1%} accepted (accuracy {_fmt(selective['accuracy_accepted'])}), "
+                      f"{selective['coverage_ok']:.1%} confident (accuracy {_fmt(selective['accuracy_ok'])}); "
+                      f"{selective['rejected']} rejected, {selective['uncertain']} uncertain", soft_wrap=True,
+                      markup=False)
     console.print(f"calibration (T = {cal['temperature']:.2f}): ECE {cal['before']['ece']:.3f} -> "
                   f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> {cal['after']['brier']:.3f}, "
                   f"NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}", soft_wrap=True, markup=False)
@@ -421,6 +427,7 @@ def predict(
 
 def _print_predictions(result: dict, console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     model = result["model"]
     console.print(f"model: {model['name']} ({model['arch']}, {model['img_size']} px, {model['source']}, "
@@ -431,10 +438,17 @@ def _print_predictions(result: dict, console) -> None:
         table.add_column("file", overflow="fold")
         table.add_column("prediction")
         for c in CLASSES:
-            table.add_column(f"p({c})", justify="right")
+            table.add_column(f"p({c[:3]})", justify="right")
+        table.add_column("status", overflow="fold")
+        styles = {"ok": "green", "uncertain": "yellow", "rejected": "red"}
         for p in result["predictions"]:
-            table.add_row(p["path"], p["label"], *(f"{p['probabilities'][c]:.3f}" for c in CLASSES))
+            status = p["status"] + (f": {p['reason']}" if p.get("reason") else "")
+            table.add_row(p["path"], p["label"], *(f"{p['probabilities'][c]:.3f}" for c in CLASSES),
+                          Text(status, style=styles[p["status"]]))
         console.print(table)
+        counts = result["status_counts"]
+        console.print(f"{counts['ok']} ok, {counts['uncertain']} uncertain, {counts['rejected']} rejected",
+                      markup=False)
     from rich.markup import escape
 
     for error in result["errors"]:
@@ -490,6 +504,24 @@ def _report_option_value(argv: list[str]) -> list[str]:
             out.append(token)
         i += 1
     return out
+
+
+@app.command()
+def calibrate(
+    model: Annotated[list[str], typer.Option(help="Model cache name or folder; repeat for several.")],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Refit a model's calibration, thresholds and out-of-distribution density on its own validation data."""
+    from mammacls.train import recalibrate
+    from mammacls.weights import resolve_model
+
+    console = _console()
+    with _errors():
+        for spec in model:
+            record = recalibrate(resolve_model(spec), device)
+            console.print(f"{record['name'] if 'name' in record else spec}: temperature {record['temperature']:.2f}, "
+                          f"min confidence {record['min_confidence']:.2f}, "
+                          f"OOD threshold {record['ood']['threshold']:.1f}", soft_wrap=True, markup=False)
 
 
 def main() -> None:

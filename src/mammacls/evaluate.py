@@ -101,7 +101,7 @@ def evaluate_models(
     are in the evaluation set is refused unless ``allow_overlap``; then the
     overlap is reported with its results.
     """
-    from mammacls.model import predict_logits, resolve_device
+    from mammacls.model import predict_logits_and_features, resolve_device
 
     device = resolve_device(device)
     overlaps = {ref.name: training_overlap(ref, eval_set) for ref in refs}
@@ -117,9 +117,13 @@ def evaluate_models(
     results = []
     for ref in refs:
         net = load_network(ref, device)
-        logits = predict_logits(net, eval_set.at_size(int(ref.metadata["img_size"])), device, batch_size)
+        logits, features = predict_logits_and_features(net, ref.metadata["arch"],
+                                                       eval_set.at_size(int(ref.metadata["img_size"])), device,
+                                                       batch_size)
         del net
         result = score(ref.name, ref.describe(), logits, ref.metadata, eval_set.labels, calibrated, resamples, seed)
+        result["metrics"]["selective"] = selective_metrics(ref, eval_set, features, result["probabilities"],
+                                                           calibrated)
         result["overlap"] = overlaps[ref.name]
         result["group"] = ref.metadata.get("group")
         results.append(result)
@@ -151,6 +155,7 @@ def _ensembles(refs, results, eval_set: EvalSet, calibrated: bool, resamples: in
                                                                                      "identical", "near_duplicate")}
         entry["overlap"]["paths"] = sorted({p for _, r in pairs for p in r["overlap"]["paths"]})
         entry["group"] = {"kind": "cv-ensemble", "run": run, "member": None, "of": len(pairs)}
+        entry["metrics"]["selective"] = None  # the folds' densities differ; see each fold
         ensembles.append(entry)
     return ensembles
 
@@ -178,6 +183,36 @@ def group_summaries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                               "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
         summaries.append({"run": run, "kind": members[0]["group"]["kind"], "members": rows, "summary": stats})
     return summaries
+
+
+def selective_metrics(ref: ModelRef, eval_set: EvalSet, features: np.ndarray, probabilities: np.ndarray,
+                      calibrated: bool) -> dict[str, Any]:
+    """Accuracy on the images predict would accept, and how many it would accept (coverage).
+
+    The colour check needs the original file, so it is not applied here; the
+    size, blank-frame, feature-distance and confidence checks are.
+    """
+    from mammacls.ood import distances, image_check, load_density, status_of
+
+    record = ref.metadata.get("ood")
+    density = load_density(ref.weights.parent, record) if record else None
+    far = distances(density, features) if record else None
+    min_confidence = ref.metadata.get("min_confidence") if calibrated else None
+    resized = eval_set.at_size(int(ref.metadata["img_size"]))
+    statuses = [status_of(image_check(img, resized[i], None, density, record), None if far is None else float(far[i]),
+                          record["threshold"] if record else None, float(probabilities[i].max()), min_confidence)[0]
+                for i, img in enumerate(eval_set.images)]
+    statuses = np.array(statuses)
+    correct = probabilities.argmax(axis=1) == eval_set.labels
+    accepted = statuses != "rejected"
+    confident = statuses == "ok"
+    return {
+        "checked": bool(record),
+        "coverage": float(accepted.mean()), "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else None,
+        "coverage_ok": float(confident.mean()), "accuracy_ok": float(correct[confident].mean()) if confident.any() else None,
+        "rejected": int((~accepted).sum()), "uncertain": int((statuses == "uncertain").sum()),
+        "min_confidence": min_confidence, "ood_threshold": record["threshold"] if record else None,
+    }
 
 
 def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:

@@ -20,6 +20,7 @@ ONNX_FILE = "model.onnx"
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"  # penultimate features, for the out-of-distribution check
 
 
 def export_onnx(ref: ModelRef) -> dict[str, Any]:
@@ -29,7 +30,9 @@ def export_onnx(ref: ModelRef) -> dict[str, Any]:
     folder = ref.weights.parent
     if not (folder / METADATA_FILE).is_file():
         raise MammaclsError(f"export needs a model folder with {METADATA_FILE}; {ref.weights} has none beside it")
-    net = load_network(ref, "cpu")
+    from mammacls.model import with_features
+
+    net = with_features(ref.metadata["arch"], load_network(ref, "cpu"))
     size = int(ref.metadata["img_size"])
     example = torch.zeros(1, 1, size, size)
     target = folder / ONNX_FILE
@@ -39,15 +42,15 @@ def export_onnx(ref: ModelRef) -> dict[str, Any]:
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             torch.onnx.export(
-                net, example, str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                net, example, str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
                 opset_version=ONNX_OPSET, dynamo=False,
             )
         except Exception as exc:  # the exporter raises many types; any of them means no usable file
             raise MammaclsError(f"ONNX export of {ref.name} failed: {str(exc).splitlines()[0][:160]}") from None
         _embed_metadata(tmp, ref.metadata)
     record = {"file": ONNX_FILE, "sha256": sha256_file(target), "opset": ONNX_OPSET, "input": INPUT_NAME,
-              "output": OUTPUT_NAME, "exported_with": {"torch": torch.__version__}}
+              "output": OUTPUT_NAME, "features": FEATURES_NAME, "exported_with": {"torch": torch.__version__}}
     metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
     metadata["onnx"] = record
     atomic_write_json(folder / METADATA_FILE, metadata)

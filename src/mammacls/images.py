@@ -43,11 +43,13 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_grayscale(path: Path) -> np.ndarray:
+def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
     """Decode ``path`` into a 2-D uint8 grayscale array.
 
     Handles 1/8/16/32-bit grayscale, RGB(A), palette and EXIF-rotated images.
-    Raises ImageReadError with a short reason for anything else.
+    Raises ImageReadError with a short reason for anything else. When ``stats``
+    is given it receives ``colour_fraction``: the share of strongly coloured
+    pixels, which grayscale conversion would otherwise hide.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -69,6 +71,8 @@ def load_grayscale(path: Path) -> np.ndarray:
             img.load()
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # transpose copies: only when needed
                 img = ImageOps.exif_transpose(img)
+            if stats is not None:
+                stats["colour_fraction"] = colour_fraction(img)
             return _to_gray_array(img)
     except ImageReadError:
         raise
@@ -107,6 +111,18 @@ def _to_gray_array(img) -> np.ndarray:
     if img.mode == "RGB":
         img = img.convert("L")
     return np.array(img, dtype=np.uint8)
+
+
+# A pixel is "coloured" when its channels differ by more than this (of 255).
+CHROMA_LIMIT = 40
+
+
+def colour_fraction(img) -> float:
+    """Share of pixels whose RGB channels differ by more than CHROMA_LIMIT (0 for gray images)."""
+    if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return 0.0
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return float(((rgb.max(axis=2) - rgb.min(axis=2)) > CHROMA_LIMIT).mean())
 
 
 def _short(exc: BaseException) -> str:

@@ -154,3 +154,52 @@ def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temper
     from mammacls.metrics import softmax
 
     return softmax(predict_logits(net, images, device, batch_size), temperature)
+
+
+def head_layer(arch: str, net):
+    """The final Linear layer; its input is the penultimate feature vector."""
+    if arch == "resnet18":
+        return net.fc
+    if arch == "vgg16":
+        return net.classifier[6]
+    return net.classifier[1]
+
+
+def with_features(arch: str, net):
+    """Wrap ``net`` so that it returns (logits, penultimate features); traceable for ONNX export."""
+    from torch import nn
+
+    class WithFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            box = {}
+            handle = head_layer(arch, self.net).register_forward_hook(
+                lambda _m, inputs, _o: box.__setitem__("features", inputs[0]))
+            try:
+                logits = self.net(x)
+            finally:
+                handle.remove()
+            return logits, box["features"]
+
+    return WithFeatures().eval()
+
+
+def predict_logits_and_features(net, arch: str, images, device: str = "cpu", batch_size: int = 64):
+    """Logits and penultimate features (numpy) for uint8 images N x S x S."""
+    import numpy as np
+    import torch
+
+    wrapped = with_features(arch, net)
+    logits, features = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            out, feats = wrapped(normalise(chunk.to(device).unsqueeze(1).float() / 255.0))
+            logits.append(out.float().cpu().numpy())
+            features.append(feats.float().cpu().numpy())
+    if not logits:
+        return np.zeros((0, len(CLASSES))), np.zeros((0, 0))
+    return np.concatenate(logits).astype(np.float64), np.concatenate(features).astype(np.float64)

@@ -96,14 +96,24 @@ def predict_paths(
 
     originals: dict[Path, np.ndarray] = {}  # full-size images, kept only for the explanations
 
+    from mammacls.ood import distances, image_check, load_density, status_of
+
+    ood_record = ref.metadata.get("ood")
+    density = load_density(ref.weights.parent, ood_record) if ood_record else None
+    min_confidence = ref.metadata.get("min_confidence") if calibrated else None
+    reasons: dict[Path, str | None] = {}
+
     def decode(path: Path):
+        stats: dict = {}
         try:
-            gray = load_grayscale(path)
+            gray = load_grayscale(path, stats)
         except ImageReadError as exc:
             return path, None, str(exc)
+        resized = resize_square(gray, size)
+        reasons[path] = image_check(gray, resized, stats.get("colour_fraction"), density, ood_record)
         if explain_dir is not None:
             originals[path] = gray
-        return path, resize_square(gray, size), None
+        return path, resized, None
 
     written: set[str] = set()
 
@@ -116,15 +126,26 @@ def predict_paths(
             errors.extend({"path": str(p), "error": err} for p, _, err in item if err is not None)
             if batch:
                 stacked = np.stack([a for _, a in batch])
-                if explain_dir is None:
-                    logits, cams = runner.logits(stacked), None
-                else:
+                features = cams = None
+                if explain_dir is not None:
                     logits, cams = runner.explain(stacked, ref.metadata["arch"])
+                elif density is not None:
+                    logits, features = runner.logits_and_features(stacked)
+                else:
+                    logits = runner.logits(stacked)
+                if density is not None and features is None and cams is not None:
+                    _, features = runner.logits_and_features(stacked)
+                far = distances(density, features) if density is not None and features is not None else None
                 probabilities = softmax(logits, temperature)
                 for k, ((path, _), probs) in enumerate(zip(batch, probabilities)):
                     label = CLASSES[int(probs.argmax())]
-                    entry = {"path": str(path), "label": label,
+                    status, reason = status_of(reasons.pop(path, None), None if far is None else float(far[k]),
+                                               ood_record["threshold"] if ood_record else None,
+                                               float(probs.max()), min_confidence)
+                    entry = {"path": str(path), "label": label, "status": status, "reason": reason,
                              "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs)}}
+                    if far is not None:
+                        entry["ood_distance"] = round(float(far[k]), 3)
                     if cams is not None:
                         entry["explanation"] = str(_write_explanation(
                             explain_dir, path, originals.pop(path), cams[k], f"{label} {probs.max():.2f}", written))
@@ -132,7 +153,11 @@ def predict_paths(
             done += len(item)
             if progress:
                 progress(done, len(inputs.files))
-    return {"model": {**ref.describe(), "backend": runner.name, "temperature": temperature},
+    counts = {s: sum(p["status"] == s for p in predictions) for s in ("ok", "uncertain", "rejected")}
+    return {"model": {**ref.describe(), "backend": runner.name, "temperature": temperature,
+                      "min_confidence": min_confidence,
+                      "ood_threshold": ood_record["threshold"] if ood_record else None},
+            "status_counts": counts,
             "calibrated": calibrated, "predictions": predictions,
             "errors": errors, "ignored_files": inputs.ignored}
 

@@ -54,6 +54,15 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
+def _selective_line(selective: dict[str, Any] | None) -> str:
+    if not selective:
+        return ""
+    return (f"<p>Abstention (as predict would decide): {selective['coverage']:.1%} of test images accepted, "
+            f"accuracy on them {_fmt(selective['accuracy_accepted'])}; {selective['coverage_ok']:.1%} confident "
+            f"(status ok), accuracy {_fmt(selective['accuracy_ok'])}; {selective['rejected']} rejected, "
+            f"{selective['uncertain']} uncertain.</p>")
+
+
 def _group_table(group: dict[str, Any]) -> str:
     columns = ("val_accuracy", "val_macro_f1", "val_roc_auc_macro", "test_accuracy", "test_macro_f1",
                "test_roc_auc_macro")
@@ -181,6 +190,7 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
             f"<p>Calibration: temperature {cal['temperature']:.2f}; ECE {cal['before']['ece']:.3f} → "
             f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} → {cal['after']['brier']:.3f} "
             "(15 confidence bins).</p>"
+            f"{_selective_line(r['metrics'].get('selective'))}"
             f"<div class=figs>{''.join(_img_tag(png, kind + ' ' + r['name']) for kind, png in pngs.items())}</div>"
             f"{_misclassified_gallery(r, eval_set)}</section>")
 

@@ -41,10 +41,15 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own error types for bad files
             raise MammaclsError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:160]}") from None
         self.input_name = record.get("input", "image")
+        self.outputs = [record.get("output", "logits")] + ([record["features"]] if record.get("features") else [])
         self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: to_network_input(batch, self.mean, self.std)})[0]
+        return self.session.run(self.outputs[:1], {self.input_name: to_network_input(batch, self.mean, self.std)})[0]
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        results = self.session.run(self.outputs, {self.input_name: to_network_input(batch, self.mean, self.std)})
+        return results[0], (results[1] if len(results) > 1 else None)
 
 
 class TorchBackend:
@@ -54,6 +59,7 @@ class TorchBackend:
         from mammacls.weights import load_network
 
         self.device = device
+        self.arch = ref.metadata["arch"]
         self.net = load_network(ref, device)
         self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
 
@@ -63,6 +69,11 @@ class TorchBackend:
         inputs = torch.from_numpy(to_network_input(batch, self.mean, self.std)).to(self.device)
         with torch.inference_mode():
             return self.net(inputs).float().cpu().numpy()
+
+    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from mammacls.model import predict_logits_and_features
+
+        return predict_logits_and_features(self.net, self.arch, batch, self.device, batch_size=len(batch))
 
     def explain(self, batch: np.ndarray, arch: str) -> tuple[np.ndarray, np.ndarray]:
         """Logits and Grad-CAM heatmaps of the predicted classes."""

@@ -289,7 +289,7 @@ def train_model(
     final.update(status="complete", history=history, epochs_run=len(history),
                  finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     net.load_state_dict(load_file(str(run_dir / MODEL_FILE), device=device))  # the selected epoch
-    final.update(_calibrate(net, val_x, val_y, device))
+    final.update(_calibrate(net, config.arch, train_x, train_y, val_x, val_y, device, run_dir))
     final = save_model(net, final, run_dir)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     if export:
@@ -304,16 +304,32 @@ def train_model(
     return final
 
 
-def _calibrate(net, val_x: np.ndarray, val_y: np.ndarray, device: str) -> dict[str, Any]:
-    """Temperature scaling and the malignant threshold for 90 % specificity, both fitted on validation."""
+def _calibrate(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.ndarray, device: str,
+               run_dir: Path) -> dict[str, Any]:
+    """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
+    the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
     from mammacls.calibration import fit_temperature
     from mammacls.metrics import MALIGNANT, calibration_metrics, softmax, threshold_at_specificity
-    from mammacls.model import predict_logits
+    from mammacls.model import predict_logits_and_features
+    from mammacls.ood import choose_min_confidence, fit_density, fit_image_density, image_statistics, save_density
 
-    logits = predict_logits(net, val_x, device)
+    import torch
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # full fp32 features, as predict computes them on a CPU
+    try:
+        logits, val_features = predict_logits_and_features(net, arch, val_x, device)
+        _, train_features = predict_logits_and_features(net, arch, train_x, device)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     temperature = fit_temperature(logits, val_y)
     calibrated = softmax(logits, temperature)
+    density = fit_density(train_features, train_y, val_features, len(CLASSES))
+    image_density = fit_image_density(np.stack([image_statistics(x) for x in train_x]),
+                                      np.stack([image_statistics(x) for x in val_x]))
     return {
+        "ood": save_density(run_dir, density, image_density),
+        "min_confidence": choose_min_confidence(calibrated, val_y),
         "temperature": temperature,
         "calibration": {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
                         "val_before": calibration_metrics(val_y, softmax(logits)),
@@ -511,3 +527,40 @@ def train_repeats(
                                  extra_metadata={"group": {"kind": "repeat", "run": run, "member": k + 1,
                                                            "of": repeats}}))
     return {"run": run, "kind": "repeat", **summarise_runs(metas)}
+
+
+def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
+    """Refit a saved model's temperature, thresholds and out-of-distribution density on its own
+    train/validation images (for models trained by an older mammacls, or on another machine)."""
+    from mammacls.weights import ModelRef, load_network
+
+    meta = ref.metadata
+    folder = ref.weights.parent
+    if not (folder / METADATA_FILE).is_file():
+        raise MammaclsError(f"calibrate needs a model folder with {METADATA_FILE}")
+    prepared = (meta.get("data") or {}).get("prepared_dir")
+    try:
+        dataset = load_prepared(Path(prepared) if prepared and Path(prepared).is_dir() else None)
+    except MammaclsError:
+        raise MammaclsError(f"the prepared dataset {ref.name} was trained on is not here; run mammacls prepare") from None
+    if dataset.manifest_sha256 != (meta.get("data") or {}).get("manifest_sha256"):
+        raise MammaclsError(f"the prepared dataset at {dataset.root} is not the one {ref.name} was trained on")
+    group = meta.get("group") or {}
+    split_rows = (cv_fold_rows(dataset, group["of"], meta["config"]["seed"])[group["member"] - 1]
+                  if group.get("kind") == "cv" else None)
+    train_rows, val_rows = _rows_for(dataset, split_rows)
+    size = int(meta["img_size"])
+    prints: dict[str, list] = {"sha256": [], "phash": []}
+    train_x, train_y = _load_rows(dataset, train_rows, size, prints)
+    val_x, val_y = _load_rows(dataset, val_rows, size, prints)
+    device = resolve_device(device)
+    net = load_network(ref, device)
+    updated = {k: v for k, v in meta.items() if k not in ("format", "weights_file", "sha256")}
+    updated.update(_calibrate(net, meta["arch"], train_x, train_y, val_x, val_y, device, folder))
+    updated.setdefault("data", {})["train_val_fingerprints"] = prints
+    record = save_model(net, updated, folder)
+    if meta.get("onnx"):
+        from mammacls.export import export_onnx
+
+        export_onnx(ModelRef(ref.name, folder / MODEL_FILE, record, ref.source))
+    return record
