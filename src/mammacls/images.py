@@ -121,7 +121,7 @@ def colour_fraction(img) -> float:
     """Share of pixels whose RGB channels differ by more than CHROMA_LIMIT (0 for gray images)."""
     if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return 0.0
-    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
     return float(((rgb.max(axis=2) - rgb.min(axis=2)) > CHROMA_LIMIT).mean())
 
 
