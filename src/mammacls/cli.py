@@ -439,13 +439,16 @@ def _print_predictions(result: dict, console) -> None:
         table.add_column("prediction")
         for c in CLASSES:
             table.add_column(f"p({c[:3]})", justify="right")
-        table.add_column("status", overflow="fold")
+        table.add_column("status")
         styles = {"ok": "green", "uncertain": "yellow", "rejected": "red"}
         for p in result["predictions"]:
-            status = p["status"] + (f": {p['reason']}" if p.get("reason") else "")
             table.add_row(p["path"], p["label"], *(f"{p['probabilities'][c]:.3f}" for c in CLASSES),
-                          Text(status, style=styles[p["status"]]))
+                          Text(p["status"], style=styles[p["status"]]))
         console.print(table)
+        for p in result["predictions"]:
+            if p.get("reason"):
+                console.print(Text(f"{p['status']} ", style=styles[p["status"]]) + Text(f"{p['path']}: {p['reason']}"),
+                              soft_wrap=True)
         counts = result["status_counts"]
         console.print(f"{counts['ok']} ok, {counts['uncertain']} uncertain, {counts['rejected']} rejected",
                       markup=False)
