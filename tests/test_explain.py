@@ -53,7 +53,7 @@ def test_heatmap_lands_on_the_blob(arch):
     centres = [(14, 15), (15, 47), (47, 19), (45, 45), (20, 40), (42, 12)]  # away from the cell borders
     for centre in centres:
         image = blob_image(rng, True, centre)
-        logits, cams = grad_cam(net, arch, image[None], GRAY_MEAN, GRAY_STD, target=np.array([1]))
+        logits, cams, _ = grad_cam(net, arch, image[None], GRAY_MEAN, GRAY_STD, target=np.array([1]))
         cell = np.unravel_index(cams[0].argmax(), cams[0].shape)
         expected = (centre[0] * cams.shape[1] // SIZE, centre[1] * cams.shape[2] // SIZE)
         hits += cell == expected
@@ -64,8 +64,8 @@ def test_grad_cam_shapes_for_every_architecture_and_batch():
     images = np.random.default_rng(0).integers(0, 255, size=(3, 64, 64)).astype(np.uint8)
     for arch, cells in (("resnet18", 2), ("mobilenet_v2", 2), ("vgg16", 4)):
         net = build_model(arch).eval()
-        logits, cams = grad_cam(net, arch, images, GRAY_MEAN, GRAY_STD)
-        assert logits.shape == (3, 3) and cams.shape == (3, cells, cells)
+        logits, cams, features = grad_cam(net, arch, images, GRAY_MEAN, GRAY_STD)
+        assert logits.shape == (3, 3) and cams.shape == (3, cells, cells) and len(features) == 3
         assert cams.min() >= 0 and np.allclose(cams.reshape(3, -1).max(1)[cams.reshape(3, -1).max(1) > 0], 1)
         with torch.no_grad():
             plain = net(torch.from_numpy(to_network_input(images, GRAY_MEAN, GRAY_STD))).numpy()
@@ -86,6 +86,7 @@ def test_predict_explain_writes_overlays_and_json_paths(tiny_model, use_session_
     assert document["model"]["backend"] == "torch"
     paths = [p["explanation"] for p in document["predictions"]]
     assert len(set(paths)) == 2 and all(p.startswith(str(out)) for p in paths)
+    assert all("ood_distance" in p for p in document["predictions"])  # features come from the same pass
     for p in paths:
         panel = Image.open(p)
         assert panel.mode == "RGB" and panel.width > 2 * SIZE and panel.height == SIZE

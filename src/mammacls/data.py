@@ -211,18 +211,22 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between rows of two boolean hash arrays (len(a) x len(b))."""
+    a, b = a.astype(np.int32), b.astype(np.int32)
+    # differing bits = ones of a against zeros of b, plus zeros of a against ones of b
+    return a @ (1 - b.T) + (1 - a) @ b.T
+
+
 def near_duplicate_pairs(
     phashes: np.ndarray, thumbs: np.ndarray, chunk: int = 512
 ) -> list[tuple[int, int]]:
     """Index pairs (i < j) that are exact or near duplicates by the rule above."""
     n = len(phashes)
-    bits = phashes.astype(np.uint8)
     pairs: list[tuple[int, int]] = []
     for start in range(0, n, chunk):
         block = slice(start, min(start + chunk, n))
-        # Hamming distance = differing bits; computed as a matrix product on 0/1 vectors.
-        ones = bits[block].astype(np.int32)
-        hamming = ones @ (1 - bits.T).astype(np.int32) + (1 - ones) @ bits.T.astype(np.int32)
+        hamming = hamming_distances(phashes[block], phashes)
         corr = thumbs[block] @ thumbs.T
         close = (hamming <= PHASH_MAX_DISTANCE) | (corr >= THUMB_MIN_CORRELATION)
         rows, cols = np.nonzero(close)

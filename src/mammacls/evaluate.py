@@ -150,10 +150,10 @@ def _ensembles(refs, results, eval_set: EvalSet, calibrated: bool, resamples: in
                        "val_metrics": None}
         entry = score(f"{run}-ensemble", description, np.log(np.clip(averaged, 1e-12, 1)), {}, eval_set.labels,
                       calibrated, resamples, seed, probabilities=averaged)
-        entry["overlap"] = {key: max(r["overlap"][key] for _, r in pairs) if key != "checked" else
-                            all(r["overlap"]["checked"] for _, r in pairs) for key in ("checked", "images",
-                                                                                     "identical", "near_duplicate")}
-        entry["overlap"]["paths"] = sorted({p for _, r in pairs for p in r["overlap"]["paths"]})
+        overlaps = [r["overlap"] for _, r in pairs]
+        entry["overlap"] = {"checked": all(o["checked"] for o in overlaps),
+                            **{k: max(o[k] for o in overlaps) for k in ("images", "identical", "near_duplicate")},
+                            "paths": sorted({p for o in overlaps for p in o["paths"]})}
         entry["group"] = {"kind": "cv-ensemble", "run": run, "member": None, "of": len(pairs)}
         entry["metrics"]["selective"] = None  # the folds' densities differ; see each fold
         ensembles.append(entry)
@@ -217,16 +217,15 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, features: np.ndarray, pr
 
 def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
     """How many evaluation images the model saw in training or validation (same pixels or near-duplicate)."""
-    from mammacls.data import PHASH_MAX_DISTANCE, phash_from_hex
+    from mammacls.data import PHASH_MAX_DISTANCE, hamming_distances, phash_from_hex
 
     prints = (ref.metadata.get("data") or {}).get("train_val_fingerprints")
     if not prints or not prints.get("sha256"):
         return {"checked": False, "images": 0, "identical": 0, "near_duplicate": 0, "paths": []}
     seen = set(prints["sha256"])
     identical = np.array([h in seen for h in eval_set.content_hashes()])
-    known = np.stack([phash_from_hex(h) for h in prints["phash"]]).astype(np.int32)
-    ours = eval_set.phashes().astype(np.int32)
-    hamming = ours @ (1 - known.T) + (1 - ours) @ known.T
+    known = np.stack([phash_from_hex(h) for h in prints["phash"]])
+    hamming = hamming_distances(eval_set.phashes(), known)
     near = (hamming.min(axis=1) <= PHASH_MAX_DISTANCE) & ~identical
     hit = identical | near
     return {"checked": True, "images": int(hit.sum()), "identical": int(identical.sum()),

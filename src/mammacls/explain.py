@@ -27,13 +27,15 @@ def last_conv_block(arch: str, net):
 
 
 def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device: str = "cpu",
-             target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N x classes) and heatmaps (N x h x w, in [0, 1]) for uint8 images N x S x S.
+             target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits (N x classes), heatmaps (N x h x w, in [0, 1]) and penultimate features for
+    uint8 images N x S x S, from one forward pass.
 
     ``target`` picks the class to explain per image (default: the predicted one).
     """
     import torch
 
+    from mammacls.model import head_layer
     from mammacls.runtime import to_network_input
 
     captured: dict[str, torch.Tensor] = {}
@@ -42,7 +44,11 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
         output.retain_grad()
         captured["activation"] = output
 
-    handle = last_conv_block(arch, net).register_forward_hook(keep)
+    def keep_features(_module, inputs, _output):
+        captured["features"] = inputs[0]
+
+    handles = [last_conv_block(arch, net).register_forward_hook(keep),
+               head_layer(arch, net).register_forward_hook(keep_features)]
     try:
         net.eval()
         inputs = torch.from_numpy(to_network_input(images, mean, std)).to(device)
@@ -55,9 +61,11 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
         weights = activation.grad.mean(dim=(2, 3), keepdim=True)
         cams = torch.relu((weights * activation).sum(dim=1)).detach()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
-    return logits.detach().float().cpu().numpy(), (cams / peak).cpu().numpy()
+    features = captured["features"].detach().float().cpu().numpy().astype(np.float64)
+    return logits.detach().float().cpu().numpy(), (cams / peak).cpu().numpy(), features
 
 
 def overlay_png(gray: np.ndarray, cam: np.ndarray, target: Path, caption: str = "") -> Path:

@@ -132,18 +132,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _input_batches(images, device: str, batch_size: int):
+    """Normalised N x 1 x S x S tensors on ``device`` from uint8 images N x S x S, batch by batch."""
+    import numpy as np
+    import torch
+
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+        yield normalise(chunk.to(device).unsqueeze(1).float() / 255.0)
+
+
 def predict_logits(net, images, device: str = "cpu", batch_size: int = 64):
     """Raw class scores (N x classes, numpy float64) for uint8 images of shape N x S x S."""
     import numpy as np
     import torch
 
     net.eval()
-    outputs = []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            batch = normalise(chunk.to(device).unsqueeze(1).float() / 255.0)
-            outputs.append(net(batch).float().cpu().numpy())
+        outputs = [net(batch).float().cpu().numpy() for batch in _input_batches(images, device, batch_size)]
     if not outputs:
         return np.zeros((0, len(CLASSES)))
     return np.concatenate(outputs).astype(np.float64)
@@ -195,9 +201,8 @@ def predict_logits_and_features(net, arch: str, images, device: str = "cpu", bat
     wrapped = with_features(arch, net)
     logits, features = [], []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            out, feats = wrapped(normalise(chunk.to(device).unsqueeze(1).float() / 255.0))
+        for batch in _input_batches(images, device, batch_size):
+            out, feats = wrapped(batch)
             logits.append(out.float().cpu().numpy())
             features.append(feats.float().cpu().numpy())
     if not logits:

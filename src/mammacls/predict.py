@@ -128,13 +128,11 @@ def predict_paths(
                 stacked = np.stack([a for _, a in batch])
                 features = cams = None
                 if explain_dir is not None:
-                    logits, cams = runner.explain(stacked, ref.metadata["arch"])
+                    logits, cams, features = runner.explain(stacked, ref.metadata["arch"])
                 elif density is not None:
                     logits, features = runner.logits_and_features(stacked)
                 else:
                     logits = runner.logits(stacked)
-                if density is not None and features is None and cams is not None:
-                    _, features = runner.logits_and_features(stacked)
                 far = distances(density, features) if density is not None and features is not None else None
                 probabilities = softmax(logits, temperature)
                 for k, ((path, _), probs) in enumerate(zip(batch, probabilities)):

@@ -64,19 +64,17 @@ class TorchBackend:
         self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        import torch
+        from mammacls.model import predict_logits
 
-        inputs = torch.from_numpy(to_network_input(batch, self.mean, self.std)).to(self.device)
-        with torch.inference_mode():
-            return self.net(inputs).float().cpu().numpy()
+        return predict_logits(self.net, batch, self.device, batch_size=len(batch))
 
     def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from mammacls.model import predict_logits_and_features
 
         return predict_logits_and_features(self.net, self.arch, batch, self.device, batch_size=len(batch))
 
-    def explain(self, batch: np.ndarray, arch: str) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and Grad-CAM heatmaps of the predicted classes."""
+    def explain(self, batch: np.ndarray, arch: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits, Grad-CAM heatmaps of the predicted classes and penultimate features."""
         from mammacls.explain import grad_cam
 
         return grad_cam(self.net, arch, batch, self.mean, self.std, self.device)
