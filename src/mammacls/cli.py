@@ -164,8 +164,9 @@ class _RichReporter:
         self.progress.console.print(
             f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
             f"val acc {record['val_accuracy']:.3f}  val macro-F1 {record['val_macro_f1']:.3f}  "
-            f"val AUC {_fmt(record['val_roc_auc_macro'])}  {record['seconds']:.0f}s"
-            + ("  [green]best[/]" if improved else ""))
+            f"val AUC {_fmt(record['val_roc_auc_macro'])}"
+            + (f"  val lesion Dice {_fmt(record['val_lesion_dice'])}" if "val_lesion_dice" in record else "")
+            + f"  {record['seconds']:.0f}s" + ("  [green]best[/]" if improved else ""))
 
     def stop(self) -> None:
         self.progress.stop()
@@ -183,6 +184,11 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA when available).")] = "auto",
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
+    augment: Annotated[str, typer.Option(
+        help="Augmentation strength: light | standard | strong (strong adds gamma and speckle noise).")] = "standard",
+    mask_guided: Annotated[bool, typer.Option(
+        help="Also learn the lesion masks with a light decoder (loss = CE + λ·(BCE + Dice)).")] = False,
+    mask_weight: Annotated[float, typer.Option(help="λ, the weight of the mask loss with --mask-guided.")] = 0.5,
     data: Annotated[Optional[Path], typer.Option(help="Prepared dataset (default: the latest).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the model in the cache.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--name, or the latest).")] = False,
@@ -192,15 +198,16 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON on stdout.")] = False,
 ) -> None:
     """Train a CNN; the model with the best validation macro-F1 is saved to the cache and calibrated."""
-    from mammacls.train import TrainConfig, train_cross_validation, train_model, train_repeats
+    from mammacls.train import TrainConfig, augmentation_preset, train_cross_validation, train_model, train_repeats
 
     console = _console()
-    config = TrainConfig(arch=arch, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
-                         img_size=img_size, seed=seed, device=device, patience=patience,
-                         label_smoothing=label_smoothing)
     reporter = _RichReporter(console)
     try:
         with _errors():
+            config = TrainConfig(arch=arch, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 img_size=img_size, seed=seed, device=device, patience=patience,
+                                 label_smoothing=label_smoothing, augmentation=augmentation_preset(augment),
+                                 mask_guided=mask_guided, mask_weight=mask_weight)
             if folds and repeat > 1:
                 raise MammaclsError("--folds and --repeat do not combine; choose one", exit_code=2)
             if resume and (folds or repeat > 1):
@@ -403,6 +410,8 @@ def predict(
         help="Temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,
     explain: Annotated[Optional[Path], typer.Option(
         help="Write a Grad-CAM heatmap beside each image into this folder (uses PyTorch).")] = None,
+    lesion_map: Annotated[Optional[Path], typer.Option(
+        help="Write the predicted lesion mask over each image into this folder (--mask-guided models).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Classify images. Files that cannot be read are reported (exit code 1); the rest are predicted."""
@@ -413,7 +422,7 @@ def predict(
     with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(),
                              console=_console(), transient=True) as bar:
         task = bar.add_task("predict", total=None)
-        result = predict_paths(paths, model, device, batch_size, backend, calibration, explain,
+        result = predict_paths(paths, model, device, batch_size, backend, calibration, explain, lesion_map,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                notice=lambda text: bar.console.print(text, style="yellow", soft_wrap=True,
                                                                      markup=False))

@@ -76,9 +76,29 @@ def overlay_png(gray: np.ndarray, cam: np.ndarray, target: Path, caption: str = 
     heat = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     coloured = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)
     base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-    blended = cv2.addWeighted(base, 0.55, coloured, 0.45, 0)
+    return _side_by_side(base, cv2.addWeighted(base, 0.55, coloured, 0.45, 0), target, caption)
+
+
+def lesion_overlay_png(gray: np.ndarray, probability: np.ndarray, target: Path, caption: str = "") -> Path:
+    """Write the image beside its predicted lesion (probability >= 0.5: red tint, green outline)."""
+    import cv2
+
+    height, width = gray.shape
+    mask = cv2.resize(probability.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) >= 0.5
+    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    tinted = base.copy()
+    tinted[mask] = (0.6 * tinted[mask] + 0.4 * np.array([0, 0, 255])).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(tinted, contours, -1, (0, 255, 0), max(1, height // 300))
+    return _side_by_side(base, tinted, target, caption)
+
+
+def _side_by_side(base: np.ndarray, overlay: np.ndarray, target: Path, caption: str) -> Path:
+    import cv2
+
+    height, width = base.shape[:2]
     gap = np.full((height, max(4, width // 100), 3), 255, dtype=np.uint8)
-    panel = np.hstack([base, gap, blended])
+    panel = np.hstack([base, gap, overlay])
     if caption:
         scale = max(0.4, height / 900)
         cv2.putText(panel, caption, (8, int(24 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),

@@ -208,3 +208,89 @@ def predict_logits_and_features(net, arch: str, images, device: str = "cpu", bat
     if not logits:
         return np.zeros((0, len(CLASSES))), np.zeros((0, 0))
     return np.concatenate(logits).astype(np.float64), np.concatenate(features).astype(np.float64)
+
+
+# ------------------------------------------------------ lesion decoder ---
+# Mask-guided training adds a light FPN-style decoder on two backbone feature
+# maps: one at stride 8 (detail) and the last one at stride 32 (context).
+# (channels at stride 8, channels at stride 32) per architecture.
+DECODER_CHANNELS = {"resnet18": (128, 512), "vgg16": (256, 512), "mobilenet_v2": (32, 1280)}
+DECODER_WIDTH = 64
+LESION_DECODER = "lesion_decoder"
+
+
+def attach_lesion_decoder(arch: str, net):
+    """Give ``net`` a lesion-segmentation decoder as submodule ``lesion_decoder``.
+
+    The torchvision forward ignores it, so the classifier alone runs (and is
+    exported) unless :func:`forward_with_lesion` is called.
+    """
+    from torch import nn
+
+    check_arch(arch)
+    mid, deep = DECODER_CHANNELS[arch]
+
+    def conv_bn(cin, cout, k):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
+
+    decoder = nn.ModuleDict({
+        "mid": conv_bn(mid, DECODER_WIDTH, 1),
+        "deep": conv_bn(deep, DECODER_WIDTH, 1),
+        "fuse": nn.Sequential(conv_bn(DECODER_WIDTH, DECODER_WIDTH, 3), conv_bn(DECODER_WIDTH, DECODER_WIDTH, 3)),
+        "out": nn.Conv2d(DECODER_WIDTH, 1, 1),
+    })
+    setattr(net, LESION_DECODER, decoder)
+    return net
+
+
+def has_lesion_decoder(net) -> bool:
+    return hasattr(net, LESION_DECODER)
+
+
+def _staged_forward(arch: str, net, x):
+    """The torchvision forward, split to expose the stride-8 and final feature maps."""
+    import torch
+
+    if arch == "resnet18":
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        mid = net.layer2(net.layer1(x))
+        deep = net.layer4(net.layer3(mid))
+        return net.fc(torch.flatten(net.avgpool(deep), 1)), mid, deep
+    if arch == "vgg16":
+        mid = net.features[:17](x)
+        deep = net.features[17:](mid)
+        return net.classifier(torch.flatten(net.avgpool(deep), 1)), mid, deep
+    mid = net.features[:7](x)
+    deep = net.features[7:](mid)
+    pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(deep, (1, 1)), 1)
+    return net.classifier(pooled), mid, deep
+
+
+def forward_with_lesion(arch: str, net, x):
+    """Class logits and lesion-mask logits (N x 1 x H x W, the input's size) in one pass."""
+    from torch.nn import functional as F
+
+    if not has_lesion_decoder(net):
+        raise MammaclsError("this model was not trained with --mask-guided: it has no lesion decoder")
+    logits, mid, deep = _staged_forward(arch, net, x)
+    decoder = getattr(net, LESION_DECODER)
+    fused = decoder["mid"](mid) + F.interpolate(decoder["deep"](deep), size=mid.shape[-2:], mode="bilinear",
+                                               align_corners=False)
+    mask = decoder["out"](decoder["fuse"](fused))
+    return logits, F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def predict_lesion_maps(net, arch: str, images, device: str = "cpu", batch_size: int = 32):
+    """Logits (N x classes) and lesion probability maps (N x S x S, float32) for uint8 images."""
+    import numpy as np
+    import torch
+
+    net.eval()
+    logits, maps = [], []
+    with torch.inference_mode():
+        for batch in _input_batches(images, device, batch_size):
+            out, mask = forward_with_lesion(arch, net, batch)
+            logits.append(out.float().cpu().numpy())
+            maps.append(torch.sigmoid(mask[:, 0]).float().cpu().numpy())
+    return np.concatenate(logits).astype(np.float64), np.concatenate(maps)

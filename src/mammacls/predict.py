@@ -60,6 +60,7 @@ def predict_paths(
     backend: str = "auto",
     calibrated: bool = True,
     explain_dir: Path | None = None,
+    lesion_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -80,14 +81,20 @@ def predict_paths(
     if not inputs.files and not inputs.errors:
         raise MammaclsError(f"no images found in {', '.join(str(p) for p in paths)}")
     ref = resolve_model(model)
-    if explain_dir is not None:
+    if lesion_dir is not None and not ref.metadata.get("mask_guided"):
+        raise MammaclsError(f"--lesion-map: model {ref.name} was not trained with --mask-guided, "
+                            "so it has no lesion decoder")
+    for option, folder, why in (("--explain", explain_dir, "gradients"), ("--lesion-map", lesion_dir, "its decoder")):
+        if folder is None:
+            continue
         if backend == "onnx":
-            raise MammaclsError("--explain needs PyTorch (gradients); drop --backend onnx")
-        explain_dir = Path(explain_dir)
-        if explain_dir.exists() and not explain_dir.is_dir():
-            raise MammaclsError(f"--explain {explain_dir} exists and is not a folder")
-        explain_dir.mkdir(parents=True, exist_ok=True)
+            raise MammaclsError(f"{option} needs PyTorch ({why}); drop --backend onnx")
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise MammaclsError(f"{option} {folder} exists and is not a folder")
         backend = "torch"
+    for folder in (explain_dir, lesion_dir):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     runner, hint = open_backend(ref, device, backend)
     if hint and notice:
         notice(hint)
@@ -111,7 +118,7 @@ def predict_paths(
             return path, None, str(exc)
         resized = resize_square(gray, size)
         reasons[path] = image_check(gray, resized, stats.get("colour_fraction"), density, ood_record)
-        if explain_dir is not None:
+        if explain_dir is not None or lesion_dir is not None:
             originals[path] = gray
         return path, resized, None
 
@@ -133,6 +140,11 @@ def predict_paths(
                     logits, features = runner.logits_and_features(stacked)
                 else:
                     logits = runner.logits(stacked)
+                lesion_maps = None
+                if lesion_dir is not None:
+                    from mammacls.model import predict_lesion_maps
+
+                    _, lesion_maps = predict_lesion_maps(runner.net, runner.arch, stacked, runner.device)
                 far = distances(density, features) if density is not None and features is not None else None
                 probabilities = softmax(logits, temperature)
                 for k, ((path, _), probs) in enumerate(zip(batch, probabilities)):
@@ -144,9 +156,15 @@ def predict_paths(
                              "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs)}}
                     if far is not None:
                         entry["ood_distance"] = round(float(far[k]), 3)
+                    caption = f"{label} {probs.max():.2f}"
                     if cams is not None:
-                        entry["explanation"] = str(_write_explanation(
-                            explain_dir, path, originals.pop(path), cams[k], f"{label} {probs.max():.2f}", written))
+                        entry["explanation"] = str(_write_overlay(
+                            explain_dir, path, "gradcam", originals[path], cams[k], caption, written))
+                    if lesion_maps is not None:
+                        entry["lesion_area_fraction"] = round(float((lesion_maps[k] >= 0.5).mean()), 4)
+                        entry["lesion_map"] = str(_write_overlay(
+                            lesion_dir, path, "lesion", originals[path], lesion_maps[k], caption, written))
+                    originals.pop(path, None)
                     predictions.append(entry)
             done += len(item)
             if progress:
@@ -170,12 +188,14 @@ def _prefetched(pool, decode, files: list[Path], batch_size: int):
         pending = upcoming
 
 
-def _write_explanation(folder: Path, source: Path, gray: np.ndarray, cam: np.ndarray, caption: str,
-                       written: set[str]) -> Path:
-    from mammacls.explain import overlay_png
+def _write_overlay(folder: Path, source: Path, kind: str, gray: np.ndarray, heat: np.ndarray, caption: str,
+                   written: set[str]) -> Path:
+    """Grad-CAM heatmap (kind 'gradcam') or predicted lesion map ('lesion') beside the scan."""
+    from mammacls.explain import lesion_overlay_png, overlay_png
 
-    name, k = f"{source.stem}.gradcam.png", 2
-    while name in written:  # same file name from two folders
-        name, k = f"{source.stem}.gradcam-{k}.png", k + 1
-    written.add(name)
-    return overlay_png(gray, cam, folder / name, caption)
+    name, k = f"{source.stem}.{kind}.png", 2
+    while str(folder / name) in written:  # same file name from two folders
+        name, k = f"{source.stem}.{kind}-{k}.png", k + 1
+    written.add(str(folder / name))
+    write = overlay_png if kind == "gradcam" else lesion_overlay_png
+    return write(gray, heat, folder / name, caption)

@@ -105,7 +105,8 @@ def open_backend(ref: ModelRef, device: str = "auto", backend: str = "auto") -> 
     from mammacls.model import resolve_device
 
     hint = None
-    if backend == "auto" and device != "cuda":
+    if backend == "auto" and device != "cuda" and ref.source != "shipped":
+        # the shipped model has no ONNX copy: it would double the wheel's size
         hint = (f"model {ref.name} has no ONNX export, so predict imports PyTorch (slower start); "
                 f"run mammacls export --model {ref.name}")
     return TorchBackend(ref, resolve_device(device)), hint

@@ -24,13 +24,28 @@ from mammacls import CLASSES
 from mammacls.data import PreparedDataset, load_prepared
 from mammacls.errors import MammaclsError
 from mammacls.images import resize_square
-from mammacls.model import GRAY_MEAN, GRAY_STD, build_model, check_arch, normalise, predict_proba, resolve_device
+from mammacls.model import (
+    GRAY_MEAN, GRAY_STD, attach_lesion_decoder, build_model, check_arch, forward_with_lesion, normalise,
+    predict_proba, resolve_device,
+)
 from mammacls.metrics import compute_metrics
 from mammacls.store import atomic_path, models_dir
 from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, library_versions, save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
 SLOW_EPOCH_SECONDS = 60
+
+
+# Ultrasound-appropriate augmentation presets: geometry, brightness/contrast/gamma and
+# multiplicative (speckle-like) noise; never colour. "standard" is what earlier versions used.
+AUGMENTATIONS: dict[str, dict[str, Any]] = {
+    "light": {"random_resized_crop_scale": [0.85, 1.0], "horizontal_flip": 0.5, "rotation_degrees": 5,
+              "brightness": 0.1, "contrast": 0.1, "gamma": 0.0, "speckle": 0.0},
+    "standard": {"random_resized_crop_scale": [0.75, 1.0], "horizontal_flip": 0.5, "rotation_degrees": 10,
+                 "brightness": 0.2, "contrast": 0.2, "gamma": 0.0, "speckle": 0.0},
+    "strong": {"random_resized_crop_scale": [0.6, 1.0], "horizontal_flip": 0.5, "rotation_degrees": 15,
+               "brightness": 0.25, "contrast": 0.25, "gamma": 0.3, "speckle": 0.15},
+}
 
 
 @dataclass
@@ -46,10 +61,9 @@ class TrainConfig:
     device: str = "auto"
     patience: int = 10
     label_smoothing: float = 0.0
-    augmentation: dict[str, Any] = field(default_factory=lambda: {
-        "random_resized_crop_scale": [0.75, 1.0], "horizontal_flip": 0.5,
-        "rotation_degrees": 10, "brightness": 0.2, "contrast": 0.2,
-    })
+    augmentation: dict[str, Any] = field(default_factory=lambda: dict(AUGMENTATIONS["standard"]))
+    mask_guided: bool = False
+    mask_weight: float = 0.5
 
     def validate(self) -> None:
         check_arch(self.arch)
@@ -61,6 +75,14 @@ class TrainConfig:
             raise MammaclsError(f"--lr must be a positive number (got {self.lr})")
         if not 0 <= self.label_smoothing < 1:
             raise MammaclsError("--label-smoothing must be in [0, 1)")
+        if not (0 <= self.mask_weight and math.isfinite(self.mask_weight)):
+            raise MammaclsError(f"--mask-weight must be a non-negative number (got {self.mask_weight})")
+
+
+def augmentation_preset(name: str) -> dict[str, Any]:
+    if name not in AUGMENTATIONS:
+        raise MammaclsError(f"unknown augmentation {name!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    return dict(AUGMENTATIONS[name])
 
 
 class TrainReporter:
@@ -125,7 +147,23 @@ def _load_rows(dataset: PreparedDataset, rows: list[dict[str, str]], size: int, 
     return np.stack(images), labels
 
 
+def _load_masks(dataset: PreparedDataset, rows: list[dict[str, str]], size: int):
+    """Lesion masks (N x S x S, uint8 0/1) resized like the images, and whether each is known.
+
+    A normal image's mask is empty; a benign or malignant image without a mask file has an
+    unknown mask and is left out of the mask loss rather than taught "no lesion".
+    """
+    masks, known = [], []
+    for row in rows:
+        full = dataset.load_mask(row)
+        masks.append((resize_square(full * np.uint8(255), size) >= 128).astype(np.uint8))
+        known.append(bool(row.get("mask_file")) or row["label"] == "normal")
+    return np.stack(masks), np.array(known, dtype=np.float32)
+
+
 def _augmenter(config: TrainConfig):
+    """Geometric and brightness/contrast augmentation; a mask given beside the image gets the
+    same geometry (torchvision tv_tensors) and no photometric change."""
     from torchvision.transforms import v2
 
     aug = config.augmentation
@@ -136,6 +174,60 @@ def _augmenter(config: TrainConfig):
         v2.RandomRotation(aug["rotation_degrees"]),
         v2.ColorJitter(brightness=aug["brightness"], contrast=aug["contrast"]),
     ])
+
+
+def _augment_batch(augment, images: np.ndarray, masks: np.ndarray | None):
+    """Augmented uint8 image batch (N x 1 x S x S) and, when given, the matching masks."""
+    import torch
+    from torchvision import tv_tensors
+
+    if masks is None:
+        return torch.stack([augment(torch.from_numpy(x).unsqueeze(0)) for x in images]), None
+    pairs = [augment(tv_tensors.Image(torch.from_numpy(x).unsqueeze(0)), tv_tensors.Mask(torch.from_numpy(m)[None]))
+             for x, m in zip(images, masks)]
+    return torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs]), \
+        torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs])
+
+
+def _photometric(batch, aug: dict[str, Any]):
+    """Random gamma and multiplicative speckle-like noise on a [0, 1] batch, per image."""
+    import torch
+
+    gamma, speckle = float(aug.get("gamma", 0.0)), float(aug.get("speckle", 0.0))
+    n = batch.shape[0]
+    if gamma > 0:
+        exponent = torch.exp((torch.rand(n, 1, 1, 1) * 2 - 1) * math.log1p(gamma)).to(batch.device)
+        batch = batch.clamp_min(1e-6) ** exponent
+    if speckle > 0:
+        sigma = (torch.rand(n, 1, 1, 1) * speckle * (torch.rand(n, 1, 1, 1) < 0.5)).to(batch.device)
+        batch = batch * (1 + sigma * torch.randn(batch.shape).to(batch.device))
+    return batch.clamp(0, 1)
+
+
+def lesion_loss(mask_logits, masks, known):
+    """Per-image BCE + soft Dice (smoothed, so an empty mask is a valid target), averaged over
+    the images whose mask is known."""
+    import torch
+    from torch.nn import functional as F
+
+    logits = mask_logits.float().flatten(1)
+    target = masks.float().flatten(1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+    prob = torch.sigmoid(logits)
+    dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+    return ((bce + dice) * known).sum() / known.sum().clamp_min(1)
+
+
+def lesion_dice(net, arch: str, images: np.ndarray, masks: np.ndarray, known: np.ndarray, device: str) -> float:
+    """Mean Dice of thresholded lesion maps over images with a known, non-empty mask."""
+    from mammacls.model import predict_lesion_maps
+
+    _, maps = predict_lesion_maps(net, arch, images, device)
+    scores = []
+    for predicted, truth, k in zip(maps >= 0.5, masks.astype(bool), known):
+        if k and truth.any():
+            scores.append(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def train_model(
@@ -175,11 +267,21 @@ def train_model(
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    net = build_model(config.arch, len(CLASSES), pretrained=config.pretrained and not resume).to(device)
+    net = build_model(config.arch, len(CLASSES), pretrained=config.pretrained and not resume)
+    if config.mask_guided:
+        attach_lesion_decoder(config.arch, net)
+    net = net.to(device)
     train_rows, val_rows = _rows_for(dataset, split_rows)
     fingerprints: dict[str, list] = {"sha256": [], "phash": []}
     train_x, train_y = _load_rows(dataset, train_rows, config.img_size, fingerprints)
     val_x, val_y = _load_rows(dataset, val_rows, config.img_size, fingerprints)
+    train_masks = train_known = val_masks = val_known = None
+    if config.mask_guided:
+        train_masks, train_known = _load_masks(dataset, train_rows, config.img_size)
+        val_masks, val_known = _load_masks(dataset, val_rows, config.img_size)
+        if train_known[train_y != CLASSES.index("normal")].sum() == 0:
+            raise MammaclsError("--mask-guided: no benign or malignant training image has a lesion mask "
+                                "(BUSI layout: NAME_mask.png beside NAME.png)")
     counts = np.bincount(train_y, minlength=len(CLASSES)).astype(np.float64)
     if (counts == 0).any():
         missing = [c for c, n in zip(CLASSES, counts) if n == 0]
@@ -218,6 +320,7 @@ def train_model(
         "mean": [GRAY_MEAN], "std": [GRAY_STD], "input_range": "grayscale uint8 / 255",
         "pretrained": (str(_imagenet_tag(config.arch)) if config.pretrained else None),
         "config": asdict(config), "seed": config.seed, "device": device,
+        "mask_guided": config.mask_guided,
         "data": {"prepared_dir": str(dataset.root.resolve()), "manifest_sha256": dataset.manifest_sha256,
                  "train_images": int(len(train_y)), "val_images": int(len(val_y)),
                  "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist())),
@@ -240,12 +343,19 @@ def train_model(
         total_loss = 0.0
         for b in range(batches):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            images = torch.stack([augment(torch.from_numpy(train_x[i]).unsqueeze(0)) for i in idx.tolist()])
-            inputs = normalise(images.to(device).float() / 255.0)
-            targets = torch.from_numpy(train_y[idx.numpy()]).to(device)
+            picked = idx.numpy()
+            images, masks = _augment_batch(augment, train_x[picked],
+                                           None if train_masks is None else train_masks[picked])
+            inputs = normalise(_photometric(images.to(device).float() / 255.0, config.augmentation))
+            targets = torch.from_numpy(train_y[picked]).to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
-                loss = criterion(net(inputs).float(), targets)
+                if masks is None:
+                    loss = criterion(net(inputs).float(), targets)
+                else:
+                    logits, mask_logits = forward_with_lesion(config.arch, net, inputs)
+                    loss = criterion(logits.float(), targets) + config.mask_weight * lesion_loss(
+                        mask_logits, masks.to(device), torch.from_numpy(train_known[picked]).to(device))
             if not torch.isfinite(loss):
                 raise MammaclsError(f"training diverged at epoch {epoch} (loss {loss.item()}); try a lower --lr")
             scaler.scale(loss).backward()
@@ -265,6 +375,8 @@ def train_model(
             "val_roc_auc_macro": metrics["roc_auc_macro"], "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - started, 2),
         }
+        if config.mask_guided:
+            record["val_lesion_dice"] = lesion_dice(net, config.arch, val_x, val_masks, val_known, device)
         history.append(record)
         improved = (metrics["macro_f1"] > best["macro_f1"]
                     or (metrics["macro_f1"] == best["macro_f1"] and val_loss < best["val_loss"]))
@@ -286,6 +398,8 @@ def train_model(
             break
 
     final = json.loads((run_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    if config.mask_guided:
+        final["val_lesion_dice"] = history[final["best_epoch"] - 1].get("val_lesion_dice")
     final.update(status="complete", history=history, epochs_run=len(history),
                  finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     net.load_state_dict(load_file(str(run_dir / MODEL_FILE), device=device))  # the selected epoch
