@@ -62,6 +62,7 @@ def test_prepare_json_is_one_document_on_stdout(busi_dir, cache, tmp_path):
 ])
 def test_bad_input_is_one_clear_line(args, fragment, cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mammacls.weights.shipped_model_dir", lambda: None)  # as if none were installed
     _one_line_error(runner.invoke(app, args), fragment)
 
 

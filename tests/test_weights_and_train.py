@@ -61,9 +61,11 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         load_network(resolve_model(str(tmp_path / "m")))
 
 
-def test_unknown_model_name_lists_what_exists(cache):
+def test_unknown_model_name_lists_what_exists(cache, monkeypatch):
     with pytest.raises(MammaclsError, match="no model named 'nope'"):
         resolve_model("nope")
+    assert resolve_model(None).source == "shipped"  # empty cache: the shipped default
+    monkeypatch.setattr("mammacls.weights.shipped_model_dir", lambda: None)
     with pytest.raises(MammaclsError, match="no model yet: run mammacls train"):
         resolve_model(None)
 

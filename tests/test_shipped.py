@@ -1,0 +1,88 @@
+"""The shipped default model: integrity, size, examples, and the model card's figures."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mammacls.cli import app
+from mammacls.errors import MammaclsError
+from mammacls.weights import HALF_PRECISION_MIN_ELEMENTS, load_network, publish_model, resolve_model
+from tests.conftest import real_busi_or_skip
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "weights" / "default"
+runner = CliRunner()
+
+
+def test_shipped_model_is_small_verified_and_refuses_tampering(tmp_path):
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
+    ref = resolve_model("default")
+    assert ref.source == "shipped" and ref.metadata["arch"] in ("resnet18", "mobilenet_v2")
+    load_network(ref)  # sha256 checked on load
+    copy = tmp_path / "default"
+    shutil.copytree(SHIPPED, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(MammaclsError, match="does not match the sha256"):
+        load_network(resolve_model(str(copy)))
+
+
+def test_examples_predict_with_no_cache_and_no_dataset(cache):
+    result = runner.invoke(app, ["predict", str(REPO / "examples"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["model"]["source"] == "shipped"
+    labels = {Path(p["path"]).name.split("_")[0]: p["label"] for p in document["predictions"]}
+    assert labels == {"benign": "benign", "malignant": "malignant", "normal": "normal"}
+    assert all(p["status"] == "ok" for p in document["predictions"])
+
+
+def test_publish_keeps_small_tensors_float32_and_predictions_close(tiny_model, use_session_cache, tmp_path):
+    from safetensors import safe_open
+
+    from mammacls.model import predict_proba
+
+    ref = resolve_model("tiny")
+    record = publish_model(ref, tmp_path / "shipped")
+    with safe_open(str(tmp_path / "shipped" / "model.safetensors"), framework="pt") as handle:
+        dtypes = {k: (handle.get_slice(k).get_dtype(), int(np.prod(handle.get_slice(k).get_shape())))
+                  for k in handle.keys()}
+    assert any(d == "F16" for d, _ in dtypes.values())
+    assert all((d == "F16") == (n >= HALF_PRECISION_MIN_ELEMENTS) for d, n in dtypes.values() if d in ("F16", "F32"))
+    assert record["storage_dtype"].startswith("float16")
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
+    before = predict_proba(load_network(ref), images)
+    after = predict_proba(load_network(resolve_model(str(tmp_path / "shipped"))), images)
+    assert np.abs(before - after).max() < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_evaluate_default_reproduces_the_model_card(cache):
+    busi = real_busi_or_skip()
+    card = json.loads((SHIPPED / "card_figures.json").read_text())
+    prepared = runner.invoke(app, ["prepare", str(busi), "--json"])
+    assert prepared.exit_code == 0, prepared.stderr
+    manifest = Path(json.loads(prepared.stdout)["manifest"])
+    import csv
+
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        test = sorted(Path(r["path"]).relative_to(busi).as_posix() for r in csv.DictReader(handle)
+                      if r["split"] == "test")
+    assert test == card["test_images"]  # the same split
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--json"])
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["models"][0]["metrics"]
+    assert metrics["n"] == card["n"] and metrics["confusion_matrix"] == card["confusion_matrix"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro"):
+        assert metrics[key] == pytest.approx(card[key], abs=1e-9), key
+    for key, interval in card["ci95"].items():
+        assert metrics["ci95"][key] == pytest.approx(interval, abs=1e-9), key
+    assert metrics["per_class"]["malignant"]["recall"] == pytest.approx(card["malignant_recall"], abs=1e-9)
+    assert metrics["calibration"]["temperature"] == pytest.approx(card["temperature"], abs=1e-12)
+    assert metrics["calibration"]["after"]["ece"] == pytest.approx(card["ece_calibrated"], abs=1e-9)
