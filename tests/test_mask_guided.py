@@ -12,7 +12,8 @@ from mammacls.cli import app
 from mammacls.data import load_prepared
 from mammacls.model import ARCHS, attach_lesion_decoder, build_model, forward_with_lesion
 from mammacls.train import (
-    TrainConfig, _augment_batch, _augmenter, _load_masks, augmentation_preset, lesion_loss, train_model,
+    TrainConfig, _augment_batch, _augmenter, _load_masks, _photometric, augmentation_preset, lesion_loss,
+    train_model,
 )
 from mammacls.weights import load_network, resolve_model
 
@@ -63,6 +64,17 @@ def test_mask_follows_the_image_through_augmentation():
     agree = ((images[:, 0] > 127) == (moved[:, 0] > 0)).float().mean().item()
     assert agree > 0.98
     assert not torch.equal(moved[:, 0], torch.from_numpy(masks))  # something did move
+
+
+def test_gamma_and_speckle_only_with_the_strong_preset():
+    torch.manual_seed(0)
+    batch = torch.full((16, 1, 8, 8), 0.5)
+    assert torch.equal(_photometric(batch, augmentation_preset("standard")), batch)
+    changed = _photometric(batch, augmentation_preset("strong"))
+    assert changed.min() >= 0 and changed.max() <= 1
+    per_image = changed.mean(dim=(1, 2, 3))
+    assert per_image.std() > 0.01  # gamma differs from image to image
+    assert (changed.std(dim=(1, 2, 3)) > 0.01).sum() >= 3  # speckle on some images
 
 
 def test_lesion_image_without_mask_is_left_out_of_the_mask_loss(prepared):

@@ -72,7 +72,7 @@ def test_evaluate_default_reproduces_the_model_card(cache):
     import csv
 
     with manifest.open(newline="", encoding="utf-8") as handle:
-        test = sorted(Path(r["path"]).relative_to(busi).as_posix() for r in csv.DictReader(handle)
+        test = sorted(Path(r["path"]).relative_to(busi.resolve()).as_posix() for r in csv.DictReader(handle)
                       if r["split"] == "test")
     assert test == card["test_images"]  # the same split
     result = runner.invoke(app, ["evaluate", "--model", "default", "--json"])

@@ -79,7 +79,7 @@ def test_trained_model_metadata_is_complete(tiny_model, use_session_cache):
     assert len(meta["data"]["manifest_sha256"]) == 64
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
     assert "test" not in json.dumps(meta["history"])
-    assert [r.name for r in list_cached_models()] == ["tiny"]
+    assert "tiny" in [r.name for r in list_cached_models()]  # other tests add theirs to this cache
     folder = use_session_cache / "models" / "tiny"
     assert not (folder / CHECKPOINT_FILE).exists()
     assert set(load_file(str(folder / "model.safetensors"))) == set(build_model("resnet18").state_dict())

@@ -185,8 +185,8 @@ def _augment_batch(augment, images: np.ndarray, masks: np.ndarray | None):
         return torch.stack([augment(torch.from_numpy(x).unsqueeze(0)) for x in images]), None
     pairs = [augment(tv_tensors.Image(torch.from_numpy(x).unsqueeze(0)), tv_tensors.Mask(torch.from_numpy(m)[None]))
              for x, m in zip(images, masks)]
-    return torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs]), \
-        torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs])
+    images_out = torch.stack([image.as_subclass(torch.Tensor) for image, _ in pairs])
+    return images_out, torch.stack([mask.as_subclass(torch.Tensor) for _, mask in pairs])
 
 
 def _photometric(batch, aug: dict[str, Any]):
