@@ -124,6 +124,7 @@ def test_predict_lesion_map_writes_overlays(mask_model, tiny_model, use_session_
     for entry in document["predictions"]:
         assert entry["lesion_map"].endswith(".lesion.png") and (out / entry["lesion_map"].rsplit("/", 1)[1]).is_file()
         assert 0 <= entry["lesion_area_fraction"] <= 1
+        assert "ood_distance" in entry  # the lesion pass also gives the features
     plain = runner.invoke(app, ["predict", str(folder), "--model", "tiny", "--lesion-map", str(out)])
     assert plain.exit_code != 0 and "not trained with --mask-guided" in plain.stderr
     assert len(plain.stderr.strip().splitlines()) == 1

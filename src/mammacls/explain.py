@@ -35,7 +35,7 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
     """
     import torch
 
-    from mammacls.model import head_layer
+    from mammacls.model import capture_features
     from mammacls.runtime import to_network_input
 
     captured: dict[str, torch.Tensor] = {}
@@ -44,15 +44,11 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
         output.retain_grad()
         captured["activation"] = output
 
-    def keep_features(_module, inputs, _output):
-        captured["features"] = inputs[0]
-
-    handles = [last_conv_block(arch, net).register_forward_hook(keep),
-               head_layer(arch, net).register_forward_hook(keep_features)]
+    handle = last_conv_block(arch, net).register_forward_hook(keep)
     try:
         net.eval()
         inputs = torch.from_numpy(to_network_input(images, mean, std)).to(device)
-        with torch.enable_grad():
+        with torch.enable_grad(), capture_features(arch, net) as box:
             logits = net(inputs)
             classes = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=logits.device)
             net.zero_grad(set_to_none=True)
@@ -61,10 +57,9 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
         weights = activation.grad.mean(dim=(2, 3), keepdim=True)
         cams = torch.relu((weights * activation).sum(dim=1)).detach()
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
-    features = captured["features"].detach().float().cpu().numpy().astype(np.float64)
+    features = box["features"].detach().float().cpu().numpy().astype(np.float64)
     return logits.detach().float().cpu().numpy(), (cams / peak).cpu().numpy(), features
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 
@@ -142,17 +144,29 @@ def _input_batches(images, device: str, batch_size: int):
         yield normalise(chunk.to(device).unsqueeze(1).float() / 255.0)
 
 
-def predict_logits(net, images, device: str = "cpu", batch_size: int = 64):
-    """Raw class scores (N x classes, numpy float64) for uint8 images of shape N x S x S."""
+def _batched_outputs(run, images, device: str, batch_size: int, empty: tuple):
+    """Apply ``run`` (a batch -> tuple of tensors) to uint8 images N x S x S batch by batch in
+    inference mode; each output concatenated as numpy, or ``empty`` when there are no images."""
     import numpy as np
     import torch
 
-    net.eval()
+    collected = []
     with torch.inference_mode():
-        outputs = [net(batch).float().cpu().numpy() for batch in _input_batches(images, device, batch_size)]
-    if not outputs:
-        return np.zeros((0, len(CLASSES)))
-    return np.concatenate(outputs).astype(np.float64)
+        for batch in _input_batches(images, device, batch_size):
+            collected.append([output.float().cpu().numpy() for output in run(batch)])
+    if not collected:
+        return empty
+    return tuple(np.concatenate(column) for column in zip(*collected))
+
+
+def predict_logits(net, images, device: str = "cpu", batch_size: int = 64):
+    """Raw class scores (N x classes, numpy float64) for uint8 images of shape N x S x S."""
+    import numpy as np
+
+    net.eval()
+    (logits,) = _batched_outputs(lambda batch: (net(batch),), images, device, batch_size,
+                                 (np.zeros((0, len(CLASSES))),))
+    return logits.astype(np.float64)
 
 
 def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temperature: float = 1.0):
@@ -171,6 +185,18 @@ def head_layer(arch: str, net):
     return net.classifier[1]
 
 
+@contextmanager
+def capture_features(arch: str, net):
+    """While active, ``box["features"]`` holds the penultimate features of ``net``'s last forward."""
+    box: dict = {}
+    handle = head_layer(arch, net).register_forward_hook(
+        lambda _m, inputs, _o: box.__setitem__("features", inputs[0]))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
 def with_features(arch: str, net):
     """Wrap ``net`` so that it returns (logits, penultimate features); traceable for ONNX export."""
     from torch import nn
@@ -181,33 +207,20 @@ def with_features(arch: str, net):
             self.net = net
 
         def forward(self, x):
-            box = {}
-            handle = head_layer(arch, self.net).register_forward_hook(
-                lambda _m, inputs, _o: box.__setitem__("features", inputs[0]))
-            try:
+            with capture_features(arch, self.net) as box:
                 logits = self.net(x)
-            finally:
-                handle.remove()
             return logits, box["features"]
 
     return WithFeatures().eval()
 
 
 def predict_logits_and_features(net, arch: str, images, device: str = "cpu", batch_size: int = 64):
-    """Logits and penultimate features (numpy) for uint8 images N x S x S."""
+    """Logits and penultimate features (numpy float64) for uint8 images N x S x S."""
     import numpy as np
-    import torch
 
-    wrapped = with_features(arch, net)
-    logits, features = [], []
-    with torch.inference_mode():
-        for batch in _input_batches(images, device, batch_size):
-            out, feats = wrapped(batch)
-            logits.append(out.float().cpu().numpy())
-            features.append(feats.float().cpu().numpy())
-    if not logits:
-        return np.zeros((0, len(CLASSES))), np.zeros((0, 0))
-    return np.concatenate(logits).astype(np.float64), np.concatenate(features).astype(np.float64)
+    logits, features = _batched_outputs(with_features(arch, net), images, device, batch_size,
+                                        (np.zeros((0, len(CLASSES))), np.zeros((0, 0))))
+    return logits.astype(np.float64), features.astype(np.float64)
 
 
 # ------------------------------------------------------ lesion decoder ---
@@ -282,15 +295,17 @@ def forward_with_lesion(arch: str, net, x):
 
 
 def predict_lesion_maps(net, arch: str, images, device: str = "cpu", batch_size: int = 32):
-    """Logits (N x classes) and lesion probability maps (N x S x S, float32) for uint8 images."""
+    """Logits (N x classes), lesion probability maps (N x S x S, float32) and penultimate
+    features for uint8 images, from one forward pass."""
     import numpy as np
     import torch
 
+    def run(batch):
+        with capture_features(arch, net) as box:
+            logits, mask = forward_with_lesion(arch, net, batch)
+        return logits, torch.sigmoid(mask[:, 0]), box["features"]
+
     net.eval()
-    logits, maps = [], []
-    with torch.inference_mode():
-        for batch in _input_batches(images, device, batch_size):
-            out, mask = forward_with_lesion(arch, net, batch)
-            logits.append(out.float().cpu().numpy())
-            maps.append(torch.sigmoid(mask[:, 0]).float().cpu().numpy())
-    return np.concatenate(logits).astype(np.float64), np.concatenate(maps)
+    empty = (np.zeros((0, len(CLASSES))), np.zeros((0, *np.shape(images)[1:]), dtype=np.float32), np.zeros((0, 0)))
+    logits, maps, features = _batched_outputs(run, images, device, batch_size, empty)
+    return logits.astype(np.float64), maps, features.astype(np.float64)

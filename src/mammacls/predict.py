@@ -133,18 +133,16 @@ def predict_paths(
             errors.extend({"path": str(p), "error": err} for p, _, err in item if err is not None)
             if batch:
                 stacked = np.stack([a for _, a in batch])
-                features = cams = None
+                features = cams = lesion_maps = None
                 if explain_dir is not None:
                     logits, cams, features = runner.explain(stacked, ref.metadata["arch"])
-                elif density is not None:
-                    logits, features = runner.logits_and_features(stacked)
-                else:
-                    logits = runner.logits(stacked)
-                lesion_maps = None
-                if lesion_dir is not None:
-                    from mammacls.model import predict_lesion_maps
-
-                    _, lesion_maps = predict_lesion_maps(runner.net, runner.arch, stacked, runner.device)
+                if lesion_dir is not None:  # one pass gives the classes, lesion maps and features
+                    logits, lesion_maps, features = runner.lesion_maps(stacked)
+                if explain_dir is None and lesion_dir is None:
+                    if density is not None:
+                        logits, features = runner.logits_and_features(stacked)
+                    else:
+                        logits = runner.logits(stacked)
                 far = distances(density, features) if density is not None and features is not None else None
                 probabilities = softmax(logits, temperature)
                 for k, ((path, _), probs) in enumerate(zip(batch, probabilities)):

@@ -73,6 +73,12 @@ class TorchBackend:
 
         return predict_logits_and_features(self.net, self.arch, batch, self.device, batch_size=len(batch))
 
+    def lesion_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits, lesion probability maps and penultimate features (mask-guided models)."""
+        from mammacls.model import predict_lesion_maps
+
+        return predict_lesion_maps(self.net, self.arch, batch, self.device, batch_size=len(batch))
+
     def explain(self, batch: np.ndarray, arch: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits, Grad-CAM heatmaps of the predicted classes and penultimate features."""
         from mammacls.explain import grad_cam

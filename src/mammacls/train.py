@@ -26,9 +26,9 @@ from mammacls.errors import MammaclsError
 from mammacls.images import resize_square
 from mammacls.model import (
     GRAY_MEAN, GRAY_STD, attach_lesion_decoder, build_model, check_arch, forward_with_lesion, normalise,
-    predict_proba, resolve_device,
+    predict_lesion_maps, predict_proba, resolve_device,
 )
-from mammacls.metrics import compute_metrics
+from mammacls.metrics import compute_metrics, softmax
 from mammacls.store import atomic_path, models_dir
 from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, library_versions, save_model
 
@@ -218,11 +218,9 @@ def lesion_loss(mask_logits, masks, known):
     return ((bce + dice) * known).sum() / known.sum().clamp_min(1)
 
 
-def lesion_dice(net, arch: str, images: np.ndarray, masks: np.ndarray, known: np.ndarray, device: str) -> float:
-    """Mean Dice of thresholded lesion maps over images with a known, non-empty mask."""
-    from mammacls.model import predict_lesion_maps
-
-    _, maps = predict_lesion_maps(net, arch, images, device)
+def lesion_dice(maps: np.ndarray, masks: np.ndarray, known: np.ndarray) -> float:
+    """Mean Dice of lesion probability maps thresholded at 0.5, over images with a known,
+    non-empty mask."""
     scores = []
     for predicted, truth, k in zip(maps >= 0.5, masks.astype(bool), known):
         if k and truth.any():
@@ -365,7 +363,12 @@ def train_model(
             reporter.batch_done(epoch, loss.item())
         scheduler.step()
 
-        probabilities = predict_proba(net, val_x, device, batch_size=max(64, config.batch_size))
+        val_batch = max(64, config.batch_size)
+        if config.mask_guided:  # one pass gives the classes and the lesion maps
+            val_logits, val_maps, _ = predict_lesion_maps(net, config.arch, val_x, device, val_batch)
+            probabilities = softmax(val_logits)
+        else:
+            probabilities = predict_proba(net, val_x, device, batch_size=val_batch)
         metrics = compute_metrics(val_y, probabilities)
         val_loss = float(criterion(torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)).float().to(device),
                                    torch.from_numpy(val_y).to(device)).item())
@@ -376,7 +379,7 @@ def train_model(
             "seconds": round(time.perf_counter() - started, 2),
         }
         if config.mask_guided:
-            record["val_lesion_dice"] = lesion_dice(net, config.arch, val_x, val_masks, val_known, device)
+            record["val_lesion_dice"] = lesion_dice(val_maps, val_masks, val_known)
         history.append(record)
         improved = (metrics["macro_f1"] > best["macro_f1"]
                     or (metrics["macro_f1"] == best["macro_f1"] and val_loss < best["val_loss"]))
@@ -423,7 +426,7 @@ def _calibrate(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.nd
     """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
     the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
     from mammacls.calibration import fit_temperature
-    from mammacls.metrics import MALIGNANT, calibration_metrics, softmax, threshold_at_specificity
+    from mammacls.metrics import MALIGNANT, calibration_metrics, threshold_at_specificity
     from mammacls.model import predict_logits_and_features
     from mammacls.ood import choose_min_confidence, fit_density, fit_image_density, image_statistics, save_density
 
