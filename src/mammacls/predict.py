@@ -81,6 +81,7 @@ def predict_paths(
     if not inputs.files and not inputs.errors:
         raise MammaclsError(f"no images found in {', '.join(str(p) for p in paths)}")
     ref = resolve_model(model)
+    explain_dir, lesion_dir = (None if folder is None else Path(folder) for folder in (explain_dir, lesion_dir))
     if lesion_dir is not None and not ref.metadata.get("mask_guided"):
         raise MammaclsError(f"--lesion-map: model {ref.name} was not trained with --mask-guided, "
                             "so it has no lesion decoder")
@@ -89,12 +90,12 @@ def predict_paths(
             continue
         if backend == "onnx":
             raise MammaclsError(f"{option} needs PyTorch ({why}); drop --backend onnx")
-        if Path(folder).exists() and not Path(folder).is_dir():
+        if folder.exists() and not folder.is_dir():
             raise MammaclsError(f"{option} {folder} exists and is not a folder")
         backend = "torch"
     for folder in (explain_dir, lesion_dir):
         if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
     runner, hint = open_backend(ref, device, backend)
     if hint and notice:
         notice(hint)
