@@ -134,3 +134,34 @@ def real_busi_or_skip() -> Path:
     if not REAL_BUSI.is_dir():
         pytest.skip(f"real BUSI copy not found at {REAL_BUSI}")
     return REAL_BUSI
+
+
+REAL_BUSBRA = REAL_BUSI.parent / "BUS-BRA"
+
+
+def build_busbra_fixture(root: Path, patients: int = 12, seed: int = 1) -> list[dict]:
+    """BUS-BRA's layout: bus_data.csv (ID, Case, Pathology), Images/bus_NNNN-s.png, Masks/mask_NNNN-s.png.
+    Each patient has a left and a right image (different scans), benign or malignant, no normals."""
+    rng = np.random.default_rng(seed)
+    (root / "Images").mkdir(parents=True)
+    (root / "Masks").mkdir()
+    rows = []
+    for case in range(1, patients + 1):
+        label = "malignant" if case % 3 == 0 else "benign"
+        for side in ("l", "r"):
+            image_id = f"bus_{case:04d}-{side}"
+            gray = textured_image(rng, 1 if label == "malignant" else 0, size=(44, 52))
+            Image.fromarray(gray).save(root / "Images" / f"{image_id}.png")
+            save_mask(root / "Masks" / f"mask_{case:04d}-{side}.png", gray.shape, True, rng)
+            rows.append({"ID": image_id, "Case": str(case), "Pathology": label})
+    with open(root / "bus_data.csv", "w", newline="", encoding="utf-8") as handle:
+        handle.write("ID,Case,Histology,Pathology,BIRADS,Device\n")
+        for row in rows:
+            handle.write(f"{row['ID']},{row['Case']},x,{row['Pathology']},4,GE Logiq 7\n")
+    return rows
+
+
+def real_busbra_or_skip() -> Path:
+    if not REAL_BUSBRA.is_dir():
+        pytest.skip(f"real BUS-BRA copy not found at {REAL_BUSBRA}")
+    return REAL_BUSBRA

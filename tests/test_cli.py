@@ -52,7 +52,7 @@ def test_prepare_json_is_one_document_on_stdout(busi_dir, cache, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["prepare", "/definitely/not/here"], "dataset folder not found"),
+    (["prepare", "/definitely/not/here"], "dataset not found"),
     (["prepare", "."], "no class folders"),
     (["train", "--no-pretrained", "--epochs", "1"], "no prepared dataset yet"),
     (["train", "--arch", "alexnet", "--no-pretrained"], "unknown architecture"),

@@ -1,4 +1,5 @@
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,15 +49,86 @@ def hub_dir(tmp_path):
     torch.hub.set_dir(original)
 
 
-def test_pretrained_weights_come_from_the_hub_cache_and_are_folded(hub_dir):
+def _plant(hub_dir, weights, monkeypatch, net) -> Path:
+    """Save ``net``'s weights where ``weights`` lives in the hub cache and accept its digest as that file's."""
+    from mammacls import model as model_module
+    from mammacls.store import sha256_file
+
+    target = hub_dir / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), target)
+    digest = sha256_file(target)
+    real = model_module.expected_sha256_prefix
+    monkeypatch.setattr(model_module, "expected_sha256_prefix",
+                        lambda w: digest[:8] if w == weights else real(w))
+    return target
+
+
+def test_pretrained_weights_come_from_the_hub_cache_and_are_folded(hub_dir, monkeypatch):
+    from mammacls.model import build_pretrained_model
+
     weights = imagenet_weights("resnet18")
     reference = models.resnet18(weights=None)
-    target = hub_dir / "checkpoints" / weights.url.rsplit("/", 1)[-1]
-    target.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), target)
-    net = build_model("resnet18", pretrained=True)
+    target = _plant(hub_dir, weights, monkeypatch, reference)
+    net, record = build_pretrained_model("resnet18")
     assert torch.allclose(net.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
     assert torch.equal(net.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    assert record["weights"] == str(weights) and record["file"] == target.name and len(record["sha256"]) == 64
+
+
+def test_auto_takes_a_cached_variant_offline_and_a_variant_can_be_named(hub_dir, monkeypatch):
+    """Offline, with only IMAGENET1K_V1 in the cache (as for MobileNetV2 here), auto uses it."""
+    from mammacls.model import build_pretrained_model
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    v1 = imagenet_weights("mobilenet_v2", "IMAGENET1K_V1")
+    assert v1 is not imagenet_weights("mobilenet_v2")  # torchvision's default is V2
+    reference = models.mobilenet_v2(weights=None)
+    _plant(hub_dir, v1, monkeypatch, reference)
+    for choice in ("auto", "IMAGENET1K_V1", "imagenet1k_v1"):
+        net, record = build_pretrained_model("mobilenet_v2", imagenet=choice)
+        assert record["weights"] == "MobileNet_V2_Weights.IMAGENET1K_V1"
+        assert torch.equal(net.features[1].conv[0][0].weight, reference.features[1].conv[0][0].weight)
+    with pytest.raises(MammaclsError, match="cannot get ImageNet weights MobileNet_V2_Weights.IMAGENET1K_V2"):
+        build_pretrained_model("mobilenet_v2", imagenet="IMAGENET1K_V2")
+    with pytest.raises(MammaclsError, match="no ImageNet weights 'V9' for mobilenet_v2"):
+        build_pretrained_model("mobilenet_v2", imagenet="V9")
+
+
+def test_a_local_weights_file_is_recognised_by_its_sha256(hub_dir, monkeypatch, tmp_path):
+    from mammacls.model import build_pretrained_model
+
+    v1 = imagenet_weights("mobilenet_v2", "IMAGENET1K_V1")
+    planted = _plant(hub_dir, v1, monkeypatch, models.mobilenet_v2(weights=None))
+    local = tmp_path / "elsewhere" / "my-download.pth"
+    local.parent.mkdir()
+    local.write_bytes(planted.read_bytes())
+    planted.unlink()
+    _, record = build_pretrained_model("mobilenet_v2", imagenet=str(local))
+    assert record["weights"] == str(v1) and record["file"] == "my-download.pth"
+    stranger = tmp_path / "stranger.pth"
+    torch.save({"w": torch.zeros(1)}, stranger)
+    with pytest.raises(MammaclsError, match="is not a torchvision ImageNet file for mobilenet_v2"):
+        build_pretrained_model("mobilenet_v2", imagenet=str(stranger))
+    with pytest.raises(MammaclsError, match="not found"):
+        build_pretrained_model("mobilenet_v2", imagenet=str(tmp_path / "nothing.pth"))
+
+
+def test_real_imagenet1k_v1_file_when_present():
+    """The real MobileNetV2 IMAGENET1K_V1 file (see ../shared/pretrained/README.md), offline."""
+    from mammacls.model import build_pretrained_model, hub_checkpoint_path
+
+    v1 = imagenet_weights("mobilenet_v2", "IMAGENET1K_V1")
+    if not hub_checkpoint_path(v1).is_file():
+        pytest.skip(f"the real file is not in the torch hub cache: {hub_checkpoint_path(v1)}")
+    net, record = build_pretrained_model("mobilenet_v2", imagenet="IMAGENET1K_V1")
+    assert record["sha256"] == "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+    reference = models.mobilenet_v2(weights=None)
+    reference.load_state_dict(torch.load(hub_checkpoint_path(v1), weights_only=True))
+    assert torch.allclose(net.features[0][0].weight, reference.features[0][0].weight.sum(dim=1, keepdim=True))
 
 
 def test_pretrained_without_network_is_one_actionable_error(hub_dir, monkeypatch):

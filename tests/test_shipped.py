@@ -78,11 +78,15 @@ def test_evaluate_default_reproduces_the_model_card(cache):
     result = runner.invoke(app, ["evaluate", "--model", "default", "--json"])
     assert result.exit_code == 0, result.stderr
     metrics = json.loads(result.stdout)["models"][0]["metrics"]
+    # Counts are exact. Figures that follow from the confusion matrix alone match to rounding; figures that
+    # depend on probabilities (AUC, intervals, temperature, ECE) may move slightly under another
+    # torch/numpy/Python build: an AUC changes by 1/(31*85) ≈ 4e-4 when one malignant/other pair swaps order.
     assert metrics["n"] == card["n"] and metrics["confusion_matrix"] == card["confusion_matrix"]
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro"):
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert metrics[key] == pytest.approx(card[key], abs=1e-9), key
-    for key, interval in card["ci95"].items():
-        assert metrics["ci95"][key] == pytest.approx(interval, abs=1e-9), key
     assert metrics["per_class"]["malignant"]["recall"] == pytest.approx(card["malignant_recall"], abs=1e-9)
-    assert metrics["calibration"]["temperature"] == pytest.approx(card["temperature"], abs=1e-12)
-    assert metrics["calibration"]["after"]["ece"] == pytest.approx(card["ece_calibrated"], abs=1e-9)
+    assert metrics["roc_auc_macro"] == pytest.approx(card["roc_auc_macro"], abs=2e-3)
+    for key, interval in card["ci95"].items():
+        assert metrics["ci95"][key] == pytest.approx(interval, abs=1e-2), key
+    assert metrics["calibration"]["temperature"] == pytest.approx(card["temperature"], rel=1e-3)
+    assert metrics["calibration"]["after"]["ece"] == pytest.approx(card["ece_calibrated"], abs=2e-3)

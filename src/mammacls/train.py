@@ -25,7 +25,8 @@ from mammacls.data import PreparedDataset, load_prepared
 from mammacls.errors import MammaclsError
 from mammacls.images import resize_square
 from mammacls.model import (
-    GRAY_MEAN, GRAY_STD, attach_lesion_decoder, build_model, check_arch, forward_with_lesion, normalise,
+    GRAY_MEAN, GRAY_STD, attach_lesion_decoder, build_model, build_pretrained_model, check_arch, forward_with_lesion,
+    normalise,
     predict_lesion_maps, predict_proba, resolve_device,
 )
 from mammacls.metrics import compute_metrics, softmax
@@ -52,6 +53,7 @@ AUGMENTATIONS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     arch: str = "mobilenet_v2"
     pretrained: bool = True
+    imagenet: str = "auto"  # auto, a torchvision variant (IMAGENET1K_V1) or a .pth file
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
@@ -265,7 +267,11 @@ def train_model(
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    net = build_model(config.arch, len(CLASSES), pretrained=config.pretrained and not resume)
+    if config.pretrained and not resume:
+        net, imagenet_record = build_pretrained_model(config.arch, len(CLASSES), config.imagenet)
+    else:  # a resumed run takes its weights from the checkpoint
+        net = build_model(config.arch, len(CLASSES))
+        imagenet_record = checkpoint_state.get("imagenet") if checkpoint_state else None
     if config.mask_guided:
         attach_lesion_decoder(config.arch, net)
     net = net.to(device)
@@ -316,11 +322,12 @@ def train_model(
         "in_chans": 1, "img_size": config.img_size, "input_size": [1, config.img_size, config.img_size],
         "interpolation": "area (shrink) / bilinear (enlarge), square resize",
         "mean": [GRAY_MEAN], "std": [GRAY_STD], "input_range": "grayscale uint8 / 255",
-        "pretrained": (str(_imagenet_tag(config.arch)) if config.pretrained else None),
+        "pretrained": imagenet_record,
         "config": asdict(config), "seed": config.seed, "device": device,
         "mask_guided": config.mask_guided,
         "data": {"prepared_dir": str(dataset.root.resolve()), "manifest_sha256": dataset.manifest_sha256,
                  "train_images": int(len(train_y)), "val_images": int(len(val_y)),
+                 "sources": _source_counts(train_rows, val_rows),
                  "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist())),
                  "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
                  "train_val_fingerprints": fingerprints},
@@ -393,7 +400,7 @@ def train_model(
         _write_checkpoint(run_dir / CHECKPOINT_FILE, net, optimizer, scheduler, shuffler, {
             "config": asdict(config), "data_dir": str(dataset.root.resolve()),
             "manifest_sha256": dataset.manifest_sha256, "history": history, "best": best,
-            "split_rows": split_rows, "extra_metadata": extra_metadata,
+            "split_rows": split_rows, "extra_metadata": extra_metadata, "imagenet": imagenet_record,
         })
         reporter.epoch_done(record, improved)
         if epochs_since_best >= config.patience:
@@ -456,10 +463,14 @@ def _calibrate(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.nd
     }
 
 
-def _imagenet_tag(arch: str) -> str:
-    from mammacls.model import imagenet_weights
-
-    return f"torchvision:{imagenet_weights(arch)}"
+def _source_counts(train_rows: list[dict[str, str]], val_rows: list[dict[str, str]]) -> dict[str, dict]:
+    """Images per source and class in train and val (a source may lack a class: BUS-BRA has no normal)."""
+    counts: dict[str, dict] = {}
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        for row in rows:
+            per_class = counts.setdefault(row["source"], {"train": {}, "val": {}})[split]
+            per_class[row["label"]] = per_class.get(row["label"], 0) + 1
+    return counts
 
 
 def _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, n_val, reporter) -> None:
@@ -618,7 +629,8 @@ def cv_fold_rows(dataset: PreparedDataset, folds: int, seed: int) -> list[dict[s
     from sklearn.model_selection import StratifiedGroupKFold
 
     rows = dataset.split("train") + dataset.split("val")
-    labels = [row["label"] for row in rows]
+    several = len({row.get("source") for row in rows}) > 1  # then stratify by source and class
+    labels = [f"{row['source']}/{row['label']}" if several else row["label"] for row in rows]
     groups = [row["group_id"] for row in rows]
     if len(set(groups)) < folds:
         raise MammaclsError(f"--folds {folds}: only {len(set(groups))} duplicate groups to share out")
