@@ -13,7 +13,7 @@ from PIL import Image
 from mammacls.data import PrepareOptions, load_prepared, prepare_dataset
 from mammacls.errors import MammaclsError
 from mammacls.sources import open_source, parse_source_spec, scan_source
-from tests.conftest import build_busbra_fixture, build_busi_fixture, real_busbra_or_skip, real_busi_or_skip
+from tests.conftest import build_busbra_fixture, real_busbra_or_skip, real_busi_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 

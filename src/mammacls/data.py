@@ -20,7 +20,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are p
     PHASH_MAX_DISTANCE, assign_groups, hamming_distances, merge_across_sources, near_duplicate_pairs,
     perceptual_hash, phash_from_hex, phash_to_hex, pixel_sha256, read_groups_csv, thumbnail_vector,
 )
-from mammacls.sources import ImageRecord, ScanResult, Source, open_source, scan_dataset, scan_source
+from mammacls.sources import ImageRecord, ScanResult, Source, open_source, scan_dataset, scan_source  # noqa: F401
 from mammacls.store import atomic_write_json, datasets_dir, record_latest_dataset, sha256_file
 
 SPLITS = ("train", "val", "test")
@@ -131,13 +131,13 @@ def open_sources(specs: Path | str | Iterable[Path | str]) -> list[Source]:
     if not specs:
         raise MammaclsError("no dataset given: name a BUSI-layout folder, a BUS-BRA folder or a CSV file")
     sources = [open_source(spec) for spec in specs]
-    for kind, key in (("named", lambda s: s.name), ("at", lambda s: s.path.resolve())):
-        seen: dict = {}
+    for clash, key, advice in (("named", lambda s: s.name, "name them apart as NAME=PATH"),
+                               ("at", lambda s: s.path.resolve(), "name each source once")):
+        seen: set = set()
         for s in sources:
             if key(s) in seen:
-                raise MammaclsError(f"two sources are {kind} {key(s)}: give each its own folder, "
-                                    "and name them NAME=PATH")
-            seen[key(s)] = s
+                raise MammaclsError(f"two sources are {clash} {key(s)}: {advice}")
+            seen.add(key(s))
     return sources
 
 

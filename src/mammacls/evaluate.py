@@ -177,10 +177,15 @@ ALL_SOURCES = "all sources"
 
 def source_breakdown(eval_set: EvalSet, probabilities: np.ndarray, val_threshold: float | None,
                      resamples: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Figures per source (only the classes each holds), and for all of them together when several."""
+    """Figures per source (only the classes each holds), and for all of them together when several.
+
+    Empty for one source that holds every class: the whole-set figures are that source's.
+    """
     from mammacls.metrics import subset_metrics
 
     names = list(dict.fromkeys(eval_set.sources)) or ["data"]
+    if len(names) == 1 and len(np.unique(eval_set.labels)) == len(CLASSES):
+        return {}
     sources = np.array(eval_set.sources or ["data"] * len(eval_set.paths))
     masks = {name: sources == name for name in names}
     if len(names) > 1:

@@ -18,6 +18,12 @@ def compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, 
     it; the macro and weighted AUCs average the classes where it is defined
     (identical to scikit-learn's one-vs-rest averages when all are).
     """
+    with warnings.catch_warnings():  # a set may lack a class the model predicts: handled here, on purpose
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return _compute_metrics(y_true, probabilities)
+
+
+def _compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     from sklearn.metrics import (
         accuracy_score, balanced_accuracy_score, confusion_matrix, log_loss,
         precision_recall_fscore_support, roc_auc_score,
@@ -27,11 +33,9 @@ def compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, 
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = list(range(len(CLASSES)))
     y_pred = probabilities.argmax(axis=1)
-    with warnings.catch_warnings():  # a set may lack a class the model predicts: handled below, on purpose
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        precision, recall, f1, support = precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, zero_division=0
-        )
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
     aucs: list[float | None] = []
     for k in labels:
         positives = y_true == k
