@@ -15,8 +15,7 @@ from tests.conftest import IMAGES_PER_CLASS, build_busi_fixture, real_busi_or_sk
 
 
 def _manifest(prepared_dir: Path) -> list[dict]:
-    with open(prepared_dir / "manifest.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return load_prepared(prepared_dir).rows  # paths resolved against their source
 
 
 def _by_rel(rows, root: Path) -> dict[str, dict]:
@@ -208,3 +207,22 @@ def test_fixture_builder_is_reproducible(tmp_path):
     assert a == b
     img = "benign/benign (7).png"
     assert (tmp_path / "a" / img).read_bytes() == (tmp_path / "b" / img).read_bytes()
+
+
+def test_manifest_paths_are_relative_so_a_prepared_dataset_can_move(prepared, tmp_path):
+    """manifest.csv names each image relative to its source; loading resolves it, and a copy of the
+    prepared folder elsewhere loads the same rows and cached images."""
+    prepared_dir = prepared[0]
+    with open(prepared_dir / "manifest.csv", newline="", encoding="utf-8") as handle:
+        raw = list(csv.DictReader(handle))
+    assert all(not Path(r["path"]).is_absolute() for r in raw)
+    assert all(not Path(m).is_absolute() for r in raw for m in r["mask_paths"].split(";") if m)
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(prepared_dir, moved)
+    here, there = load_prepared(prepared_dir), load_prepared(moved)
+    assert [r["path"] for r in here.rows] == [r["path"] for r in there.rows]
+    assert all(Path(r["path"]).is_file() for r in there.rows)
+    assert here.manifest_sha256 == there.manifest_sha256
+    assert np.array_equal(here.load_image(here.rows[0]), there.load_image(there.rows[0]))

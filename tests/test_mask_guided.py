@@ -123,7 +123,10 @@ def test_predict_lesion_map_writes_overlays(mask_model, tiny_model, use_session_
     assert document["predictions"]
     for entry in document["predictions"]:
         assert entry["lesion_map"].endswith(".lesion.png") and (out / entry["lesion_map"].rsplit("/", 1)[1]).is_file()
-        assert 0 <= entry["lesion_area_fraction"] <= 1
+        if entry["label"] == "normal":
+            assert entry["lesion_area_fraction"] is None
+        else:
+            assert 0 <= entry["lesion_area_fraction"] <= 1
         assert "ood_distance" in entry  # the lesion pass also gives the features
     plain = runner.invoke(app, ["predict", str(folder), "--model", "tiny", "--lesion-map", str(out)])
     assert plain.exit_code != 0 and "not trained with --mask-guided" in plain.stderr
@@ -131,3 +134,27 @@ def test_predict_lesion_map_writes_overlays(mask_model, tiny_model, use_session_
     onnx = runner.invoke(app, ["predict", str(folder), "--model", "tiny-mask", "--lesion-map", str(out),
                                "--backend", "onnx"])
     assert onnx.exit_code != 0 and "needs PyTorch" in onnx.stderr
+
+
+def test_no_lesion_is_drawn_on_an_image_predicted_normal(mask_model, use_session_cache, busi_dir, tmp_path,
+                                                         monkeypatch):
+    """The rule: a lesion map shows a lesion only where the model names one (benign or malignant)."""
+    import numpy as np
+    from PIL import Image
+
+    from mammacls.runtime import TorchBackend
+
+    def says_normal_everywhere(self, batch):
+        logits = np.tile(np.array([[-5.0, -5.0, 5.0]], dtype=np.float32), (len(batch), 1))
+        return logits, np.ones((len(batch), *batch.shape[1:]), dtype=np.float32), None
+
+    monkeypatch.setattr(TorchBackend, "lesion_maps", says_normal_everywhere)
+    out = tmp_path / "maps"
+    result = runner.invoke(app, ["predict", str(busi_dir[0] / "malignant" / "malignant (1).png"), "--model",
+                                 "tiny-mask", "--lesion-map", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads(result.stdout)["predictions"][0]
+    assert entry["label"] == "normal" and entry["lesion_area_fraction"] is None
+    panel = np.asarray(Image.open(entry["lesion_map"]).convert("RGB")).astype(int)
+    red_tint = (panel[..., 0] - panel[..., 1] > 40) & (panel[..., 0] > 100)
+    assert not red_tint.any()  # the map of ones was not drawn

@@ -68,12 +68,10 @@ def test_evaluate_default_reproduces_the_model_card(cache):
     card = json.loads((SHIPPED / "card_figures.json").read_text())
     prepared = runner.invoke(app, ["prepare", str(busi), "--json"])
     assert prepared.exit_code == 0, prepared.stderr
-    manifest = Path(json.loads(prepared.stdout)["manifest"])
-    import csv
+    from mammacls.data import load_prepared
 
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        test = sorted(Path(r["path"]).relative_to(busi.resolve()).as_posix() for r in csv.DictReader(handle)
-                      if r["split"] == "test")
+    rows = load_prepared(Path(json.loads(prepared.stdout)["prepared_dir"])).rows
+    test = sorted(Path(r["path"]).relative_to(busi.resolve()).as_posix() for r in rows if r["split"] == "test")
     assert test == card["test_images"]  # the same split
     result = runner.invoke(app, ["evaluate", "--model", "default", "--json"])
     assert result.exit_code == 0, result.stderr

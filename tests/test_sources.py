@@ -19,8 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _manifest(folder: Path) -> list[dict]:
-    with open(folder / "manifest.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return load_prepared(folder).rows  # paths resolved against their source
 
 
 def _straddling(rows: list[dict], key: str) -> list[str]:

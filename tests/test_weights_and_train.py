@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_unknown_model_name_lists_what_exists(cache, monkeypatch):
         resolve_model("nope")
     assert resolve_model(None).source == "shipped"  # empty cache: the shipped default
     monkeypatch.setattr("mammacls.weights.shipped_model_dir", lambda: None)
-    with pytest.raises(MammaclsError, match="no model yet: run mammacls train"):
+    with pytest.raises(MammaclsError, match="no shipped default model in this installation"):
         resolve_model(None)
 
 
@@ -134,12 +135,26 @@ def test_duplicate_run_name_is_refused(tiny_model, use_session_cache, prepared):
         train_model(TrainConfig(pretrained=False), prepared[0], name="tiny")
 
 
-def test_predict_default_is_the_best_validated_model(cache):
-    for name, score in (("weak", 0.4), ("strong", 0.8), ("middling", 0.6)):
+def test_predict_uses_the_shipped_model_unless_another_is_chosen(cache):
+    """Training a model never silently changes what predict uses; mammacls use does, and says so."""
+    from mammacls.store import record_chosen_model
+
+    for name, score in (("weak", 0.4), ("strong", 0.8)):
         save_model(build_model("mobilenet_v2"), {**_meta(), "name": name, "val_metrics": {"macro_f1": score}},
                    cache / "models" / name)
-    assert resolve_model(None).name == "strong"
-    assert resolve_model("weak").source == "cache"
+    ref = resolve_model(None)
+    assert ref.source == "shipped" and "mammacls use" in ref.why
+    record_chosen_model("weak")
+    chosen = resolve_model(None)
+    assert (chosen.name, chosen.source) == ("weak", "cache") and "chosen with mammacls use" in chosen.why
+    assert resolve_model("strong").why == "--model"
+    shutil.rmtree(cache / "models" / "weak")
+    with pytest.raises(MammaclsError, match=r"the model chosen with 'mammacls use' \(weak\) is gone"):
+        resolve_model(None)
+    record_chosen_model(None)
+    assert resolve_model(None).source == "shipped"
+    with pytest.raises(MammaclsError, match="did you mean strong"):
+        resolve_model("strnog")
 
 
 def test_vgg16_on_cpu_prints_a_time_estimate():

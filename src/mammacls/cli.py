@@ -72,7 +72,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
 @app.command()
 def prepare(
     sources: Annotated[Optional[list[str]], typer.Argument(
-        metavar="SOURCE...",
         help="One or more sources, prepared as one dataset: a BUSI-layout folder (benign/ malignant/ normal/), "
              "a BUS-BRA folder (bus_data.csv, Images/, Masks/) or a CSV file (path,label[,patient][,mask]); "
              "NAME=PATH names a source. Default: ./Dataset_BUSI_with_GT")] = None,
@@ -157,22 +156,28 @@ def _print_source_counts(summary: dict, console) -> None:
 # -------------------------------------------------------------------- train ---
 
 class _RichReporter:
-    """Shows epochs and batches with rich; prints one line per epoch."""
+    """Shows epochs and batches with rich (counts, elapsed and remaining time); one short line per epoch."""
 
     def __init__(self, console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
 
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(), console=console)
         self.epoch_task = None
         self.batch_task = None
+        self.stage_task = None
+        self.epochs = 0
 
     def message(self, text: str) -> None:
         self.console.print(text, style="yellow", soft_wrap=True, markup=False)
 
     def run_started(self, name, first_epoch, epochs, batches_per_epoch) -> None:
         self.console.print(f"training [bold]{name}[/]", soft_wrap=True)
+        self.epochs = epochs
         self.progress.start()
         self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first_epoch - 1, info="")
         self.batch_task = self.progress.add_task("batches", total=batches_per_epoch, info="")
@@ -182,17 +187,29 @@ class _RichReporter:
 
     def epoch_done(self, record, improved) -> None:
         self.progress.reset(self.batch_task)
-        info = f"val macro-F1 {record['val_macro_f1']:.3f}"
-        self.progress.update(self.epoch_task, advance=1, info=info)
+        self.progress.update(self.epoch_task, advance=1, info=f"val F1 {record['val_macro_f1']:.3f}")
+        dice = f" Dice {_fmt(record['val_lesion_dice'])}" if "val_lesion_dice" in record else ""
         self.progress.console.print(
-            f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
-            f"val acc {record['val_accuracy']:.3f}  val macro-F1 {record['val_macro_f1']:.3f}  "
-            f"val AUC {_fmt(record['val_roc_auc_macro'])}"
-            + (f"  val lesion Dice {_fmt(record['val_lesion_dice'])}" if "val_lesion_dice" in record else "")
-            + f"  {record['seconds']:.0f}s" + ("  [green]best[/]" if improved else ""))
+            f"epoch {record['epoch']:>3}/{self.epochs}  loss {record['train_loss']:.3f}/{record['val_loss']:.3f}  "
+            f"val acc {record['val_accuracy']:.3f} F1 {record['val_macro_f1']:.3f} "
+            f"AUC {_fmt(record['val_roc_auc_macro'])}{dice}  {record['seconds']:.0f}s"
+            + ("  [green]best[/]" if improved else ""))
+
+    def stage(self, text: str) -> None:
+        """After the last epoch: the batch bar goes, the step being done shows."""
+        if self.batch_task is not None:
+            self.progress.update(self.batch_task, visible=False)
+        if self.stage_task is None:
+            self.stage_task = self.progress.add_task(text, total=None, info="")
+        else:
+            self.progress.update(self.stage_task, description=text)
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+def _interrupt_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, kill) ends a run like Ctrl-C: resumable
 
 
 @app.command()
@@ -227,14 +244,18 @@ def train(
     """Train a CNN; the model with the best validation macro-F1 is saved to the cache and calibrated."""
     from mammacls.train import TrainConfig, augmentation_preset, train_cross_validation, train_model, train_repeats
 
+    import signal
+
     console = _console()
     reporter = _RichReporter(console)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         with _errors():
             config = TrainConfig(arch=arch, pretrained=pretrained, imagenet=imagenet_weights, epochs=epochs, batch_size=batch_size, lr=lr,
                                  img_size=img_size, seed=seed, device=device, patience=patience,
                                  label_smoothing=label_smoothing, augmentation=augmentation_preset(augment),
                                  mask_guided=mask_guided, mask_weight=mask_weight)
+            config.validate()  # before anything heavy is imported: a typo answers at once
             if folds and repeat > 1:
                 raise MammaclsError("--folds and --repeat do not combine; choose one", exit_code=2)
             if resume and (folds or repeat > 1):
@@ -254,6 +275,7 @@ def train(
                                     exit_code=130) from None
     finally:
         reporter.stop()
+        signal.signal(signal.SIGTERM, previous_handler)
     if group is not None:
         _print_group(group, console)
         if json_out:
@@ -300,7 +322,8 @@ def evaluate(
     ] = None,
     report: Annotated[bool, typer.Option("--report", help=(
         "Write an HTML report with figures and metrics.json; --report DIR names its folder."))] = False,
-    report_dir: Annotated[Path, typer.Option(help="Folder for --report.")] = Path("mammacls-report"),
+    report_dir: Annotated[Optional[Path], typer.Option(
+        help="Folder for the report (implies --report; default ./mammacls-report).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     calibration: Annotated[bool, typer.Option(
@@ -322,10 +345,10 @@ def evaluate(
         results = evaluate_models(refs, eval_set, device, batch_size, calibration, bootstrap, seed, allow_overlap)
         document = results_json(results, eval_set, calibration)
         html_path = None
-        if report:
+        if report or report_dir is not None:
             from mammacls.report import write_report
 
-            html_path = write_report(results, eval_set, report_dir, document)
+            html_path = write_report(results, eval_set, report_dir or Path("mammacls-report"), document)
             document["report"] = str(html_path.resolve())
     console = _console(stderr=json_out)
     _print_evaluation(document, console)
@@ -418,10 +441,10 @@ def _print_model_detail(entry: dict, console) -> None:
     console.print(describe_malignant(m["malignant"]), soft_wrap=True, markup=False)
     selective = m.get("selective")
     if selective:
-        console.print(f"abstention: {selective['coverage']:.1%} accepted (accuracy {_fmt(selective['accuracy_accepted'])}), "
-                      f"{selective['coverage_ok']:.1%} confident (accuracy {_fmt(selective['accuracy_ok'])}); "
-                      f"{selective['rejected']} rejected, {selective['uncertain']} uncertain", soft_wrap=True,
-                      markup=False)
+        console.print(f"refusal: predict would reject {selective['rejected']} of these images and mark "
+                      f"{selective['uncertain']} uncertain; accuracy on the {selective['coverage']:.1%} it accepts "
+                      f"{_fmt(selective['accuracy_accepted'])}, on the {selective['coverage_ok']:.1%} it marks ok "
+                      f"{_fmt(selective['accuracy_ok'])}", soft_wrap=True, markup=False)
     console.print(f"calibration (T = {cal['temperature']:.2f}): ECE {cal['before']['ece']:.3f} -> "
                   f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> {cal['after']['brier']:.3f}, "
                   f"NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}", soft_wrap=True, markup=False)
@@ -451,7 +474,8 @@ def _print_group_evaluation(group: dict, console) -> None:
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
     model: Annotated[Optional[str], typer.Option(
-        help="Model cache name, folder, .safetensors file or 'default' (default: best trained, else shipped).")
+        help="Model cache name, folder, .safetensors file or 'default' (default: the model chosen with "
+             "mammacls use, else the shipped one).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (cuda runs PyTorch).")] = "auto",
     backend: Annotated[str, typer.Option(
@@ -466,11 +490,11 @@ def predict(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Classify images. Files that cannot be read are reported (exit code 1); the rest are predicted."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mammacls.predict import predict_paths
 
-    with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(),
+    with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                              console=_console(), transient=True) as bar:
         task = bar.add_task("predict", total=None)
         result = predict_paths(paths, model, device, batch_size, backend, calibration, explain, lesion_map,
@@ -490,9 +514,8 @@ def _print_predictions(result: dict, console) -> None:
     from rich.text import Text
 
     model = result["model"]
-    console.print(f"model: {model['name']} ({model['arch']}, {model['img_size']} px, {model['source']}, "
-                  f"{model['backend']})",
-                  soft_wrap=True, markup=False)
+    _console().print(f"model: {model['name']} ({model['arch']}, {model['img_size']} px, {model['source']}, "
+                     f"{model['backend']}): {model['chosen_by']}", soft_wrap=True, markup=False)
     if result["predictions"]:
         table = Table()
         table.add_column("file", overflow="fold")
@@ -502,7 +525,9 @@ def _print_predictions(result: dict, console) -> None:
         table.add_column("status")
         styles = {"ok": "green", "uncertain": "yellow", "rejected": "red"}
         for p in result["predictions"]:
-            table.add_row(p["path"], p["label"], *(f"{p['probabilities'][c]:.3f}" for c in CLASSES),
+            rejected = p["status"] == "rejected"  # its label and probabilities are not to be used
+            table.add_row(p["path"], Text("—" if rejected else p["label"]),
+                          *(Text(f"{p['probabilities'][c]:.3f}", style="dim" if rejected else "") for c in CLASSES),
                           Text(p["status"], style=styles[p["status"]]))
         console.print(table)
         for p in result["predictions"]:
@@ -541,7 +566,7 @@ def export(
                 return
         for ref in refs:
             record = export_onnx(ref)
-            console.print(f"exported {ref.name} -> {ref.weights.parent / record['file']}", soft_wrap=True,
+            console.print(f"exported {ref.name} -> {ref.files_dir / record['file']}", soft_wrap=True,
                           markup=False)
 
 
@@ -587,8 +612,79 @@ def calibrate(
                           f"OOD threshold {record['ood']['threshold']:.1f}", soft_wrap=True, markup=False)
 
 
+# -------------------------------------------------------------------- use ---
+
+@app.command()
+def use(
+    model: Annotated[Optional[str], typer.Argument(
+        help="Cache name, model folder or 'default' (the shipped model). Omit to show the choice.")
+    ] = None,
+) -> None:
+    """Choose the model predict uses when --model is not given (kept in the cache)."""
+    from mammacls.store import chosen_model, record_chosen_model
+    from mammacls.weights import resolve_model
+
+    console = _console(stderr=False)
+    with _errors():
+        if model is None:
+            current = chosen_model()
+            console.print(f"predict uses {current + ' (chosen with mammacls use)' if current else 'default (shipped)'}",
+                          soft_wrap=True, markup=False)
+            return
+        ref = resolve_model(model)  # refuse a name that is no model, now rather than at predict time
+        spec = str(Path(model).resolve()) if ref.source == "file" else ref.name
+        record_chosen_model(None if ref.source == "shipped" else spec)
+    console.print(f"predict now uses {ref.name} ({ref.metadata['arch']}, {ref.metadata['img_size']} px)",
+                  soft_wrap=True, markup=False)
+
+
+_METAVARS = {"data": "DIR_OR_CSV", "out": "DIR", "report_dir": "DIR", "explain": "DIR", "lesion_map": "DIR",
+             "groups": "CSV", "model": "NAME", "name": "NAME", "imagenet_weights": "auto|VARIANT|FILE",
+             "arch": "resnet18|vgg16|mobilenet_v2", "device": "auto|cpu|cuda", "backend": "auto|onnx|torch",
+             "augment": "light|standard|strong"}
+# by Typer's bare type name, or click's type name (other Typer versions)
+_TYPE_METAVARS = {"int": "N", "integer": "N", "float": "NUM", "str": "TEXT", "text": "TEXT", "Path": "PATH",
+                  "path": "PATH", "list[str]": "NAME"}
+
+
+def _with_metavars(command):
+    """Real metavars in --help (FILE, DIR, the choices) instead of Typer's <bool>, <str>, {paths}."""
+    for sub in getattr(command, "commands", {}).values():
+        sub.get_help_option = _flag_without_metavar(sub.get_help_option)  # --help is made per context
+        for param in sub.params:
+            if param.metavar is not None:
+                continue
+            if param.param_type_name == "argument":
+                word = param.name.upper().rstrip("S") if param.nargs != 1 else param.name.upper()
+                param.metavar = word
+                shown = f"{word}..." if param.nargs != 1 else word
+                if not param.required:
+                    shown = f"[{shown}]"
+                # Typer's own hooks (guarded: internal) would print {PATH}... and <list[Path]>
+                if hasattr(param, "_usage_display_name"):
+                    param._usage_display_name = lambda shown=shown: shown
+                if hasattr(param, "display_type_rich"):
+                    param.display_type_rich = lambda ctx: None
+            elif getattr(param, "is_flag", False) or getattr(param, "bare_type", lambda: "")() == "bool":
+                param.metavar = ""
+            else:
+                kind = (param.bare_type() if hasattr(param, "bare_type")
+                        else getattr(getattr(param, "type", None), "name", ""))
+                param.metavar = _METAVARS.get(param.name) or _TYPE_METAVARS.get(kind)
+    return command
+
+
+def _flag_without_metavar(make_option):
+    def wrapped(ctx):
+        option = make_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+    return wrapped
+
+
 def main() -> None:
-    app(args=_report_option_value(sys.argv[1:]), prog_name="mammacls")
+    _with_metavars(typer.main.get_command(app))(args=_report_option_value(sys.argv[1:]), prog_name="mammacls")
 
 
 if __name__ == "__main__":

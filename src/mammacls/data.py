@@ -10,6 +10,7 @@ manifest (one row per image, with its ``source`` and ``patient``) plus a summary
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -33,7 +34,7 @@ from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are p
     perceptual_hash, phash_from_hex, phash_to_hex, pixel_sha256, read_groups_csv, thumbnail_vector,
 )
 from mammacls.sources import ImageRecord, ScanResult, Source, open_source, scan_dataset, scan_source  # noqa: F401
-from mammacls.store import atomic_write_json, datasets_dir, record_latest_dataset, sha256_file
+from mammacls.store import atomic_write_json, cache_lock, datasets_dir, record_latest_dataset, sha256_file
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.csv"
@@ -158,16 +159,21 @@ def prepare_dataset(
     out = Path(out) if out else default_prepared_dir(sources)
     _check_output_dir(out)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        summary = _prepare_into(work, out, scans, extra_groups, options, progress)
-        _replace_dir(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    record_latest_dataset(out)
+    with cache_lock(dataset_lock_key(out), "mammacls prepare"):  # nobody reads it while it is replaced
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            summary = _prepare_into(work, out, scans, extra_groups, options, progress)
+            _replace_dir(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        record_latest_dataset(out)
     return summary
+
+
+def dataset_lock_key(prepared_dir: Path) -> str:
+    return f"dataset-{Path(prepared_dir).resolve().name}"
 
 
 def _check_output_dir(out: Path) -> None:
@@ -283,13 +289,12 @@ def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, pro
     several = len(sources) > 1
     label_of = (lambda r: f"{r.source}:{r.relpath}") if several else (lambda r: r.relpath)
     manifest_path = out / MANIFEST_NAME
-    _write_manifest(work / MANIFEST_NAME, kept, cache_names, decoded_dir)
+    _write_manifest(work / MANIFEST_NAME, kept, cache_names, decoded_dir, {src.name: src.root for src in sources})
     dup_groups = {g: rs for g, rs in duplicates.items() if len(rs) > 1}
     summary = {
         "source": ", ".join(str(s.path.resolve()) for s in sources),
         "sources": [_source_summary(scan, records, kept) for scan in scans],
-        "source_roots": {s.name: str(s.path.resolve() if s.kind != "csv" else s.path.resolve().parent)
-                         for s in sources},
+        "source_roots": {s.name: str(s.root) for s in sources},
         "prepared_dir": str(out.resolve()),
         "manifest": str(manifest_path.resolve()),
         "manifest_sha256": sha256_file(work / MANIFEST_NAME),
@@ -357,16 +362,25 @@ def count_table(records: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _write_manifest(target: Path, records, cache_names, decoded_dir: Path) -> None:
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to its source's root (so a prepared dataset can move), else absolute."""
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def _write_manifest(target: Path, records, cache_names, decoded_dir: Path, roots: dict[str, Path]) -> None:
     with open(target, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for r in records:
             name = cache_names[id(r)]
             has_mask = (decoded_dir / f"{name}_mask.npy").exists()
+            root = roots[r.source]
             writer.writerow([
-                str(r.path.resolve()), r.label, r.split, r.group_id, r.sha256, r.file_sha256,
-                r.width, r.height, ";".join(str(m.resolve()) for m in r.mask_paths),
+                _relative(r.path, root), r.label, r.split, r.group_id, r.sha256, r.file_sha256,
+                r.width, r.height, ";".join(_relative(m, root) for m in r.mask_paths),
                 f"decoded/{name}.npy", f"decoded/{name}_mask.npy" if has_mask else "",
                 r.source, r.patient,
             ])
@@ -406,15 +420,22 @@ def is_prepared_dir(path: Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
-def load_prepared(path: Path | None = None) -> PreparedDataset:
-    """Open a prepared dataset (default: the one ``prepare`` wrote last)."""
+def load_prepared(path: Path | None = None, hold: contextlib.ExitStack | None = None,
+                  reader: str = "mammacls") -> PreparedDataset:
+    """Open a prepared dataset (default: the one ``prepare`` wrote last).
+
+    With ``hold``, a shared lock on the dataset is taken first and kept until ``hold`` closes, so
+    ``prepare`` cannot replace it meanwhile (and a dataset being prepared is refused in one line).
+    """
     if path is None:
         from mammacls.store import latest_dataset
 
         path = latest_dataset()
         if path is None or not is_prepared_dir(path):
-            raise MammaclsError("no prepared dataset yet: run mammacls prepare DATA_DIR first")
+            raise MammaclsError("no prepared dataset yet: run mammacls prepare SOURCE first")
     path = Path(path)
+    if hold is not None:
+        hold.enter_context(cache_lock(dataset_lock_key(path), reader, exclusive=False))
     manifest = path / MANIFEST_NAME
     if not manifest.is_file():
         raise MammaclsError(f"{path} is not a prepared dataset (no {MANIFEST_NAME}); run mammacls prepare on it")
@@ -432,11 +453,15 @@ def load_prepared(path: Path | None = None) -> PreparedDataset:
         import json
 
         summary = json.loads((path / SUMMARY_NAME).read_text(encoding="utf-8"))
-    # manifests of earlier versions hold one source and no patients
+    # manifests of earlier versions hold one source, absolute paths and no patients
     fallback_source = Path(str(summary.get("source") or path)).name
+    roots = {name: Path(root) for name, root in (summary.get("source_roots") or {}).items()}
     for row in rows:
         if row["label"] not in CLASSES or row["split"] not in SPLITS:
             raise MammaclsError(f"{manifest}: bad label/split in row for {row['path']}")
         row["source"] = row.get("source") or fallback_source
         row.setdefault("patient", "")
+        root = roots.get(row["source"], Path("/"))  # paths are relative to their source's root
+        row["path"] = str(root / row["path"])
+        row["mask_paths"] = ";".join(str(root / m) for m in (row.get("mask_paths") or "").split(";") if m)
     return PreparedDataset(path, rows, summary, sha256_file(manifest))

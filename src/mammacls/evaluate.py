@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,17 +56,19 @@ def load_eval_set(data: Path | None = None, split: str = "test") -> EvalSet:
     was never prepared: a BUSI-layout folder, a BUS-BRA folder or a CSV (``path,label[,patient][,mask]``),
     with whatever classes it holds."""
     if data is None or is_prepared_dir(data):
-        dataset = load_prepared(data)
-        rows = dataset.split(split)
-        if not rows:
-            raise MammaclsError(f"the prepared dataset {dataset.root} has no {split} images")
+        with contextlib.ExitStack() as hold:  # prepare may not replace it while it is read
+            dataset = load_prepared(data, hold, "mammacls evaluate")
+            rows = dataset.split(split)
+            if not rows:
+                raise MammaclsError(f"the prepared dataset {dataset.root} has no {split} images")
+            images = [dataset.load_image(row) for row in rows]
         overview = dataset.root / "overview.png"
         return EvalSet(
             description=f"{split} split of {dataset.summary.get('source', dataset.root)} "
                         f"(prepared, seed {dataset.summary.get('seed', '?')})",
             paths=[row["path"] for row in rows],
             labels=np.array([CLASSES.index(row["label"]) for row in rows]),
-            images=[dataset.load_image(row) for row in rows],
+            images=images,
             overview_png=overview if overview.is_file() else None,
             summary=dataset.summary,
             sha256=[row["sha256"] for row in rows],
@@ -229,7 +232,7 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, features: np.ndarray, pr
     from mammacls.ood import distances, image_check, load_density, status_of
 
     record = ref.metadata.get("ood")
-    density = load_density(ref.weights.parent, record) if record else None
+    density = load_density(ref.file(record["file"]).parent, record) if record else None
     far = distances(density, features) if record else None
     min_confidence = ref.metadata.get("min_confidence") if calibrated else None
     resized = eval_set.at_size(int(ref.metadata["img_size"]))

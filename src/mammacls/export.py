@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 from mammacls.errors import MammaclsError
-from mammacls.store import atomic_path, atomic_write_json, sha256_file
+from mammacls.store import atomic_path, sha256_file
 from mammacls.weights import METADATA_FILE, ModelRef, load_network
 
 ONNX_FILE = "model.onnx"
@@ -24,11 +24,12 @@ FEATURES_NAME = "features"  # penultimate features, for the out-of-distribution 
 
 
 def export_onnx(ref: ModelRef) -> dict[str, Any]:
-    """Export ``ref`` to ``model.onnx`` in its folder and record it in metadata.json."""
+    """Export ``ref`` to ``model.onnx`` in its folder and record it in metadata.json; for the read-only
+    shipped model, in its folder of derived files in the cache."""
     import torch
 
-    folder = ref.weights.parent
-    if not (folder / METADATA_FILE).is_file():
+    folder = ref.files_dir
+    if not ref.read_only and not (folder / METADATA_FILE).is_file():
         raise MammaclsError(f"export needs a model folder with {METADATA_FILE}; {ref.weights} has none beside it")
     from mammacls.model import with_features
 
@@ -51,10 +52,7 @@ def export_onnx(ref: ModelRef) -> dict[str, Any]:
         _embed_metadata(tmp, ref.metadata)
     record = {"file": ONNX_FILE, "sha256": sha256_file(target), "opset": ONNX_OPSET, "input": INPUT_NAME,
               "output": OUTPUT_NAME, "features": FEATURES_NAME, "exported_with": {"torch": torch.__version__}}
-    metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-    metadata["onnx"] = record
-    atomic_write_json(folder / METADATA_FILE, metadata)
-    ref.metadata["onnx"] = record
+    ref.update_metadata({"onnx": record})
     return record
 
 

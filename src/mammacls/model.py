@@ -19,9 +19,19 @@ GRAY_STD = 0.226
 
 
 def check_arch(arch: str) -> str:
-    if arch not in ARCHS:
-        raise MammaclsError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
-    return arch
+    """The architecture ``arch`` names, in any obvious spelling (``VGG16``, ``MobileNet-V2``); a close
+    match is suggested for a typo."""
+    def squash(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    for known in ARCHS:
+        if squash(arch) == squash(known):
+            return known
+    import difflib
+
+    close = difflib.get_close_matches(squash(arch), [squash(a) for a in ARCHS], n=1, cutoff=0.6)
+    hint = f" (did you mean {ARCHS[[squash(a) for a in ARCHS].index(close[0])]}?)" if close else ""
+    raise MammaclsError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}{hint}")
 
 
 def build_model(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False, imagenet: str = "auto"):

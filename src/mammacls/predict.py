@@ -78,8 +78,10 @@ def predict_paths(
         raise MammaclsError("--batch-size must be at least 1")
     paths = list(paths)
     inputs = collect_inputs(paths)
-    if not inputs.files and not inputs.errors:
-        raise MammaclsError(f"no images found in {', '.join(str(p) for p in paths)}")
+    if not inputs.files:  # checked before the model is opened: a typo answers at once
+        missing = [e["path"] for e in inputs.errors]
+        raise MammaclsError(f"file not found: {', '.join(missing)}" if missing
+                            else f"no images found in {', '.join(str(p) for p in paths)}")
     ref = resolve_model(model)
     explain_dir, lesion_dir = (None if folder is None else Path(folder) for folder in (explain_dir, lesion_dir))
     if lesion_dir is not None and not ref.metadata.get("mask_guided"):
@@ -107,7 +109,7 @@ def predict_paths(
     from mammacls.ood import distances, image_check, load_density, status_of
 
     ood_record = ref.metadata.get("ood")
-    density = load_density(ref.weights.parent, ood_record) if ood_record else None
+    density = load_density(ref.file(ood_record["file"]).parent, ood_record) if ood_record else None
     min_confidence = ref.metadata.get("min_confidence") if calibrated else None
     reasons: dict[Path, str | None] = {}
 
@@ -128,6 +130,8 @@ def predict_paths(
     predictions: list[dict[str, Any]] = []
     errors = list(inputs.errors)
     done = 0
+    if progress:
+        progress(0, len(inputs.files))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for item in _prefetched(pool, decode, inputs.files, batch_size):
             batch = [(p, arr) for p, arr, err in item if err is None]
@@ -159,17 +163,20 @@ def predict_paths(
                     if cams is not None:
                         entry["explanation"] = str(_write_overlay(
                             explain_dir, path, "gradcam", originals[path], cams[k], caption, written))
-                    if lesion_maps is not None:
-                        entry["lesion_area_fraction"] = round(float((lesion_maps[k] >= 0.5).mean()), 4)
+                    if lesion_maps is not None:  # a lesion is drawn only where the model sees one
+                        lesion = lesion_maps[k] if label != "normal" else np.zeros_like(lesion_maps[k])
+                        entry["lesion_area_fraction"] = (round(float((lesion >= 0.5).mean()), 4)
+                                                         if label != "normal" else None)
                         entry["lesion_map"] = str(_write_overlay(
-                            lesion_dir, path, "lesion", originals[path], lesion_maps[k], caption, written))
+                            lesion_dir, path, "lesion", originals[path], lesion,
+                            caption if label != "normal" else f"{caption}: no lesion drawn", written))
                     originals.pop(path, None)
                     predictions.append(entry)
             done += len(item)
             if progress:
                 progress(done, len(inputs.files))
     counts = {s: sum(p["status"] == s for p in predictions) for s in ("ok", "uncertain", "rejected")}
-    return {"model": {**ref.describe(), "backend": runner.name, "temperature": temperature,
+    return {"model": {**ref.describe(), "chosen_by": ref.why, "backend": runner.name, "temperature": temperature,
                       "min_confidence": min_confidence,
                       "ood_threshold": ood_record["threshold"] if ood_record else None},
             "status_counts": counts,

@@ -19,15 +19,18 @@ from mammacls.plots import (
 from mammacls.store import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1500px;
 color:#1f2328;padding:0 1rem}
 h1{margin-bottom:.2rem} .sub{color:#57606a;margin-top:0}
 table{border-collapse:collapse;margin:1rem 0;font-variant-numeric:tabular-nums}
 th,td{border-bottom:1px solid #d0d7de;padding:.35rem .7rem;text-align:right}
 th:first-child,td:first-child{text-align:left} th{background:#f6f8fa}
 td.best{font-weight:700;color:#1a7f37}
-section{margin:2.5rem 0;border-top:2px solid #d0d7de;padding-top:1rem}
-.figs{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start} img{max-width:100%}
+section{margin:2.5rem 0;border-top:2px solid #d0d7de;padding-top:1rem;min-width:0}
+.models{display:grid;grid-template-columns:repeat(auto-fit,minmax(600px,1fr));gap:0 2rem;align-items:start}
+.figs{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:.8rem;align-items:start} img{max-width:100%}
+.tag{display:inline-block;font-size:.75rem;border:1px solid #8c959f;border-radius:1rem;padding:0 .45rem;
+margin:0 .15rem;color:#57606a}
 .gallery{display:flex;flex-wrap:wrap;gap:.6rem}.gallery figure{margin:0;font-size:.8rem;max-width:170px}
 .gallery figcaption{color:#57606a} .flag{color:#cf222e;font-weight:700}
 .group{display:flex;gap:.3rem;align-items:flex-end;border:1px solid #d0d7de;padding:.3rem;border-radius:6px}
@@ -133,6 +136,20 @@ def _sources_table(results: list[dict[str, Any]], document: dict[str, Any]) -> s
             + f"<table><tr>{head}</tr>{body}</table><p class=sub>{html.escape(SOURCE_COLUMNS_NOTE)}.</p>")
 
 
+def model_tags(model: dict[str, Any]) -> list[str]:
+    """What kind of model a result row is: ImageNet start, mask-guided, ensemble, fold or repeat."""
+    tags = []
+    if model.get("pretrained"):
+        tags.append("ImageNet " + str(model["pretrained"]).rsplit(".", 1)[-1])
+    if model.get("mask_guided"):
+        tags.append("mask-guided")
+    if model.get("source") == "ensemble":
+        tags.append(f"ensemble of {len(model.get('members') or [])}")
+    if model.get("source") == "shipped":
+        tags.append("shipped")
+    return tags
+
+
 def _img_tag(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -156,12 +173,14 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
             for k in headline)
         mal, cal = m["malignant"], m["calibration"]
         flag = ' <span class=flag>overlaps training data</span>' if (r.get("overlap") or {}).get("images") else ""
+        tags = "".join(f"<span class=tag>{html.escape(t)}</span>" for t in model_tags(r["model"]))
         rows.append(f"<tr><td>{html.escape(r['name'])}{flag}</td><td>{html.escape(str(r['model']['arch']))}</td>"
+                    f"<td>{tags}</td>"
                     f"<td>{r['model']['img_size']}</td>{cells}"
                     f"<td>{_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}</td>"
                     f"<td>{_fmt(mal['specificity'])}</td>"
                     f"<td>{_fmt(cal['before']['ece'])} → {_fmt(cal['after']['ece'])}</td></tr>")
-    comparison = ("<table><tr><th>model</th><th>arch</th><th>px</th><th>accuracy</th><th>macro F1</th>"
+    comparison = ("<table><tr><th>model</th><th>arch</th><th>kind</th><th>px</th><th>accuracy</th><th>macro F1</th>"
                   "<th>ROC-AUC macro</th><th>malignant sensitivity</th><th>malignant specificity</th>"
                   "<th>ECE raw → calibrated</th></tr>" + "".join(rows) + "</table>"
                   + "<p class=sub>95% intervals from a class-stratified bootstrap "
@@ -235,7 +254,7 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
         "<p class=note>Research and education only: not a medical device, not for diagnosis.</p>"
         f"<h2>Comparison</h2>{comparison}{groups_html}"
         f"<p>{'</p><p>'.join(data_lines)}</p>"
-        + "".join(sections)
+        + f"<div class=models>{''.join(sections)}</div>"
         + (f"<section><h2>Dataset</h2>{overview}{_duplicates_html(summary)}</section>"
            if overview or summary else "")
         + "</body></html>\n"

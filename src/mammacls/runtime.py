@@ -28,7 +28,7 @@ class OnnxBackend:
         import onnxruntime as ort
 
         record = ref.metadata["onnx"]
-        path = ref.weights.parent / record["file"]
+        path = ref.file(record["file"])
         if not path.is_file():
             raise MammaclsError(f"ONNX export missing: {path} (run mammacls export --model {ref.name})")
         if sha256_file(path) != record.get("sha256"):
@@ -111,8 +111,8 @@ def open_backend(ref: ModelRef, device: str = "auto", backend: str = "auto") -> 
     from mammacls.model import resolve_device
 
     hint = None
-    if backend == "auto" and device != "cuda" and ref.source != "shipped":
-        # the shipped model has no ONNX copy: it would double the wheel's size
+    if backend == "auto" and device != "cuda":
         hint = (f"model {ref.name} has no ONNX export, so predict imports PyTorch (slower start); "
-                f"run mammacls export --model {ref.name}")
+                f"run mammacls export --model {ref.name}"
+                + (" (it writes to the cache, never into the installed package)" if ref.read_only else ""))
     return TorchBackend(ref, resolve_device(device)), hint

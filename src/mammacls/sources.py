@@ -58,6 +58,11 @@ class Source:
     kind: str  # "busi", "bus-bra" or "csv"
     path: Path  # the folder, or the CSV file
 
+    @property
+    def root(self) -> Path:
+        """What the manifest's paths of this source are relative to: the folder, or the CSV's folder."""
+        return self.path.resolve().parent if self.kind == "csv" else self.path.resolve()
+
 
 @dataclass
 class ScanResult:

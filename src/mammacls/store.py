@@ -48,6 +48,25 @@ def latest_dataset() -> Path | None:
     return Path(pointer.read_text(encoding="utf-8").strip())
 
 
+_CHOSEN_MODEL = "chosen_model.txt"
+
+
+def chosen_model() -> str | None:
+    """The model ``mammacls use NAME`` chose for predict (None: the shipped one)."""
+    pointer = cache_dir() / _CHOSEN_MODEL
+    if not pointer.is_file():
+        return None
+    return pointer.read_text(encoding="utf-8").strip() or None
+
+
+def record_chosen_model(spec: str | None) -> None:
+    pointer = cache_dir() / _CHOSEN_MODEL
+    if spec is None:
+        pointer.unlink(missing_ok=True)
+    else:
+        atomic_write_text(pointer, spec + "\n")
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; move it into place only on success."""
@@ -89,3 +108,62 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ locks ---
+
+@contextlib.contextmanager
+def cache_lock(key: str, what: str, exclusive: bool = True) -> Iterator[None]:
+    """Hold ``key`` (e.g. ``model-NAME``, ``dataset-NAME``) while ``what`` runs, or refuse at once.
+
+    An exclusive holder (training a model, writing a dataset) shuts everyone else out; shared
+    holders (reading a dataset) only shut out an exclusive one. The kernel drops a lock when its
+    process dies, so a killed run never leaves the cache locked. The refusal names the other process.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked rather than not at all
+        yield
+        return
+    folder = cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
+    handle = open(folder / f"{safe}.lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from mammacls.errors import MammaclsError
+
+            holders = _lock_holders(folder, safe) or ["another mammacls process"]
+            raise MammaclsError(f"{key.replace('-', ' ', 1)} is in use by {'; '.join(holders)}: wait for it to "
+                                "finish, or stop it") from None
+        note = folder / f"{safe}.{os.getpid()}.holder"
+        note.write_text(f"process {os.getpid()} ({what})", encoding="utf-8")
+        try:
+            yield
+        finally:
+            note.unlink(missing_ok=True)
+    finally:
+        handle.close()
+
+
+def _lock_holders(folder: Path, safe: str) -> list[str]:
+    holders = []
+    for note in sorted(folder.glob(f"{safe}.*.holder")):
+        pid = note.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and _alive(int(pid)):
+            holders.append(note.read_text(encoding="utf-8", errors="replace").strip())
+        else:
+            note.unlink(missing_ok=True)  # left by a process that died
+    return holders
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

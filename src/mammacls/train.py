@@ -9,6 +9,7 @@ saved as a complete model folder.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -30,7 +31,7 @@ from mammacls.model import (
     predict_lesion_maps, predict_proba, resolve_device,
 )
 from mammacls.metrics import compute_metrics, softmax
-from mammacls.store import atomic_path, models_dir
+from mammacls.store import atomic_path, cache_lock, models_dir
 from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, library_versions, save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
@@ -68,7 +69,7 @@ class TrainConfig:
     mask_weight: float = 0.5
 
     def validate(self) -> None:
-        check_arch(self.arch)
+        self.arch = check_arch(self.arch)
         for name, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
                                  ("img-size", self.img_size, 32), ("patience", self.patience, 1)):
             if value < low:
@@ -96,6 +97,7 @@ class TrainReporter:
     def run_started(self, name: str, first_epoch: int, epochs: int, batches_per_epoch: int) -> None: ...
     def batch_done(self, epoch: int, loss: float) -> None: ...
     def epoch_done(self, record: dict[str, Any], improved: bool) -> None: ...
+    def stage(self, text: str) -> None: ...  # a step after the epochs (calibration, export)
 
 
 def _new_run_name(arch: str) -> str:
@@ -240,7 +242,22 @@ def train_model(
     split_rows: dict[str, list[str]] | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) one model, then export it to ONNX; returns its saved metadata."""
+    """Train (or resume) one model, then export it to ONNX; returns its saved metadata.
+
+    The run holds the model's name in the cache (a second run of that name is refused, naming this
+    one) and a shared hold on its prepared dataset (``prepare`` cannot replace it meanwhile).
+    """
+    if resume:
+        name = find_resumable(name).name
+    else:
+        config.validate()
+        name = name or _new_run_name(config.arch)
+    with contextlib.ExitStack() as hold:
+        hold.enter_context(cache_lock(f"model-{name}", f"mammacls train --name {name}"))
+        return _train(config, data_dir, resume, name, reporter, export, split_rows, extra_metadata, hold)
+
+
+def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_metadata, hold) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
@@ -255,13 +272,11 @@ def train_model(
         extra_metadata = checkpoint_state.get("extra_metadata")
         name = run_dir.name
     else:
-        config.validate()
-        if name and (models_dir() / name).exists():
+        if (models_dir() / name).exists():
             raise MammaclsError(f"a model named {name!r} exists already; choose another --name or use --resume")
-        name = name or _new_run_name(config.arch)
         run_dir = models_dir() / name
     device = resolve_device(config.device)
-    dataset = load_prepared(data_dir)
+    dataset = load_prepared(data_dir, hold, f"mammacls train --name {name}")
     if resume and dataset.manifest_sha256 != checkpoint_state["manifest_sha256"]:
         raise MammaclsError(f"the prepared dataset at {dataset.root} changed since this run started; cannot resume")
 
@@ -316,7 +331,7 @@ def train_model(
         first_epoch = len(history) + 1
         reporter.message(f"resuming {name} at epoch {first_epoch}/{config.epochs} with its saved settings")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # no folder until the first epoch is saved: a run stopped before that leaves nothing that looks like a model
     base_meta = {
         "name": name, "arch": config.arch, "classes": list(CLASSES), "num_classes": len(CLASSES),
         "in_chans": 1, "img_size": config.img_size, "input_size": [1, config.img_size, config.img_size],
@@ -407,6 +422,7 @@ def train_model(
             reporter.message(f"early stop: validation macro-F1 has not improved for {config.patience} epochs")
             break
 
+    reporter.stage("calibrating on validation, fitting the refusal densities")
     final = json.loads((run_dir / METADATA_FILE).read_text(encoding="utf-8"))
     if config.mask_guided:
         final["val_lesion_dice"] = history[final["best_epoch"] - 1].get("val_lesion_dice")
@@ -421,6 +437,7 @@ def train_model(
         from mammacls.weights import ModelRef
 
         ref = ModelRef(name, run_dir / MODEL_FILE, final, "cache")
+        reporter.stage("exporting to ONNX")
         try:
             export_onnx(ref)
         except MammaclsError as exc:  # the model itself is saved; only the fast predict path is missing
@@ -660,20 +677,18 @@ def train_repeats(
 
 def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
     """Refit a saved model's temperature, thresholds and out-of-distribution density on its own
-    train/validation images (for models trained by an older mammacls, or on another machine)."""
-    from mammacls.weights import ModelRef, load_network
+    train/validation images (for models trained by an older mammacls, or on another machine).
+
+    The prepared dataset must hold the model's train+val images (checked by their pixel hashes, so
+    a dataset prepared again elsewhere or moved is accepted). A read-only (shipped) model gets its
+    refitted files in the cache; its own files are never written.
+    """
+    from mammacls.weights import load_network
 
     meta = ref.metadata
-    folder = ref.weights.parent
-    if not (folder / METADATA_FILE).is_file():
+    if not ref.read_only and not (ref.weights.parent / METADATA_FILE).is_file():
         raise MammaclsError(f"calibrate needs a model folder with {METADATA_FILE}")
-    prepared = (meta.get("data") or {}).get("prepared_dir")
-    try:
-        dataset = load_prepared(Path(prepared) if prepared and Path(prepared).is_dir() else None)
-    except MammaclsError:
-        raise MammaclsError(f"the prepared dataset {ref.name} was trained on is not here; run mammacls prepare") from None
-    if dataset.manifest_sha256 != (meta.get("data") or {}).get("manifest_sha256"):
-        raise MammaclsError(f"the prepared dataset at {dataset.root} is not the one {ref.name} was trained on")
+    dataset = _training_dataset(ref)
     group = meta.get("group") or {}
     split_rows = (cv_fold_rows(dataset, group["of"], meta["config"]["seed"])[group["member"] - 1]
                   if group.get("kind") == "cv" else None)
@@ -684,12 +699,36 @@ def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
     val_x, val_y = _load_rows(dataset, val_rows, size, prints)
     device = resolve_device(device)
     net = load_network(ref, device)
-    updated = {k: v for k, v in meta.items() if k not in ("format", "weights_file", "sha256")}
-    updated.update(_calibrate(net, meta["arch"], train_x, train_y, val_x, val_y, device, folder))
-    updated.setdefault("data", {})["train_val_fingerprints"] = prints
-    record = save_model(net, updated, folder)
+    changes = _calibrate(net, meta["arch"], train_x, train_y, val_x, val_y, device, ref.files_dir)
+    if ref.read_only:
+        ref.update_metadata(changes)
+        record = ref.metadata
+    else:
+        updated = {k: v for k, v in meta.items() if k not in ("format", "weights_file", "sha256")}
+        updated.update(changes)
+        updated.setdefault("data", {})["train_val_fingerprints"] = prints
+        record = save_model(net, updated, ref.weights.parent)
+        ref.metadata = record
     if meta.get("onnx"):
         from mammacls.export import export_onnx
 
-        export_onnx(ModelRef(ref.name, folder / MODEL_FILE, record, ref.source))
+        export_onnx(ref)
     return record
+
+
+def _training_dataset(ref) -> PreparedDataset:
+    """The prepared dataset ``ref`` was trained on: its own folder if still there, else the latest,
+    accepted when its train+val images are the model's (pixel hashes; paths may differ)."""
+    data = ref.metadata.get("data") or {}
+    prepared = data.get("prepared_dir")
+    try:
+        dataset = load_prepared(Path(prepared) if prepared and Path(prepared).is_dir() else None)
+    except MammaclsError:
+        raise MammaclsError(f"the prepared dataset {ref.name} was trained on is not here; run mammacls prepare") from None
+    known = sorted((data.get("train_val_fingerprints") or {}).get("sha256") or [])
+    here = sorted(row["sha256"] for row in dataset.split("train") + dataset.split("val"))
+    same = here == known if known else dataset.manifest_sha256 == data.get("manifest_sha256")
+    if not same:
+        raise MammaclsError(f"the prepared dataset at {dataset.root} does not hold the train/validation images "
+                            f"{ref.name} was trained on (prepare the same sources with the same --seed)")
+    return dataset

@@ -9,6 +9,7 @@ Model files are never unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,30 @@ def shipped_weights_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "weights"
+
+
+OVERLAY_FILE = "overlay.json"
+
+
+def derived_dir(metadata: dict[str, Any]) -> Path:
+    """Cache folder for what is derived from a read-only model, keyed by its weights' sha256."""
+    from mammacls.store import cache_dir
+
+    return cache_dir() / "derived" / f"{metadata.get('name') or 'model'}-{str(metadata.get('sha256'))[:16]}"
+
+
+def shipped_ref(why: str) -> ModelRef:
+    shipped = shipped_model_dir()
+    if shipped is None:
+        raise MammaclsError("no shipped default model in this installation; run mammacls train")
+    meta = read_metadata(shipped)
+    overlay = derived_dir(meta) / OVERLAY_FILE
+    if overlay.is_file():
+        try:
+            meta.update(json.loads(overlay.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MammaclsError(f"cannot read {overlay} ({exc}); delete it to use the shipped files alone") from None
+    return ModelRef("default", shipped / MODEL_FILE, meta, "shipped", why)
 
 
 def shipped_model_dir() -> Path | None:
@@ -77,6 +102,31 @@ class ModelRef:
     weights: Path
     metadata: dict[str, Any]
     source: str  # "cache", "file" or "shipped"
+    why: str = ""  # how it was chosen, for the one line predict prints
+
+    @property
+    def read_only(self) -> bool:
+        """The shipped model lives inside the installed package, which is never written to."""
+        return self.source == "shipped"
+
+    @property
+    def files_dir(self) -> Path:
+        """Where files derived from this model (ONNX export, refitted densities) are written."""
+        return derived_dir(self.metadata) if self.read_only else self.weights.parent
+
+    def file(self, name: str) -> Path:
+        """A file of the model: a derived copy in the cache first (read-only models), else beside the weights."""
+        derived = self.files_dir / name
+        return derived if self.read_only and derived.is_file() else self.weights.parent / name
+
+    def update_metadata(self, changes: dict[str, Any]) -> None:
+        """Record ``changes``: in metadata.json beside the weights, or for a read-only model in its
+        overlay in the cache, which is merged whenever the model is opened."""
+        target = self.files_dir / (OVERLAY_FILE if self.read_only else METADATA_FILE)
+        current = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
+        current.update(changes)
+        atomic_write_json(target, current)
+        self.metadata.update(changes)
 
     def describe(self) -> dict[str, Any]:
         meta = self.metadata
@@ -84,6 +134,9 @@ class ModelRef:
             "name": self.name, "source": self.source, "path": str(self.weights), "arch": meta.get("arch"),
             "img_size": meta.get("img_size"), "classes": meta.get("classes"),
             "sha256": meta.get("sha256"), "val_metrics": meta.get("val_metrics"),
+            "pretrained": (meta["pretrained"].get("weights") if isinstance(meta.get("pretrained"), dict)
+                           else meta.get("pretrained")),
+            "mask_guided": bool(meta.get("mask_guided")),
         }
 
 
@@ -140,25 +193,28 @@ def _header_metadata(path: Path) -> dict[str, Any]:
 
 
 def resolve_model(spec: str | None) -> ModelRef:
-    """Find a model by cache name, path, ``default`` (shipped) or best available."""
+    """Find a model by cache name, path or ``default`` (shipped); with no ``spec``, the model chosen
+    with ``mammacls use``, else the shipped one. Never a silent switch: ``ref.why`` says which rule picked it."""
+    from mammacls.store import chosen_model
+
     if spec is None:
-        cached = list_cached_models()
-        if cached:
-            return max(cached, key=lambda ref: _val_score(ref.metadata))
-        shipped = shipped_model_dir()
-        if shipped is None:
-            raise MammaclsError("no model yet: run mammacls train (or pass --model PATH)")
-        return ModelRef("default", shipped / MODEL_FILE, read_metadata(shipped), "shipped")
+        chosen = chosen_model()
+        if chosen is None:
+            return shipped_ref("the shipped model; choose another with --model NAME or mammacls use NAME")
+        try:
+            ref = resolve_model(chosen)
+        except MammaclsError:
+            raise MammaclsError(f"the model chosen with 'mammacls use' ({chosen}) is gone: "
+                                "run mammacls use default, or mammacls use NAME") from None
+        ref.why = "chosen with mammacls use; mammacls use default returns to the shipped model"
+        return ref
     if spec == "default":
-        shipped = shipped_model_dir()
-        if shipped is None:
-            raise MammaclsError("no shipped default model in this installation; run mammacls train")
-        return ModelRef("default", shipped / MODEL_FILE, read_metadata(shipped), "shipped")
+        return shipped_ref("--model default")
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
             raise MammaclsError(f"{path} holds no {MODEL_FILE}")
-        return ModelRef(path.name, path / MODEL_FILE, read_metadata(path), "file")
+        return ModelRef(path.name, path / MODEL_FILE, read_metadata(path), "file", "--model")
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise MammaclsError(
@@ -168,36 +224,34 @@ def resolve_model(spec: str | None) -> ModelRef:
         if beside.is_file():
             meta = read_metadata(path.parent)
             if meta.get("weights_file") == path.name:
-                return ModelRef(path.stem, path, meta, "file")
-        return ModelRef(path.stem, path, _header_metadata(path), "file")
+                return ModelRef(path.stem, path, meta, "file", "--model")
+        return ModelRef(path.stem, path, _header_metadata(path), "file", "--model")
     cached_dir = models_dir() / spec
     if "/" not in spec and (cached_dir / METADATA_FILE).is_file():
-        return ModelRef(spec, cached_dir / MODEL_FILE, read_metadata(cached_dir), "cache")
-    names = ", ".join(ref.name for ref in list_cached_models()) or "none"
-    raise MammaclsError(f"no model named {spec!r}: not a file, folder or cached model (cached: {names})")
+        return ModelRef(spec, cached_dir / MODEL_FILE, read_metadata(cached_dir), "cache", "--model")
+    names = [ref.name for ref in list_cached_models()]
+    import difflib
 
-
-def _val_score(meta: dict[str, Any]) -> float:
-    value = (meta.get("val_metrics") or {}).get("macro_f1")
-    return float(value) if isinstance(value, (int, float)) else -1.0
+    close = difflib.get_close_matches(spec, [*names, "default"], n=1)
+    raise MammaclsError(f"no model named {spec!r}: not a file, folder or cached model"
+                        + (f"; did you mean {close[0]}?" if close else f" (cached: {', '.join(names) or 'none'})"))
 
 
 def load_network(ref: ModelRef, device: str = "cpu"):
     """Build the network of ``ref`` and load its weights after checking integrity."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from mammacls.model import LESION_DECODER, attach_lesion_decoder, build_model
 
     if not ref.weights.is_file():
         raise MammaclsError(f"model weights missing: {ref.weights}")
+    data = ref.weights.read_bytes()  # hash and load the very same bytes: the file may be replaced meanwhile
     expected = ref.metadata.get("sha256")
-    if expected and sha256_file(ref.weights) != expected:
-        raise MammaclsError(
-            f"{ref.weights} does not match the sha256 in its metadata: the file is corrupt or was modified"
-        )
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        ref.metadata = _metadata_matching(ref, hashlib.sha256(data).hexdigest())
     try:
-        state = load_file(str(ref.weights), device="cpu")
-    except Exception as exc:  # safetensors' own error type, or OSError
+        state = load(data)
+    except Exception as exc:  # safetensors' own error type
         raise MammaclsError(f"{ref.weights} is not a valid safetensors file ({str(exc)[:100]})") from None
     net = build_model(ref.metadata["arch"], len(CLASSES), pretrained=False)
     if any(key.startswith(LESION_DECODER + ".") for key in state):
@@ -208,6 +262,24 @@ def load_network(ref: ModelRef, device: str = "cpu"):
         first = str(exc).splitlines()[0][:160]
         raise MammaclsError(f"{ref.weights} does not fit a {ref.metadata['arch']} model: {first}") from None
     return net.to(device).eval()
+
+
+def _metadata_matching(ref: ModelRef, digest: str, seconds: float = 3.0) -> dict[str, Any]:
+    """The metadata that belongs to weights of ``digest``: a training run replaces the weights, then the
+    metadata, so a reader between the two waits briefly for the second; anything else is damage."""
+    import time
+
+    folder = ref.weights.parent
+    deadline = time.monotonic() + seconds
+    while ref.source == "cache" and (folder / METADATA_FILE).is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            fresh = read_metadata(folder)
+        except MammaclsError:
+            continue  # caught mid-write
+        if fresh.get("sha256") == digest:
+            return fresh
+    raise MammaclsError(f"{ref.weights} does not match the sha256 in its metadata: the file is corrupt or was modified")
 
 
 # Shipping stores the large convolution kernels as float16 and every small tensor (stem,
