@@ -57,11 +57,13 @@ def test_prepare_json_is_one_document_on_stdout(busi_dir, cache, tmp_path):
     (["train", "--no-pretrained", "--epochs", "1"], "no prepared dataset yet"),
     (["train", "--arch", "alexnet", "--no-pretrained"], "unknown architecture"),
     (["evaluate"], "no trained models"),
-    (["predict", "x.png"], "no model yet: run mammacls train"),
+    (["predict", "x.png"], "no shipped default model in this installation"),
     (["predict", "x.png", "--model", "missing-model"], "no model named"),
+    (["predict", "nothing-here.png"], "file not found: nothing-here.png"),
 ])
 def test_bad_input_is_one_clear_line(args, fragment, cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((80, 80), 90, dtype=np.uint8)).save(tmp_path / "x.png")  # the model is the problem
     monkeypatch.setattr("mammacls.weights.shipped_model_dir", lambda: None)  # as if none were installed
     _one_line_error(runner.invoke(app, args), fragment)
 
@@ -164,7 +166,7 @@ def _write_inputs(folder: Path) -> dict[str, Path]:
 def test_predict_reports_bad_files_and_still_predicts_the_rest(tiny_model, use_session_cache, tmp_path):
     inputs = _write_inputs(tmp_path / "in")
     missing = tmp_path / "in" / "missing.png"
-    result = runner.invoke(app, ["predict", str(tmp_path / "in"), str(missing), "--json"])
+    result = runner.invoke(app, ["predict", str(tmp_path / "in"), str(missing), "--model", "tiny", "--json"])
     assert result.exit_code == 1
     document = json.loads(result.stdout)
     assert document["model"]["name"] == "tiny"
@@ -207,7 +209,9 @@ def test_predict_survives_a_symlink_loop(tiny_model, use_session_cache, tmp_path
 def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, cache):
     fake = tmp_path / "model.safetensors"
     fake.write_bytes(b"not safetensors at all")
-    _one_line_error(runner.invoke(app, ["predict", "x.png", "--model", str(fake)]), "not a valid safetensors")
+    Image.fromarray(np.full((80, 80), 90, dtype=np.uint8)).save(tmp_path / "x.png")
+    _one_line_error(runner.invoke(app, ["predict", str(tmp_path / "x.png"), "--model", str(fake)]),
+                    "not a valid safetensors")
 
 
 @pytest.mark.slow

@@ -229,15 +229,21 @@ def _quickstart_commands() -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_quickstart_walkthrough(synthetic, tmp_path):
+def test_readme_quickstart_walkthrough(synthetic, tmp_path, monkeypatch):
     """The Quickstart top to bottom on the synthetic set, in an empty cache: every command exits 0,
-    predict uses the model the README says, and nothing under the package changes."""
+    predict uses the model the README says, and nothing under the package changes. (In one process,
+    through the same Typer app the console script runs, to import torch once.)"""
+    from typer.testing import CliRunner
+
+    from mammacls.cli import _report_option_value, app
     from mammacls.model import hub_checkpoint_path, imagenet_weights
 
     commands = _quickstart_commands()
     assert any("prepare" in c and "BUS-BRA" in c for c in commands) and any("--lesion-map" in c for c in commands)
     have_imagenet = hub_checkpoint_path(imagenet_weights("mobilenet_v2", "IMAGENET1K_V1")).is_file()
-    env = _env(tmp_path / "cache")
+    monkeypatch.setenv("MAMMACLS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
     before = _tree_digest(REPO / "weights", PACKAGE)
     for command in commands:
         line = (command.replace("../shared/data/Dataset_BUSI_with_GT", str(synthetic["busi"]))
@@ -247,8 +253,8 @@ def test_readme_quickstart_walkthrough(synthetic, tmp_path):
         line = re.sub(r"--img-size \d+", "--img-size 32", line)
         if not have_imagenet:
             line = line.replace("--imagenet-weights IMAGENET1K_V1", "--no-pretrained")
-        done = _run(shlex.split(line)[1:], env, cwd=tmp_path, timeout=600)
-        assert done.returncode == 0, (command, done.stderr[-2000:])
+        done = runner.invoke(app, _report_option_value(shlex.split(line)[1:]))
+        assert done.exit_code == 0, (command, done.stderr[-2000:])
         if line.startswith("mammacls predict"):
             expected = re.search(r"--model (\S+)", line)
             assert f"model: {expected.group(1) if expected else 'default'} " in done.stderr, (command, done.stderr)

@@ -39,8 +39,8 @@ def test_training_writes_an_onnx_export_recorded_in_metadata(tiny_model, session
 
 
 def test_onnx_and_torch_probabilities_agree(tiny_model, use_session_cache, scans):
-    fast = predict_paths([scans], backend="onnx", batch_size=3)
-    eager = predict_paths([scans], backend="torch", batch_size=3)
+    fast = predict_paths([scans], "tiny", backend="onnx", batch_size=3)
+    eager = predict_paths([scans], "tiny", backend="torch", batch_size=3)
     assert fast["model"]["backend"] == "onnxruntime" and eager["model"]["backend"] == "torch"
     assert [p["path"] for p in fast["predictions"]] == [p["path"] for p in eager["predictions"]]
     assert len(fast["predictions"]) == 7
@@ -51,7 +51,8 @@ def test_onnx_and_torch_probabilities_agree(tiny_model, use_session_cache, scans
 
 def test_cli_predict_on_cpu_never_imports_torch(tiny_model, session_cache, scans):
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "mammacls", "predict", str(scans / "scan 0.png"), "--json"],
+        [sys.executable, "-X", "importtime", "-m", "mammacls", "predict", str(scans / "scan 0.png"), "--model", "tiny",
+         "--json"],
         capture_output=True, text=True, env={**_env(), "MAMMACLS_CACHE_DIR": str(session_cache)},
     )
     assert done.returncode == 0, done.stderr[-2000:]

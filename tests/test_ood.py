@@ -134,7 +134,7 @@ def test_evaluate_reports_coverage_and_accuracy_on_accepted(tiny_model, use_sess
     selective = json.loads(result.stdout)["models"][0]["metrics"]["selective"]
     assert selective["checked"] is True
     assert 0 <= selective["coverage"] <= 1 and 0 <= selective["coverage_ok"] <= selective["coverage"]
-    assert "abstention:" in result.stderr
+    assert "refusal: predict would reject" in result.stderr
 
 
 @pytest.mark.parametrize("bad", ["--model"])

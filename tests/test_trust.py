@@ -202,8 +202,8 @@ def test_no_calibration_gives_raw_probabilities(tiny_model, use_session_cache, p
 
 def test_predict_uses_calibrated_probabilities_by_default(tiny_model, use_session_cache, busi_dir):
     image = str(Path(busi_dir[0]) / "benign" / "benign (5).png")
-    calibrated = json.loads(runner.invoke(app, ["predict", image, "--json"]).stdout)
-    raw = json.loads(runner.invoke(app, ["predict", image, "--json", "--no-calibration"]).stdout)
+    calibrated = json.loads(runner.invoke(app, ["predict", image, "--model", "tiny", "--json"]).stdout)
+    raw = json.loads(runner.invoke(app, ["predict", image, "--model", "tiny", "--json", "--no-calibration"]).stdout)
     assert calibrated["model"]["temperature"] == pytest.approx(tiny_model["temperature"])
     assert raw["model"]["temperature"] == 1.0
     if abs(tiny_model["temperature"] - 1.0) > 1e-3:
