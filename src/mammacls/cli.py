@@ -190,7 +190,8 @@ class _RichReporter:
         self.progress.update(self.epoch_task, advance=1, info=f"val F1 {record['val_macro_f1']:.3f}")
         dice = f" Dice {_fmt(record['val_lesion_dice'])}" if "val_lesion_dice" in record else ""
         self.progress.console.print(
-            f"epoch {record['epoch']:>3}/{self.epochs}  loss {record['train_loss']:.3f}/{record['val_loss']:.3f}  "
+            f"epoch {record['epoch']:>3}/{self.epochs}  "
+            f"train/val loss {record['train_loss']:.3f}/{record['val_loss']:.3f}  "
             f"val acc {record['val_accuracy']:.3f} F1 {record['val_macro_f1']:.3f} "
             f"AUC {_fmt(record['val_roc_auc_macro'])}{dice}  {record['seconds']:.0f}s"
             + ("  [green]best[/]" if improved else ""))
@@ -251,7 +252,8 @@ def train(
     previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         with _errors():
-            config = TrainConfig(arch=arch, pretrained=pretrained, imagenet=imagenet_weights, epochs=epochs, batch_size=batch_size, lr=lr,
+            config = TrainConfig(arch=arch, pretrained=pretrained, imagenet=imagenet_weights, epochs=epochs,
+                                 batch_size=batch_size, lr=lr,
                                  img_size=img_size, seed=seed, device=device, patience=patience,
                                  label_smoothing=label_smoothing, augmentation=augmentation_preset(augment),
                                  mask_guided=mask_guided, mask_weight=mask_weight)

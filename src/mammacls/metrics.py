@@ -252,7 +252,8 @@ def _subset_point(y: np.ndarray, probabilities: np.ndarray, present: list[int],
     f1 = []
     for k in present:  # F1 = 2TP / (2TP + FP + FN); a prediction of an absent class is a miss
         tp = int(((predicted == k) & (y == k)).sum())
-        f1.append(2 * tp / (2 * tp + int(((predicted == k) & (y != k)).sum()) + int(((predicted != k) & (y == k)).sum())))
+        false_pos, false_neg = int(((predicted == k) & (y != k)).sum()), int(((predicted != k) & (y == k)).sum())
+        f1.append(2 * tp / (2 * tp + false_pos + false_neg))
     out: dict[str, float | None] = {
         "accuracy": float((predicted == y).mean()),
         "macro_f1": float(np.mean(f1)),

@@ -724,7 +724,8 @@ def _training_dataset(ref) -> PreparedDataset:
     try:
         dataset = load_prepared(Path(prepared) if prepared and Path(prepared).is_dir() else None)
     except MammaclsError:
-        raise MammaclsError(f"the prepared dataset {ref.name} was trained on is not here; run mammacls prepare") from None
+        raise MammaclsError(f"the prepared dataset {ref.name} was trained on is not here; "
+                            "run mammacls prepare") from None
     known = sorted((data.get("train_val_fingerprints") or {}).get("sha256") or [])
     here = sorted(row["sha256"] for row in dataset.split("train") + dataset.split("val"))
     same = here == known if known else dataset.manifest_sha256 == data.get("manifest_sha256")
