@@ -162,9 +162,8 @@ def test_shipped_model_is_never_written_export_goes_to_the_cache(tmp_path):
 
 
 def _start_training(env: dict, name: str, epochs: int, cwd: Path) -> subprocess.Popen:
-    # 128 px: about a second an epoch on 2 cores, long enough for the commands run beside it
     return subprocess.Popen([sys.executable, "-m", "mammacls", "train", "--arch", "resnet18", "--no-pretrained",
-                             "--epochs", str(epochs), "--img-size", "128", "--patience", "1000", "--name", name],
+                             "--epochs", str(epochs), "--img-size", "32", "--patience", "1000", "--name", name],
                             env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -184,9 +183,10 @@ def test_concurrent_commands_refuse_in_one_true_line_and_sigterm_is_resumable(sy
     cache = tmp_path / "cache"
     env = _env(cache)
     assert _run(["prepare", str(synthetic["busi"])], env).returncode == 0
-    first = _start_training(env, "x", 20, tmp_path)
+    first = _start_training(env, "x", 12, tmp_path)
     try:
         _wait_for(cache / "models" / "x" / "checkpoint.safetensors", first)
+        first.send_signal(signal.SIGSTOP)  # paused mid-run, holding its locks, while the others try
         second = _run(["train", "--arch", "resnet18", "--no-pretrained", "--epochs", "1", "--name", "x"], env)
         lines = _error_lines(second.stderr)
         assert second.returncode != 0 and len(lines) == 1
@@ -195,12 +195,14 @@ def test_concurrent_commands_refuse_in_one_true_line_and_sigterm_is_resumable(sy
         assert again.returncode != 0 and f"process {first.pid} (mammacls train --name x)" in again.stderr
         beside = _run(["predict", str(synthetic["busi"] / "normal"), "--model", "x", "--json"], env)
         assert beside.returncode == 0, beside.stderr
-        assert first.poll() is None, "the run ended before it could be stopped: give it more epochs"
-        first.send_signal(signal.SIGTERM)
+        assert first.poll() is None
+        first.send_signal(signal.SIGTERM)  # delivered as soon as it runs again
+        first.send_signal(signal.SIGCONT)
         _, err = first.communicate(timeout=120)
         assert first.returncode == 130 and "mammacls train --resume" in err
     finally:
         if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
             first.kill()
     assert (cache / "models" / "x" / "checkpoint.safetensors").is_file()
     meta = json.loads((cache / "models" / "x" / "metadata.json").read_text())
