@@ -103,6 +103,8 @@ def test_report_dir_alone_writes_the_report(tiny_model, use_session_cache, prepa
     result = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--report-dir", str(out), "--bootstrap", "100"])
     assert result.exit_code == 0, result.stderr
     assert (out / "index.html").is_file() and (out / "metrics.json").is_file()
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "<th>kind</th>" in page and "<div class=models>" in page and "grid-template-columns" in page
     shown = result.stdout + result.stderr
     assert "confident (accuracy" not in shown  # the old wording read as a contradiction
     assert re.search(r"refusal: predict would reject \d+ of these images and mark \d+ uncertain", shown)

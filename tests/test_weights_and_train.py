@@ -174,3 +174,29 @@ def test_vgg16_on_cpu_prints_a_time_estimate():
                        epochs=5), images, 1, 4, Capture())
     assert len(messages) == 1 and "min per epoch for vgg16 at 32 px" in messages[0]
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the probe changed nothing
+
+
+def test_progress_shows_the_steps_after_the_last_epoch(prepared, cache):
+    """The reporter hears every epoch, then the finishing steps by name (no stale batch bar)."""
+    events = []
+
+    class Capture(TrainReporter):
+        def epoch_done(self, record, improved):
+            events.append(("epoch", record["epoch"]))
+
+        def stage(self, text):
+            events.append(("stage", text))
+
+    train_model(TrainConfig(arch="resnet18", pretrained=False, epochs=2, img_size=32, batch_size=16),
+                prepared[0], name="staged", reporter=Capture())
+    assert events[:2] == [("epoch", 1), ("epoch", 2)]
+    assert [text for kind, text in events[2:]] == ["calibrating on validation, fitting the refusal densities",
+                                                   "exporting to ONNX"]
+
+
+def test_predict_progress_knows_its_total_from_the_start(tiny_model, use_session_cache, busi_dir):
+    from mammacls.predict import predict_paths
+
+    calls = []
+    predict_paths([busi_dir[0] / "normal"], "tiny", batch_size=4, progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, calls[-1][1]) and calls[-1][0] == calls[-1][1] > 4
