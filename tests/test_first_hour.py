@@ -259,6 +259,9 @@ def test_readme_quickstart_walkthrough(synthetic, tmp_path, monkeypatch):
             line = line.replace("--imagenet-weights IMAGENET1K_V1", "--no-pretrained")
         done = runner.invoke(app, _report_option_value(shlex.split(line)[1:]))
         assert done.exit_code == 0, (command, done.stderr[-2000:])
+        if line.startswith("mammacls evaluate --model two-sources"):  # trained on both: a table per source
+            shown = done.stdout + done.stderr
+            assert "two-sources: per source" in shown and "BUS-BRA" in shown and "Dataset_BUSI_with_GT" in shown
         if line.startswith("mammacls predict"):
             expected = re.search(r"--model (\S+)", line)
             assert f"model: {expected.group(1) if expected else 'default'} " in done.stderr, (command, done.stderr)
