@@ -314,6 +314,6 @@ def _recalibrate_a_read_only_copy(use_session_cache, tmp_path, monkeypatch):
     again = resolve_model("default")  # opened again: the refit is read from the cache
     assert again.metadata["ood"]["sha256"] == record["ood"]["sha256"]
     assert again.file("ood.safetensors").parent == ref.files_dir
-    from mammacls.ood import load_density
+    from mammacls.ood import model_density
 
-    load_density(again.file(again.metadata["ood"]["file"]).parent, again.metadata["ood"])
+    assert model_density(again) is not None  # the refitted file, found and sha256-checked as predict does

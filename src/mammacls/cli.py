@@ -400,14 +400,13 @@ def _print_sources(document: dict, console) -> None:
     """Per source: only the classes it holds; malignant vs the other classes present, with intervals."""
     from rich.table import Table
 
-    from mammacls.evaluate import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, show_sources, source_rows
+    from mammacls.evaluate import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, show_sources, source_rows
 
     if not show_sources(document):
         return
     absent = document["data"].get("classes_absent")
     if absent:
-        console.print(f"classes absent from this set: {', '.join(absent)} — no recall, F1 or AUC is reported for "
-                      "them", soft_wrap=True, markup=False)
+        console.print(absent_classes_note(absent), soft_wrap=True, markup=False)
     for entry in document["models"]:
         table = Table(title=f"{entry['name']}: per source (malignant vs the other classes present)")
         for column in SOURCE_COLUMNS:

@@ -33,7 +33,9 @@ from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are p
     PHASH_MAX_DISTANCE, assign_groups, hamming_distances, merge_across_sources, near_duplicate_pairs,
     perceptual_hash, phash_from_hex, phash_to_hex, pixel_sha256, read_groups_csv, thumbnail_vector,
 )
-from mammacls.sources import ImageRecord, ScanResult, Source, open_source, scan_dataset, scan_source  # noqa: F401
+from mammacls.sources import (  # noqa: F401  (scan_dataset re-exported)
+    ImageRecord, ScanResult, Source, absent_classes, open_source, relative_or_absolute, scan_dataset, scan_source,
+)
 from mammacls.store import atomic_write_json, cache_lock, datasets_dir, record_latest_dataset, sha256_file
 
 SPLITS = ("train", "val", "test")
@@ -328,7 +330,7 @@ def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, pro
         "skipped": skipped,
         "non_image_files": sum(scan.non_image_files for scan in scans),
         "orphan_masks": [m for scan in scans for m in scan.orphan_masks],
-        "missing_classes": [c for c in CLASSES if not any(r.label == c for r in kept)],
+        "missing_classes": absent_classes(kept),
     }
     atomic_write_json(work / SUMMARY_NAME, summary)
     from mammacls.plots import dataset_overview_figure
@@ -348,7 +350,7 @@ def _source_summary(scan: ScanResult, decoded: list[ImageRecord], kept: list[Ima
         "patients": len({r.patient for r in used if r.patient}) or None,
         "counts": count_table(used),
         "masks_attached": sum(len(r.mask_paths) for r in decoded if r.source == name),
-        "missing_classes": [c for c in CLASSES if not any(r.label == c for r in used)],
+        "missing_classes": absent_classes(used),
         "skipped": len(scan.skipped) + len(scan.records) - sum(1 for r in decoded if r.source == name),
     }
 
@@ -362,14 +364,6 @@ def count_table(records: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _relative(path: Path, root: Path) -> str:
-    """``path`` relative to its source's root (so a prepared dataset can move), else absolute."""
-    try:
-        return path.resolve().relative_to(root).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()
-
-
 def _write_manifest(target: Path, records, cache_names, decoded_dir: Path, roots: dict[str, Path]) -> None:
     with open(target, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -379,8 +373,8 @@ def _write_manifest(target: Path, records, cache_names, decoded_dir: Path, roots
             has_mask = (decoded_dir / f"{name}_mask.npy").exists()
             root = roots[r.source]
             writer.writerow([
-                _relative(r.path, root), r.label, r.split, r.group_id, r.sha256, r.file_sha256,
-                r.width, r.height, ";".join(_relative(m, root) for m in r.mask_paths),
+                relative_or_absolute(r.path.resolve(), root), r.label, r.split, r.group_id, r.sha256, r.file_sha256,
+                r.width, r.height, ";".join(relative_or_absolute(m.resolve(), root) for m in r.mask_paths),
                 f"decoded/{name}.npy", f"decoded/{name}_mask.npy" if has_mask else "",
                 r.source, r.patient,
             ])

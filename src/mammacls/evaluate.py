@@ -229,10 +229,10 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, features: np.ndarray, pr
     The colour check needs the original file, so it is not applied here; the
     size, blank-frame, feature-distance and confidence checks are.
     """
-    from mammacls.ood import distances, image_check, load_density, status_of
+    from mammacls.ood import distances, image_check, model_density, status_of
 
     record = ref.metadata.get("ood")
-    density = load_density(ref.file(record["file"]).parent, record) if record else None
+    density = model_density(ref)
     far = distances(density, features) if record else None
     min_confidence = ref.metadata.get("min_confidence") if calibrated else None
     resized = eval_set.at_size(int(ref.metadata["img_size"]))
@@ -340,6 +340,10 @@ def source_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
             "accuracy", "macro_f1", "malignant_auc", "malignant_sensitivity_at_val_threshold",
             "malignant_sensitivity_at_set_spec90")), called))
     return rows
+
+
+def absent_classes_note(absent: list[str]) -> str:
+    return f"classes absent from this set: {', '.join(absent)} — no recall, F1 or AUC is reported for them"
 
 
 def show_sources(document: dict[str, Any]) -> bool:

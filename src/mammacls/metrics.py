@@ -160,16 +160,23 @@ def _fast_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _point_metrics(y: np.ndarray, probabilities: np.ndarray, threshold: float | None) -> dict[str, float | None]:
-    """The figures that get a confidence interval, computed fast (one bootstrap resample)."""
+def _class_rates(y: np.ndarray, pred: np.ndarray):
+    """Per class from the confusion matrix: support, predicted count, true positives, recall, precision
+    and F1 (0 where undefined)."""
     k = len(CLASSES)
-    pred = probabilities.argmax(axis=1)
     cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
     support, predicted = cm.sum(axis=1), cm.sum(axis=0)
     tp = np.diag(cm)
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    return support, predicted, tp, recall, precision, f1
+
+
+def _point_metrics(y: np.ndarray, probabilities: np.ndarray, threshold: float | None) -> dict[str, float | None]:
+    """The figures that get a confidence interval, computed fast (one bootstrap resample)."""
+    k = len(CLASSES)
+    support, predicted, tp, recall, precision, f1 = _class_rates(y, probabilities.argmax(axis=1))
     present = support > 0
     aucs = [_fast_auc(y == c, probabilities[:, c]) for c in range(k)]
     defined = [a for a in aucs if a is not None]
@@ -249,19 +256,15 @@ def subset_metrics(
 def _subset_point(y: np.ndarray, probabilities: np.ndarray, present: list[int],
                   val_threshold: float | None) -> dict[str, float | None]:
     predicted = probabilities.argmax(axis=1)
-    f1 = []
-    for k in present:  # F1 = 2TP / (2TP + FP + FN); a prediction of an absent class is a miss
-        tp = int(((predicted == k) & (y == k)).sum())
-        false_pos, false_neg = int(((predicted == k) & (y != k)).sum()), int(((predicted != k) & (y == k)).sum())
-        f1.append(2 * tp / (2 * tp + false_pos + false_neg))
+    _, _, tp, recall, _, f1 = _class_rates(y, predicted)  # a prediction of an absent class is a miss
     out: dict[str, float | None] = {
-        "accuracy": float((predicted == y).mean()),
-        "macro_f1": float(np.mean(f1)),
+        "accuracy": float(tp.sum() / len(y)),
+        "macro_f1": float(f1[present].mean()),
         "roc_auc_macro": (float(np.mean([_fast_auc(y == k, probabilities[:, k]) for k in present]))
                           if len(present) == len(CLASSES) else None),
     }
     for k in present:
-        out[f"recall_{CLASSES[k]}"] = float((predicted[y == k] == k).mean())
+        out[f"recall_{CLASSES[k]}"] = float(recall[k])
     positive = y == MALIGNANT
     if positive.any() and not positive.all():
         p_mal = probabilities[:, MALIGNANT]

@@ -143,6 +143,13 @@ def load_density(folder: Path, record: dict[str, Any]) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
+def model_density(ref) -> dict[str, np.ndarray] | None:
+    """The densities of model ``ref`` (None when it has none), from wherever its file lives:
+    beside the weights, or for the read-only shipped model possibly refitted in the cache."""
+    record = ref.metadata.get("ood")
+    return load_density(ref.file(record["file"]).parent, record) if record else None
+
+
 def choose_min_confidence(probabilities: np.ndarray, labels: np.ndarray, floor: float = 0.4) -> float:
     """The largest confidence below which validation predictions are right less than half of the time."""
     confidence = probabilities.max(axis=1)

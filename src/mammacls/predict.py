@@ -106,10 +106,10 @@ def predict_paths(
 
     originals: dict[Path, np.ndarray] = {}  # full-size images, kept only for the explanations
 
-    from mammacls.ood import distances, image_check, load_density, status_of
+    from mammacls.ood import distances, image_check, model_density, status_of
 
     ood_record = ref.metadata.get("ood")
-    density = load_density(ref.file(ood_record["file"]).parent, ood_record) if ood_record else None
+    density = model_density(ref)
     min_confidence = ref.metadata.get("min_confidence") if calibrated else None
     reasons: dict[Path, str | None] = {}
 
@@ -164,12 +164,14 @@ def predict_paths(
                         entry["explanation"] = str(_write_overlay(
                             explain_dir, path, "gradcam", originals[path], cams[k], caption, written))
                     if lesion_maps is not None:  # a lesion is drawn only where the model sees one
-                        lesion = lesion_maps[k] if label != "normal" else np.zeros_like(lesion_maps[k])
-                        entry["lesion_area_fraction"] = (round(float((lesion >= 0.5).mean()), 4)
-                                                         if label != "normal" else None)
+                        if label == "normal":
+                            lesion, area, note = np.zeros_like(lesion_maps[k]), None, f"{caption}: no lesion drawn"
+                        else:
+                            lesion, note = lesion_maps[k], caption
+                            area = round(float((lesion >= 0.5).mean()), 4)
+                        entry["lesion_area_fraction"] = area
                         entry["lesion_map"] = str(_write_overlay(
-                            lesion_dir, path, "lesion", originals[path], lesion,
-                            caption if label != "normal" else f"{caption}: no lesion drawn", written))
+                            lesion_dir, path, "lesion", originals[path], lesion, note, written))
                     originals.pop(path, None)
                     predictions.append(entry)
             done += len(item)

@@ -11,7 +11,9 @@ from typing import Any
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
-from mammacls.evaluate import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, describe_malignant, show_sources, source_rows
+from mammacls.evaluate import (
+    SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, describe_malignant, show_sources, source_rows,
+)
 from mammacls.plots import (
     confusion_matrix_figure, figure_png_bytes, precision_recall_figure, reliability_figure, roc_figure,
     thumbnail_png,
@@ -131,13 +133,12 @@ def _sources_table(results: list[dict[str, Any]], document: dict[str, Any]) -> s
     body = "".join(f"<tr><td>{html.escape(r['name'])}</td>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row)
                    + "</tr>" for r in results for row in source_rows(r))
     return ("<h3>Per source (malignant vs the other classes present)</h3>"
-            + (f"<p>Classes absent from this set: {html.escape(', '.join(absent))}; no recall, F1 or AUC is "
-               "reported for them.</p>" if absent else "")
+            + (f"<p>{html.escape(absent_classes_note(absent))}</p>" if absent else "")
             + f"<table><tr>{head}</tr>{body}</table><p class=sub>{html.escape(SOURCE_COLUMNS_NOTE)}.</p>")
 
 
 def model_tags(model: dict[str, Any]) -> list[str]:
-    """What kind of model a result row is: ImageNet start, mask-guided, ensemble, fold or repeat."""
+    """What kind of model a result row is: ImageNet start, mask-guided, ensemble, shipped."""
     tags = []
     if model.get("pretrained"):
         tags.append("ImageNet " + str(model["pretrained"]).rsplit(".", 1)[-1])

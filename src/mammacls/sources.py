@@ -125,6 +125,12 @@ def _source_name(name: str | None, path: Path) -> str:
     return cleaned[:64]
 
 
+def absent_classes(records) -> list[str]:
+    """The classes none of ``records`` carries (BUS-BRA: normal)."""
+    present = {r.label for r in records}
+    return [c for c in CLASSES if c not in present]
+
+
 def scan_source(source: Source) -> ScanResult:
     readers = {"busi": _scan_busi_layout, "bus-bra": _scan_busbra, "csv": _scan_csv}
     result = readers[source.kind](source.path)
@@ -233,8 +239,7 @@ def _scan_busbra(root: Path) -> ScanResult:
     if not records:
         raise MammaclsError(f"no images of {root / BUSBRA_TABLE} found in {root / 'Images'}")
     records.sort(key=lambda r: r.relpath)
-    present = {r.label for r in records}
-    return ScanResult(records, skipped, non_image, [], [c for c in CLASSES if c not in present])
+    return ScanResult(records, skipped, non_image, [], absent_classes(records))
 
 
 # -------------------------------------------------------------- user CSV ---
@@ -264,13 +269,12 @@ def _scan_csv(table: Path) -> ScanResult:
         missing_masks = [m for m in masks if not m.is_file()]
         skipped.extend({"path": str(m), "reason": f"mask of line {line} missing"} for m in missing_masks)
         records.append(ImageRecord(
-            path=path, relpath=_relative_or_absolute(path, base), label=label,
+            path=path, relpath=relative_or_absolute(path, base), label=label,
             mask_paths=[m for m in masks if m.is_file()], patient=(row.get("patient") or "").strip()))
     if not records:
         raise MammaclsError(f"no readable image is listed in {table}")
     records.sort(key=lambda r: r.relpath)
-    present = {r.label for r in records}
-    return ScanResult(records, skipped, 0, [], [c for c in CLASSES if c not in present])
+    return ScanResult(records, skipped, 0, [], absent_classes(records))
 
 
 def _resolve(base: Path, raw: str) -> Path:
@@ -278,7 +282,8 @@ def _resolve(base: Path, raw: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _relative_or_absolute(path: Path, base: Path) -> str:
+def relative_or_absolute(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` when inside it (so paths survive a move), else absolute."""
     try:
         return path.relative_to(base).as_posix()
     except ValueError:
