@@ -5,9 +5,10 @@
 Builds, without network, an out-of-distribution set from images that installed
 packages ship (photos from scikit-learn and matplotlib, in colour and in gray),
 rendered documents and charts, noise, gradients, solid frames, a CT slice,
-colour-tinted and fake-Doppler BUSI test images; then runs the real predict
-path on it and on the BUSI test split of the latest prepared dataset.
-Targets: >= 98 % of BUSI test images accepted, >= 95 % of the OOD set rejected.
+colour-tinted and fake-Doppler test images (of the first source); then runs the
+real predict path on it and on the test split of the latest prepared dataset, each
+source on its own. Targets: >= 98 % of each source's test images accepted, >= 95 %
+of the OOD set rejected.
 """
 
 from __future__ import annotations
@@ -111,24 +112,28 @@ def main() -> None:
     from mammacls.data import load_prepared
     from mammacls.predict import predict_paths
 
-    test = [Path(row["path"]) for row in load_prepared().split("test")]
+    rows = load_prepared().split("test")
+    test = [Path(row["path"]) for row in rows]
+    source_of = {str(Path(row["path"])): row["source"] for row in rows}
     rng = np.random.default_rng(0)
+    busi_like = [p for p, row in zip(test, rows) if row["source"] == rows[0]["source"]]
     with tempfile.TemporaryDirectory(prefix="mammacls-ood-") as scratch:
         folder = args.keep or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        categories = build_ood_set(folder, test, rng)
-        busi = predict_paths(test, args.model)
+        categories = build_ood_set(folder, busi_like, rng)
+        scans = predict_paths(test, args.model)
         ood = predict_paths([folder / name for name in categories], args.model)
-    model = busi["model"]
+    model = scans["model"]
     print(f"model {model['name']} ({model['arch']}, {model['img_size']} px), OOD threshold "
           f"{model['ood_threshold']}, min confidence {model['min_confidence']}")
-    busi_status = Counter(p["status"] for p in busi["predictions"])
-    accepted = 1 - busi_status["rejected"] / len(busi["predictions"])
-    print(f"BUSI test split: {len(busi['predictions'])} images, {accepted:.1%} accepted (target >= 98%); "
-          f"{dict(busi_status)}")
-    for p in busi["predictions"]:
-        if p["status"] == "rejected":
-            print(f"  rejected {Path(p['path']).name}: {p['reason']}")
+    for source in dict.fromkeys(source_of.values()):
+        mine = [p for p in scans["predictions"] if source_of[p["path"]] == source]
+        status = Counter(p["status"] for p in mine)
+        accepted = 1 - status["rejected"] / len(mine)
+        print(f"{source} test split: {len(mine)} images, {accepted:.1%} accepted (target >= 98%); {dict(status)}")
+        for p in mine:
+            if p["status"] == "rejected":
+                print(f"  rejected {Path(p['path']).name}: {p['reason']}")
     per_category: dict[str, Counter] = {}
     for p in ood["predictions"]:
         per_category.setdefault(categories[Path(p["path"]).name], Counter())[p["status"]] += 1

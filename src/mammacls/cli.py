@@ -230,7 +230,8 @@ def train(
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
     augment: Annotated[str, typer.Option(
-        help="Augmentation strength: light | standard | strong (strong adds gamma and speckle noise).")] = "standard",
+        help="Augmentation: light | standard | strong (adds gamma and speckle) | scanner (the shipped model's: "
+             "zoom out, gain, TGC, blur, lost resolution, speckle, burned-in marks; batched on the device).")] = "standard",
     mask_guided: Annotated[bool, typer.Option(
         help="Also learn the lesion masks with a light decoder (loss = CE + λ·(BCE + Dice)).")] = False,
     mask_weight: Annotated[float, typer.Option(help="λ, the weight of the mask loss with --mask-guided.")] = 0.5,
@@ -515,7 +516,8 @@ def _print_predictions(result: dict, console) -> None:
     from rich.text import Text
 
     model = result["model"]
-    _console().print(f"model: {model['name']} ({model['arch']}, {model['img_size']} px, {model['source']}, "
+    arch = model["arch"] if model.get("members", 1) == 1 else f"{model['members']} x {model['arch']}"
+    _console().print(f"model: {model['name']} ({arch}, {model['img_size']} px, {model['source']}, "
                      f"{model['backend']}): {model['chosen_by']}", soft_wrap=True, markup=False)
     if result["predictions"]:
         table = Table()
@@ -613,6 +615,22 @@ def calibrate(
                           f"OOD threshold {record['ood']['threshold']:.1f}", soft_wrap=True, markup=False)
 
 
+@app.command()
+def ensemble(
+    model: Annotated[list[str], typer.Option(help="A member: model cache name or folder; repeat for each.")],
+    name: Annotated[str, typer.Option(help="Name of the ensemble in the cache.")],
+) -> None:
+    """Combine trained models (e.g. train --repeat N) into one model that averages them, calibrated,
+    gated and exported like the shipped default."""
+    from mammacls.ensemble import ensemble_from_models
+
+    console = _console()
+    with _errors():
+        record = ensemble_from_models(model, name, reporter=lambda text: console.print(text, markup=False))
+    console.print(f"{name}: {record['ensemble']['members']} x {record['arch']}, temperature "
+                  f"{record['temperature']:.2f}; use it with --model {name}", soft_wrap=True, markup=False)
+
+
 # -------------------------------------------------------------------- use ---
 
 @app.command()
@@ -642,7 +660,7 @@ def use(
 _METAVARS = {"data": "DIR_OR_CSV", "out": "DIR", "report_dir": "DIR", "explain": "DIR", "lesion_map": "DIR",
              "groups": "CSV", "model": "NAME", "name": "NAME", "imagenet_weights": "auto|VARIANT|FILE",
              "arch": "resnet18|vgg16|mobilenet_v2", "device": "auto|cpu|cuda", "backend": "auto|onnx|torch",
-             "augment": "light|standard|strong"}
+             "augment": "light|standard|strong|scanner"}
 # by Typer's bare type name, or click's type name (other Typer versions)
 _TYPE_METAVARS = {"int": "N", "integer": "N", "float": "NUM", "str": "TEXT", "text": "TEXT", "Path": "PATH",
                   "path": "PATH", "list[str]": "NAME"}

@@ -35,16 +35,17 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
     """
     import torch
 
-    from mammacls.model import capture_features
+    from mammacls.model import capture_features, members_of
     from mammacls.runtime import to_network_input
 
-    captured: dict[str, torch.Tensor] = {}
+    captured: list[torch.Tensor] = []
 
     def keep(_module, _inputs, output):
         output.retain_grad()
-        captured["activation"] = output
+        captured.append(output)
 
-    handle = last_conv_block(arch, net).register_forward_hook(keep)
+    # an ensemble's map is the mean of its members' maps, each scaled to its own peak first
+    handles = [last_conv_block(arch, member).register_forward_hook(keep) for member in members_of(net)]
     try:
         net.eval()
         inputs = torch.from_numpy(to_network_input(images, mean, std)).to(device)
@@ -53,14 +54,18 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
             classes = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=logits.device)
             net.zero_grad(set_to_none=True)
             logits.gather(1, classes[:, None]).sum().backward()
-        activation = captured["activation"]
-        weights = activation.grad.mean(dim=(2, 3), keepdim=True)
-        cams = torch.relu((weights * activation).sum(dim=1)).detach()
+        cams = torch.stack([_peak_scaled(torch.relu((a.grad.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1)).detach())
+                            for a in captured]).mean(dim=0)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
     features = box["features"].detach().float().cpu().numpy().astype(np.float64)
     return logits.detach().float().cpu().numpy(), (cams / peak).cpu().numpy(), features
+
+
+def _peak_scaled(cams):
+    return cams / cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
 
 
 def overlay_png(gray: np.ndarray, cam: np.ndarray, target: Path, caption: str = "") -> Path:

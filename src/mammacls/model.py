@@ -278,16 +278,62 @@ def head_layer(arch: str, net):
     return net.classifier[1]
 
 
+# ------------------------------------------------------------- ensembles ---
+# An ensemble is one nn.Module holding K members of one architecture (submodule ``members``):
+# its forward averages the members' logits, its penultimate features are the members' side by
+# side (K x D), so every helper below, the ONNX export and the refusal gate treat it as one network.
+
+
+def members_of(net) -> list:
+    """The member networks of an ensemble, or ``[net]`` for a single network."""
+    return list(net.members) if is_ensemble(net) else [net]
+
+
+def is_ensemble(net) -> bool:
+    return getattr(net, "is_ensemble", False)
+
+
+def build_ensemble(members):
+    """One module whose forward is the mean of ``members``' logits."""
+    import torch
+    from torch import nn
+
+    class Ensemble(nn.Module):
+        is_ensemble = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.members = nn.ModuleList(members)
+
+        def forward(self, x):
+            return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+    return Ensemble()
+
+
 @contextmanager
 def capture_features(arch: str, net):
-    """While active, ``box["features"]`` holds the penultimate features of ``net``'s last forward."""
+    """While active, ``box["features"]`` holds the penultimate features of ``net``'s last forward
+    (for an ensemble, its members' features concatenated in member order)."""
+    import torch
+
     box: dict = {}
-    handle = head_layer(arch, net).register_forward_hook(
-        lambda _m, inputs, _o: box.__setitem__("features", inputs[0]))
+    members = members_of(net)
+    parts: list = [None] * len(members)
+
+    def keep(k):
+        def hook(_module, inputs, _output):
+            parts[k] = inputs[0]
+            if all(part is not None for part in parts):
+                box["features"] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return hook
+
+    handles = [head_layer(arch, member).register_forward_hook(keep(k)) for k, member in enumerate(members)]
     try:
         yield box
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def with_features(arch: str, net):
@@ -351,7 +397,7 @@ def attach_lesion_decoder(arch: str, net):
 
 
 def has_lesion_decoder(net) -> bool:
-    return hasattr(net, LESION_DECODER)
+    return all(hasattr(member, LESION_DECODER) for member in members_of(net))
 
 
 def _staged_forward(arch: str, net, x):
@@ -379,6 +425,11 @@ def forward_with_lesion(arch: str, net, x):
 
     if not has_lesion_decoder(net):
         raise MammaclsError("this model was not trained with --mask-guided: it has no lesion decoder")
+    if is_ensemble(net):  # the mean of the members' class and mask logits
+        import torch
+
+        outputs = [forward_with_lesion(arch, member, x) for member in net.members]
+        return tuple(torch.stack(column).mean(dim=0) for column in zip(*outputs))
     logits, mid, deep = _staged_forward(arch, net, x)
     decoder = getattr(net, LESION_DECODER)
     fused = decoder["mid"](mid) + F.interpolate(decoder["deep"](deep), size=mid.shape[-2:], mode="bilinear",

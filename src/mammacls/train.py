@@ -47,6 +47,9 @@ AUGMENTATIONS: dict[str, dict[str, Any]] = {
                  "brightness": 0.2, "contrast": 0.2, "gamma": 0.0, "speckle": 0.0},
     "strong": {"random_resized_crop_scale": [0.6, 1.0], "horizontal_flip": 0.5, "rotation_degrees": 15,
                "brightness": 0.25, "contrast": 0.25, "gamma": 0.3, "speckle": 0.15},
+    # the shipped default's: batches transformed on the training device (mammacls.augment)
+    "scanner": {"random_resized_crop_scale": [0.45, 1.35], "horizontal_flip": 0.5, "rotation_degrees": 15,
+                "scanner": True},
 }
 
 
@@ -193,6 +196,18 @@ def _augment_batch(augment, images: np.ndarray, masks: np.ndarray | None):
     return images_out, torch.stack([mask.as_subclass(torch.Tensor) for _, mask in pairs])
 
 
+def _scanner_batch(images: np.ndarray, masks: np.ndarray | None, aug: dict[str, Any], device: str):
+    """Network input and masks of the "scanner" preset, transformed as whole batches on ``device``."""
+    import torch
+
+    from mammacls.augment import geometric, scanner_photometric
+
+    x = torch.from_numpy(images).to(device).float().unsqueeze(1) / 255.0
+    m = None if masks is None else torch.from_numpy(masks).to(device).float().unsqueeze(1)
+    x, m = geometric(x, m, tuple(aug["random_resized_crop_scale"]), float(aug["rotation_degrees"]))
+    return normalise(scanner_photometric(x)), m
+
+
 def _photometric(batch, aug: dict[str, Any]):
     """Random gamma and multiplicative speckle-like noise on a [0, 1] batch, per image."""
     import torch
@@ -313,7 +328,7 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     shuffler = torch.Generator().manual_seed(config.seed)
-    augment = _augmenter(config)
+    augment = None if config.augmentation.get("scanner") else _augmenter(config)
     use_amp = device == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -364,9 +379,13 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
         for b in range(batches):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             picked = idx.numpy()
-            images, masks = _augment_batch(augment, train_x[picked],
-                                           None if train_masks is None else train_masks[picked])
-            inputs = normalise(_photometric(images.to(device).float() / 255.0, config.augmentation))
+            if config.augmentation.get("scanner"):
+                inputs, masks = _scanner_batch(train_x[picked], None if train_masks is None else train_masks[picked],
+                                               config.augmentation, device)
+            else:
+                images, masks = _augment_batch(augment, train_x[picked],
+                                               None if train_masks is None else train_masks[picked])
+                inputs = normalise(_photometric(images.to(device).float() / 255.0, config.augmentation))
             targets = torch.from_numpy(train_y[picked]).to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
@@ -446,7 +465,7 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
 
 
 def _calibrate(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.ndarray, device: str,
-               run_dir: Path) -> dict[str, Any]:
+               run_dir: Path, members: int = 1) -> dict[str, Any]:
     """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
     the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
     from mammacls.calibration import fit_temperature
@@ -465,7 +484,7 @@ def _calibrate(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.nd
         torch.backends.cudnn.allow_tf32 = tf32
     temperature = fit_temperature(logits, val_y)
     calibrated = softmax(logits, temperature)
-    density = fit_density(train_features, train_y, val_features, len(CLASSES))
+    density = fit_density(train_features, train_y, val_features, len(CLASSES), members=members)
     image_density = fit_image_density(np.stack([image_statistics(x) for x in train_x]),
                                       np.stack([image_statistics(x) for x in val_x]))
     return {
@@ -699,7 +718,10 @@ def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
     val_x, val_y = _load_rows(dataset, val_rows, size, prints)
     device = resolve_device(device)
     net = load_network(ref, device)
-    changes = _calibrate(net, meta["arch"], train_x, train_y, val_x, val_y, device, ref.files_dir)
+    from mammacls.weights import ensemble_size
+
+    changes = _calibrate(net, meta["arch"], train_x, train_y, val_x, val_y, device, ref.files_dir,
+                         members=ensemble_size(meta))
     if ref.read_only:
         ref.update_metadata(changes)
         record = ref.metadata

@@ -136,7 +136,7 @@ class ModelRef:
             "sha256": meta.get("sha256"), "val_metrics": meta.get("val_metrics"),
             "pretrained": (meta["pretrained"].get("weights") if isinstance(meta.get("pretrained"), dict)
                            else meta.get("pretrained")),
-            "mask_guided": bool(meta.get("mask_guided")),
+            "mask_guided": bool(meta.get("mask_guided")), "members": ensemble_size(meta),
         }
 
 
@@ -241,8 +241,6 @@ def load_network(ref: ModelRef, device: str = "cpu"):
     """Build the network of ``ref`` and load its weights after checking integrity."""
     from safetensors.torch import load
 
-    from mammacls.model import LESION_DECODER, attach_lesion_decoder, build_model
-
     if not ref.weights.is_file():
         raise MammaclsError(f"model weights missing: {ref.weights}")
     data = ref.weights.read_bytes()  # hash and load the very same bytes: the file may be replaced meanwhile
@@ -253,15 +251,32 @@ def load_network(ref: ModelRef, device: str = "cpu"):
         state = load(data)
     except Exception as exc:  # safetensors' own error type
         raise MammaclsError(f"{ref.weights} is not a valid safetensors file ({str(exc)[:100]})") from None
-    net = build_model(ref.metadata["arch"], len(CLASSES), pretrained=False)
-    if any(key.startswith(LESION_DECODER + ".") for key in state):
-        attach_lesion_decoder(ref.metadata["arch"], net)  # mask-guided: keep its lesion decoder
+    net = build_network(ref.metadata, state)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:160]
         raise MammaclsError(f"{ref.weights} does not fit a {ref.metadata['arch']} model: {first}") from None
     return net.to(device).eval()
+
+
+def ensemble_size(metadata: dict[str, Any]) -> int:
+    """How many member networks a model holds (1 for a single network)."""
+    return int((metadata.get("ensemble") or {}).get("members", 1))
+
+
+def build_network(metadata: dict[str, Any], state: dict):
+    """The untrained network that ``state`` (a model's weights) fits: one architecture, or an
+    ensemble of its members (keys ``members.K.``), each with a lesion decoder when ``state`` has one."""
+    from mammacls.model import LESION_DECODER, attach_lesion_decoder, build_ensemble, build_model
+
+    arch, count = metadata["arch"], ensemble_size(metadata)
+    members = [build_model(arch, len(CLASSES), pretrained=False) for _ in range(count)]
+    prefix = "members.0." if count > 1 else ""
+    if any(key.startswith(prefix + LESION_DECODER + ".") for key in state):
+        for member in members:
+            attach_lesion_decoder(arch, member)  # mask-guided: keep its lesion decoder
+    return build_ensemble(members) if count > 1 else members[0]
 
 
 def _metadata_matching(ref: ModelRef, digest: str, seconds: float = 3.0) -> dict[str, Any]:
@@ -288,7 +303,8 @@ def _metadata_matching(ref: ModelRef, digest: str, seconds: float = 3.0) -> dict
 HALF_PRECISION_MIN_ELEMENTS = 100_000
 
 
-def publish_model(ref: ModelRef, target: Path, half: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def publish_model(ref: ModelRef, target: Path, half: bool = True, extra: dict[str, Any] | None = None,
+                  half_min_elements: int = HALF_PRECISION_MIN_ELEMENTS) -> dict[str, Any]:
     """Copy a trained model to ``target`` (e.g. ``weights/default``) for shipping.
 
     With ``half`` the large kernels are stored as float16; :func:`load_network` casts them back
@@ -299,11 +315,11 @@ def publish_model(ref: ModelRef, target: Path, half: bool = True, extra: dict[st
     net = load_network(ref, "cpu")
     tensors = state_dict_cpu(net)
     if half:
-        tensors = {k: (v.half() if v.is_floating_point() and v.numel() >= HALF_PRECISION_MIN_ELEMENTS else v)
+        tensors = {k: (v.half() if v.is_floating_point() and v.numel() >= half_min_elements else v)
                    for k, v in tensors.items()}
     meta = {k: v for k, v in ref.metadata.items() if k not in ("format", "weights_file", "sha256", "onnx")}
-    meta["storage_dtype"] = (f"float16 for tensors of >= {HALF_PRECISION_MIN_ELEMENTS} elements, float32 otherwise"
-                             if half else "float32")
+    meta["storage_dtype"] = ("float32" if not half else "float16" if half_min_elements == 0 else
+                             f"float16 for tensors of >= {half_min_elements} elements, float32 otherwise")
     meta.update(extra or {})
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,124 @@
+"""Build the shipped default model from the members a GPU recipe search saved.
+
+    python benchmarks/assemble_default.py --run RUN_DIR [--out weights/default] [--members-alone]
+
+RUN_DIR holds ``results.json`` and ``members-RECIPE-*.safetensors`` from
+``benchmarks/recipe_search.py``. The recipe is the search's first-ranked one (its rule is in
+results.json). The script checks that the latest prepared dataset is the one the search ran on
+(the same train and validation images, by pixel hash), assembles the five fold members into one
+ensemble, calibrates it and fits its refusal gate on the validation split (which no member
+trained on) on this CPU from the original files, exports ONNX, and publishes it to ``--out``
+(float16, as the members were saved; the ONNX file is exported from the published weights, so both
+backends compute the same thing). With ``--members-alone`` it instead writes each member as a
+model of its own into the cache (``default-member-K``), to judge the members one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from mammacls.data import load_prepared
+from mammacls.ensemble import assemble_ensemble, member_hashes
+from mammacls.errors import MammaclsError
+from mammacls.model import load_imagenet_state_dict
+from mammacls.store import models_dir
+from mammacls.weights import MODEL_FILE, ModelRef, publish_model, read_metadata
+
+
+def member_states(run: Path, recipe: str, count: int) -> list[dict]:
+    states: dict[int, dict] = {}
+    for path in sorted(run.glob(f"members-{recipe}-*.safetensors")):
+        for key, value in load_file(str(path)).items():
+            member, rest = key.split(".", 1)
+            states.setdefault(int(member[len("member"):]), {})[rest] = value
+    if sorted(states) != list(range(count)):
+        raise MammaclsError(f"{run}: members {sorted(states)} of {recipe}, expected 0..{count - 1}")
+    return [states[k] for k in range(count)]
+
+
+def check_same_data(results: dict, dataset) -> None:
+    index = {row["sha256"]: row["split"] for row in results["index"]}
+    here = {row["sha256"]: row["split"] for row in dataset.rows if row["split"] in ("train", "val")}
+    if index != here:
+        raise MammaclsError("the latest prepared dataset is not the one the recipe search ran on "
+                            "(run mammacls prepare on the same sources with the same seed)")
+
+
+def build_metadata(results: dict, recipe: str, run: Path) -> dict:
+    _, imagenet = load_imagenet_state_dict("mobilenet_v2", "IMAGENET1K_V1")
+    summary = results["summary"]
+    return {
+        "pretrained": imagenet, "mask_guided": bool(results["recipes"][recipe]["mask"]),
+        "config": {"recipe": recipe, **results["recipes"][recipe], **results["hyper"],
+                   "augmentation": "benchmarks/recipe_search.py (on the GPU)"},
+        "seed": [1000 * (list(results["recipes"]).index(recipe) + 1) + k for k in range(5)],
+        "device": f"{results['device']} (torch {results['torch']})",
+        "selection": ("recipe by 5-fold cross-validation on the train split, grouped by duplicate group and "
+                      "patient, stratified by source and class (out-of-fold figures; rule: "
+                      + results["selection_rule"].strip() + "); members: the five fold models at their last "
+                      "epoch; validation split: calibration and refusal gate only; test split never used"),
+        "recipe_search": {name: {"pooled": entry["pooled"], "fold_spread": entry["fold_spread"],
+                                 **({"repeat_seed": entry["repeat_seed"]} if "repeat_seed" in entry else {})}
+                          for name, entry in summary.items()},
+        "ranking": results["ranking"],
+        "ensemble": {"recipe": recipe, "members_are": "the 5 cross-validation fold models",
+                     "search_run": run.name},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("weights/default"))
+    parser.add_argument("--name", default="mammacls-default-2")
+    parser.add_argument("--members-alone", action="store_true")
+    args = parser.parse_args()
+
+    results = json.loads((args.run / "results.json").read_text())
+    recipe = results["ranking"][0]
+    dataset = load_prepared()
+    check_same_data(results, dataset)
+    states = member_states(args.run, recipe, 5)
+    folds = results["folds"]
+    trained_on = [member_hashes(results["index"], folds, k) for k in range(5)]
+    metadata = build_metadata(results, recipe, args.run)
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    if args.members_alone:
+        for k, state in enumerate(states):
+            target = models_dir() / f"default-member-{k + 1}"
+            shutil.rmtree(target, ignore_errors=True)
+            assemble_ensemble([state], arch="mobilenet_v2", img_size=results["hyper"]["img_size"], dataset=dataset,
+                              name=target.name, target=target, trained_on=[trained_on[k]], reporter=say,
+                              metadata={**metadata, "member_of": args.name, "member": k + 1})
+            say(f"wrote {target}")
+        return
+    with tempfile.TemporaryDirectory(prefix="mammacls-assemble-") as scratch:
+        built = Path(scratch) / args.name
+        record = assemble_ensemble(states, arch="mobilenet_v2", img_size=results["hyper"]["img_size"],
+                                   dataset=dataset, name=args.name, target=built, metadata=metadata,
+                                   trained_on=trained_on, reporter=say)
+        say(f"temperature {record['temperature']:.3f}, refusal thresholds {record['ood']['member_thresholds']}")
+        shutil.rmtree(args.out, ignore_errors=True)
+        # the members came from the GPU as float16 (benchmarks/recipe_search.py), so float16 loses nothing
+        published = publish_model(ModelRef(args.name, built / MODEL_FILE, record, "cache"), args.out,
+                                  extra={"name": args.name}, half_min_elements=0)
+    from mammacls.export import export_onnx
+
+    export_onnx(ModelRef(args.name, args.out / MODEL_FILE, published, "file"))
+    final = read_metadata(args.out)
+    sizes = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(args.out.iterdir())}
+    print(json.dumps({"out": str(args.out), "sha256": final["sha256"], "files_mib": sizes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
