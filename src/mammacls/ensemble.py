@@ -13,7 +13,6 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 
@@ -26,7 +25,12 @@ def stack_member_states(states: list[dict]) -> dict:
     for k, state in enumerate(states[1:], start=2):
         if set(state) != keys:
             raise MammaclsError(f"member {k} has other layers than member 1: not the same architecture")
-    return {f"members.{k}.{key}": value.float() for k, state in enumerate(states) for key, value in state.items()}
+    return {f"members.{k}.{key}": _float32(value) for k, state in enumerate(states) for key, value in state.items()}
+
+
+def _float32(tensor):
+    """Weights as float32 (members may come as float16); counters stay integers."""
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, name: str, target: Path,
@@ -49,7 +53,7 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
             raise MammaclsError(f"member {k} trained on {len(seen & val_hashes)} validation images: "
                                 "the ensemble cannot be calibrated on them")
     single = len(states) == 1  # one member on its own: a plain network (to judge members one by one)
-    state = {key: value.float() for key, value in states[0].items()} if single else stack_member_states(states)
+    state = {key: _float32(value) for key, value in states[0].items()} if single else stack_member_states(states)
     record = {"arch": arch, "ensemble": {"members": len(states)}}
     net = build_network(record, state)
     net.load_state_dict(state, strict=True)
