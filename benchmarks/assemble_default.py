@@ -121,4 +121,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MammaclsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
