@@ -171,3 +171,12 @@ def test_cli_combines_repeated_runs_and_refuses_fold_models(prepared, cache, bus
     assert folds.exit_code != 0 and "validation images" in folds.stderr
     assert folds.stderr.count("\n") == 1  # one line, no traceback
     assert not (models_dir() / "cv-ens").exists()
+
+
+def test_evaluate_report_names_an_ensemble(duo, prepared, tmp_path):
+    result = runner.invoke(app, ["evaluate", "--model", str(duo["dir"]), "--data", str(prepared[0]), "--json",
+                                 "--bootstrap", "100", "--report", "--report-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.stderr
+    [entry] = json.loads(result.stdout)["models"]
+    assert entry["model"]["members"] == 2 and entry["metrics"]["selective"]["checked"]
+    assert "ensemble of 2" in (tmp_path / "r" / "index.html").read_text()

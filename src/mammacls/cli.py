@@ -516,7 +516,8 @@ def _print_predictions(result: dict, console) -> None:
     from rich.text import Text
 
     model = result["model"]
-    arch = model["arch"] if model.get("members", 1) == 1 else f"{model['members']} x {model['arch']}"
+    members = model.get("members")
+    arch = f"{members} x {model['arch']}" if isinstance(members, int) and members > 1 else model["arch"]
     _console().print(f"model: {model['name']} ({arch}, {model['img_size']} px, {model['source']}, "
                      f"{model['backend']}): {model['chosen_by']}", soft_wrap=True, markup=False)
     if result["predictions"]:
