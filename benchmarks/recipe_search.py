@@ -143,7 +143,7 @@ def train_one(job, data, device):
     optimizer = torch.optim.AdamW(net.parameters(), lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
     warm = HYPER["warmup_epochs"] * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
+        optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     labels_t = torch.from_numpy(labels).to(device)
     known_t = torch.from_numpy(known).to(device)
     photometric = scanner_photometric if recipe["scanner"] else standard_photometric
