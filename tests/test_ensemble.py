@@ -180,3 +180,13 @@ def test_evaluate_report_names_an_ensemble(duo, prepared, tmp_path):
     [entry] = json.loads(result.stdout)["models"]
     assert entry["model"]["members"] == 2 and entry["metrics"]["selective"]["checked"]
     assert "ensemble of 2" in (tmp_path / "r" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("bad", ["../outside", "default"])
+def test_model_names_stay_inside_the_cache(bad, cache):
+    for command in (["ensemble", "--model", "x", "--model", "y", "--name", bad],
+                    ["train", "--name", bad, "--epochs", "1"]):
+        result = runner.invoke(app, command)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and "--name" in lines[0], (command, result.stderr)
+    assert not (cache / "outside").exists()

@@ -104,10 +104,11 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
     """
     import contextlib
 
-    from mammacls.store import cache_lock, models_dir
+    from mammacls.store import cache_lock, check_model_name, models_dir
     from mammacls.train import _training_dataset, cv_fold_rows
     from mammacls.weights import load_network, resolve_model
 
+    check_model_name(name)
     refs = [resolve_model(spec) for spec in specs]
     if len(refs) < 2:
         raise MammaclsError("an ensemble needs at least 2 models: give --model several times")

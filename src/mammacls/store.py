@@ -37,6 +37,17 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
+def check_model_name(name: str) -> str:
+    """A model's name becomes a folder under ``models/``: one plain path component, not ``default``."""
+    from mammacls.errors import MammaclsError
+
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise MammaclsError(f"--name {name!r}: a model name is a plain folder name (no '/', not starting with '.')")
+    if name == "default":
+        raise MammaclsError("--name default is the shipped model's name: choose another")
+    return name
+
+
 def record_latest_dataset(prepared_dir: Path) -> None:
     atomic_write_text(cache_dir() / _LATEST_DATASET, str(prepared_dir.resolve()) + "\n")
 

@@ -31,7 +31,7 @@ from mammacls.model import (
     predict_lesion_maps, predict_proba, resolve_device,
 )
 from mammacls.metrics import compute_metrics, softmax
-from mammacls.store import atomic_path, cache_lock, models_dir
+from mammacls.store import atomic_path, cache_lock, check_model_name, models_dir
 from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, library_versions, save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
@@ -266,7 +266,7 @@ def train_model(
         name = find_resumable(name).name
     else:
         config.validate()
-        name = name or _new_run_name(config.arch)
+        name = check_model_name(name) if name else _new_run_name(config.arch)
     with contextlib.ExitStack() as hold:
         hold.enter_context(cache_lock(f"model-{name}", f"mammacls train --name {name}"))
         return _train(config, data_dir, resume, name, reporter, export, split_rows, extra_metadata, hold)
