@@ -25,7 +25,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from mammacls.data import load_prepared
-from mammacls.ensemble import assemble_ensemble, member_hashes
+from mammacls.ensemble import assemble_ensemble
 from mammacls.errors import MammaclsError
 from mammacls.model import load_imagenet_state_dict
 from mammacls.store import models_dir
@@ -41,6 +41,12 @@ def member_states(run: Path, recipe: str, count: int) -> list[dict]:
     if sorted(states) != list(range(count)):
         raise MammaclsError(f"{run}: members {sorted(states)} of {recipe}, expected 0..{count - 1}")
     return [states[k] for k in range(count)]
+
+
+def member_hashes(index_rows: list[dict[str, str]], folds: list[int], member_fold: int) -> set[str]:
+    """Pixel sha256 of the images a cross-validation member trained on (every fold but its own;
+    fold -1 marks images outside the cross-validation, which no member saw)."""
+    return {row["sha256"] for row, fold in zip(index_rows, folds) if fold >= 0 and fold != member_fold}
 
 
 def check_same_data(results: dict, dataset) -> None:

@@ -40,10 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mammacls import CLASSES
 from mammacls.augment import geometric, scanner_photometric, standard_photometric
+from mammacls.metrics import softmax
+from mammacls.model import GRAY_MEAN, GRAY_STD
 from mammacls.train import lesion_loss
 
-CLASSES = ("benign", "malignant", "normal")
 FOLDS = 5
 CANDIDATES = ("standard", "scanner", "scanner-mask")
 ABLATIONS = ("scanner-mask-scratch", "scanner-mask-busi")
@@ -61,7 +63,6 @@ RECIPES = {
 }
 HYPER = {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1,
          "label_smoothing": 0.05, "mask_weight": 0.5, "img_size": 224}
-GRAY_MEAN, GRAY_STD = 0.449, 0.226  # as mammacls.model
 BUSI, BUSBRA = "Dataset_BUSI_with_GT", "BUS-BRA"
 
 
@@ -215,12 +216,6 @@ def worker(rank, jobs, results, bundle_arrays, imagenet, device_name):
 
 
 # --------------------------------------------------------------- scoring ---
-
-def softmax(logits):
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
 
 def oof_scores(labels, sources, held_idx, held_logits):
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score

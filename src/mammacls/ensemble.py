@@ -89,12 +89,6 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     return final
 
 
-def member_hashes(index_rows: list[dict[str, str]], folds: list[int], member_fold: int) -> set[str]:
-    """Pixel sha256 of the images a cross-validation member trained on (every fold but its own;
-    fold -1 marks images outside the cross-validation, which no member saw)."""
-    return {row["sha256"] for row, fold in zip(index_rows, folds) if fold >= 0 and fold != member_fold}
-
-
 def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str, Any]:
     """Combine trained models (e.g. the runs of ``train --repeat N``) into one ensemble model in
     the cache, calibrated and gated on the validation split of the dataset they were trained on.
@@ -105,8 +99,8 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
     import contextlib
 
     from mammacls.store import cache_lock, check_model_name, models_dir
-    from mammacls.train import _training_dataset, cv_fold_rows
-    from mammacls.weights import load_network, resolve_model
+    from mammacls.train import _training_dataset, model_rows
+    from mammacls.weights import ensemble_size, load_network, resolve_model
 
     check_model_name(name)
     refs = [resolve_model(spec) for spec in specs]
@@ -118,7 +112,7 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
             if ref.metadata.get(key) != first.get(key):
                 raise MammaclsError(f"{ref.name} differs from {refs[0].name} in {key} "
                                     f"({ref.metadata.get(key)} vs {first.get(key)}): cannot combine them")
-        if (ref.metadata.get("ensemble") or {}).get("members", 1) > 1:
+        if ensemble_size(ref.metadata) > 1:
             raise MammaclsError(f"{ref.name} is an ensemble already: give its members")
     target = models_dir() / name
     with contextlib.ExitStack() as hold:
@@ -126,17 +120,11 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
         if target.exists():
             raise MammaclsError(f"a model named {name!r} exists already; choose another --name")
         dataset = _training_dataset(refs[0])
-        by_path = {row["path"]: row["sha256"] for row in dataset.rows}
         trained_on = []
         for ref in refs:
             if (ref.metadata.get("data") or {}).get("manifest_sha256") not in (None, dataset.manifest_sha256):
                 raise MammaclsError(f"{ref.name} was trained on another prepared dataset than {refs[0].name}")
-            group = ref.metadata.get("group") or {}
-            if group.get("kind") == "cv":
-                rows = cv_fold_rows(dataset, group["of"], ref.metadata["config"]["seed"])[group["member"] - 1]
-                trained_on.append({by_path[path] for path in rows["train"]})
-            else:
-                trained_on.append({row["sha256"] for row in dataset.split("train")})
+            trained_on.append({row["sha256"] for row in model_rows(dataset, ref.metadata)[0]})
         states = [load_network(ref, "cpu").state_dict() for ref in refs]
         metadata = {key: first[key] for key in ("pretrained", "mask_guided", "config", "selection") if key in first}
         metadata["ensemble"] = {"members_are": [ref.name for ref in refs]}

@@ -147,13 +147,10 @@ def _logits_and_features(ref: ModelRef, images: np.ndarray, device: str, batch_s
     model has an export (several times faster than eager PyTorch there), else PyTorch."""
     from mammacls.runtime import open_backend
 
-    runner, _ = open_backend(ref, device)
+    exported_features = bool((ref.metadata.get("onnx") or {}).get("features"))  # older exports lack them
+    runner, _ = open_backend(ref, device, "auto" if exported_features else "torch")
     parts = [runner.logits_and_features(images[start:start + batch_size])
              for start in range(0, len(images), batch_size)]
-    if not parts or any(features is None for _, features in parts):  # an export without features
-        runner, _ = open_backend(ref, device, "torch")
-        parts = [runner.logits_and_features(images[start:start + batch_size])
-                 for start in range(0, max(len(images), 1), batch_size)]
     return (np.concatenate([logits for logits, _ in parts]).astype(np.float64),
             np.concatenate([features for _, features in parts]).astype(np.float64))
 

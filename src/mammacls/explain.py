@@ -59,9 +59,8 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
     finally:
         for handle in handles:
             handle.remove()
-    peak = cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
     features = box["features"].detach().float().cpu().numpy().astype(np.float64)
-    return logits.detach().float().cpu().numpy(), (cams / peak).cpu().numpy(), features
+    return logits.detach().float().cpu().numpy(), _peak_scaled(cams).cpu().numpy(), features
 
 
 def _peak_scaled(cams):

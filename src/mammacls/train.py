@@ -32,7 +32,7 @@ from mammacls.model import (
 )
 from mammacls.metrics import compute_metrics, softmax
 from mammacls.store import atomic_path, cache_lock, check_model_name, models_dir
-from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, library_versions, save_model
+from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, ensemble_size, library_versions, save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
 SLOW_EPOCH_SECONDS = 60
@@ -708,18 +708,13 @@ def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
     if not ref.read_only and not (ref.weights.parent / METADATA_FILE).is_file():
         raise MammaclsError(f"calibrate needs a model folder with {METADATA_FILE}")
     dataset = _training_dataset(ref)
-    group = meta.get("group") or {}
-    split_rows = (cv_fold_rows(dataset, group["of"], meta["config"]["seed"])[group["member"] - 1]
-                  if group.get("kind") == "cv" else None)
-    train_rows, val_rows = _rows_for(dataset, split_rows)
+    train_rows, val_rows = model_rows(dataset, meta)
     size = int(meta["img_size"])
     prints: dict[str, list] = {"sha256": [], "phash": []}
     train_x, train_y = _load_rows(dataset, train_rows, size, prints)
     val_x, val_y = _load_rows(dataset, val_rows, size, prints)
     device = resolve_device(device)
     net = load_network(ref, device)
-    from mammacls.weights import ensemble_size
-
     changes = _calibrate(net, meta["arch"], train_x, train_y, val_x, val_y, device, ref.files_dir,
                          members=ensemble_size(meta))
     if ref.read_only:
@@ -736,6 +731,15 @@ def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
 
         export_onnx(ref)
     return record
+
+
+def model_rows(dataset: PreparedDataset, meta: dict[str, Any]):
+    """The train and val rows a model was trained and selected on: its cross-validation fold's, or
+    the prepared split."""
+    group = meta.get("group") or {}
+    split_rows = (cv_fold_rows(dataset, group["of"], meta["config"]["seed"])[group["member"] - 1]
+                  if group.get("kind") == "cv" else None)
+    return _rows_for(dataset, split_rows)
 
 
 def _training_dataset(ref) -> PreparedDataset:
