@@ -490,25 +490,56 @@ def predict(
     lesion_map: Annotated[Optional[Path], typer.Option(
         help="Write the predicted lesion mask over each image into this folder (--mask-guided models).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    output: Annotated[Optional[Path], typer.Option(
+        help="Append each result to this .jsonl or .csv file as soon as its batch is done (constant memory; "
+             "nothing printed per image).")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue --output: skip the inputs it already answers (after a crash or a kill).")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        help="K/N: predict only a deterministic 1/N of the inputs (K = 1..N), e.g. $SLURM_ARRAY_TASK_ID/16.")
+    ] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Threads decoding images (default: every core).")] = None,
 ) -> None:
-    """Classify images. Files that cannot be read are reported (exit code 1); the rest are predicted."""
+    """Classify images and DICOM files (a cine loop: every frame, plus a summary). Files that cannot be
+    read are reported one line each (exit code 1); the rest are predicted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mammacls.predict import predict_paths
+    from mammacls.predict import parse_shard, predict_paths
 
     with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                              console=_console(), transient=True) as bar:
         task = bar.add_task("predict", total=None)
+        streamed = output is not None
+
+        def report(error: dict) -> None:  # streaming: each unreadable file as soon as it is met
+            bar.console.print(f"cannot predict {error['path']}: {error['error']}", style="red", soft_wrap=True,
+                              markup=False, highlight=False)
+
         result = predict_paths(paths, model, device, batch_size, backend, calibration, explain, lesion_map,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                notice=lambda text: bar.console.print(text, style="yellow", soft_wrap=True,
-                                                                     markup=False))
+                                                                     markup=False),
+                               workers=workers, shard=None if shard is None else parse_shard(shard),
+                               output=output, resume=resume, on_error=report if streamed else None)
     console = _console(stderr=json_out)
-    _print_predictions(result, console)
+    if streamed:
+        _print_stream_summary(result, console)
+    else:
+        _print_predictions(result, console)
     if json_out:
         _emit_json(result)
     if result["errors"]:
         raise typer.Exit(1)
+
+
+def _print_stream_summary(result: dict, console) -> None:
+    counts, inputs, output = result["status_counts"], result["inputs"], result["output"]
+    shard = f" (shard {inputs['shard']}: {inputs['in_shard']} of {inputs['found']})" if inputs["shard"] else ""
+    resumed = f"; {inputs['already_answered']} already answered" if inputs["already_answered"] else ""
+    console.print(f"{output['records_written']} records appended to {output['path']}{shard}{resumed}: "
+                  f"{counts['ok']} ok, {counts['uncertain']} uncertain, {counts['rejected']} rejected, "
+                  f"{len(result['errors'])} unreadable", markup=False, soft_wrap=True)
 
 
 def _print_predictions(result: dict, console) -> None:
@@ -520,7 +551,8 @@ def _print_predictions(result: dict, console) -> None:
     arch = f"{members} x {model['arch']}" if isinstance(members, int) and members > 1 else model["arch"]
     _console().print(f"model: {model['name']} ({arch}, {model['img_size']} px, {model['source']}, "
                      f"{model['backend']}): {model['chosen_by']}", soft_wrap=True, markup=False)
-    if result["predictions"]:
+    rows = result["predictions"] + result.get("cine", [])
+    if rows:
         table = Table()
         table.add_column("file", overflow="fold")
         table.add_column("prediction")
@@ -528,13 +560,15 @@ def _print_predictions(result: dict, console) -> None:
             table.add_column(f"p({c[:3]})", justify="right")
         table.add_column("status")
         styles = {"ok": "green", "uncertain": "yellow", "rejected": "red"}
-        for p in result["predictions"]:
+        for p in rows:
             rejected = p["status"] == "rejected"  # its label and probabilities are not to be used
-            table.add_row(p["path"], Text("—" if rejected else p["label"]),
-                          *(Text(f"{p['probabilities'][c]:.3f}", style="dim" if rejected else "") for c in CLASSES),
+            name = f"{p['path']} (cine: {p['frames']} frames)" if "frames" in p else p["path"]
+            table.add_row(name, Text("—" if rejected else p["label"]),
+                          *(Text("—" if p["probabilities"] is None else f"{p['probabilities'][c]:.3f}",
+                                 style="dim" if rejected else "") for c in CLASSES),
                           Text(p["status"], style=styles[p["status"]]))
         console.print(table)
-        for p in result["predictions"]:
+        for p in rows:
             if p.get("reason"):
                 console.print(Text(f"{p['status']} ", style=styles[p["status"]]) + Text(f"{p['path']}: {p['reason']}"),
                               soft_wrap=True)

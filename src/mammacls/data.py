@@ -51,7 +51,11 @@ MANIFEST_COLUMNS = (
 
 def _decode_one(record: ImageRecord, cache_path: Path, mask_cache_path: Path) -> list[dict[str, str]]:
     """Decode, fingerprint and cache one image. Returns problems with its masks."""
-    gray = load_grayscale(record.path)
+    stats: dict = {}
+    gray = load_grayscale(record.path, stats)
+    if not record.patient and stats.get("patient_key"):  # DICOM: a hash of Patient ID, never the ID
+        record.patient = stats["patient_key"]
+    crop = {"crop": stats.get("crop"), "full_shape": stats.get("frame_shape")}  # DICOM ultrasound region
     record.height, record.width = gray.shape
     record.sha256 = pixel_sha256(gray)
     record.file_sha256 = sha256_file(record.path)
@@ -62,13 +66,13 @@ def _decode_one(record: ImageRecord, cache_path: Path, mask_cache_path: Path) ->
     good_masks = []
     for mask in record.mask_paths:
         try:
-            load_mask_union([mask], gray.shape)
+            load_mask_union([mask], gray.shape, **crop)
             good_masks.append(mask)
         except (ImageReadError, OSError, ValueError) as exc:
             problems.append({"path": str(mask), "reason": f"mask skipped: {exc}"})
     record.mask_paths = good_masks
     if good_masks:
-        np.save(mask_cache_path, np.packbits(load_mask_union(good_masks, gray.shape), axis=None))
+        np.save(mask_cache_path, np.packbits(load_mask_union(good_masks, gray.shape, **crop), axis=None))
     return problems
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from mammacls.errors import MammaclsError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
 # Refuse images above this many pixels before decoding them (decompression bombs).
 # 50 MP is far above any ultrasound frame (BUSI's largest is about 0.7 MP).
@@ -43,17 +43,29 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_dicom(path: Path) -> bool:
+    """A ``.dcm``/``.dicom`` name, or any other name holding a DICOM Part 10 file."""
+    from mammacls.dicom import has_dicom_preamble, is_dicom_name
+
+    return is_dicom_name(path) or (path.suffix.lower() not in IMAGE_EXTENSIONS and has_dicom_preamble(path))
+
+
 def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
     """Decode ``path`` into a 2-D uint8 grayscale array.
 
-    Handles 1/8/16/32-bit grayscale, RGB(A), palette and EXIF-rotated images.
-    Raises ImageReadError with a short reason for anything else. When ``stats``
-    is given it receives ``colour_fraction``: the share of strongly coloured
-    pixels, which grayscale conversion would otherwise hide.
+    Handles 1/8/16/32-bit grayscale, RGB(A), palette and EXIF-rotated images, and
+    single-frame DICOM (cropped to its ultrasound region; cine loops are refused here:
+    ``predict`` reads them frame by frame). Raises ImageReadError with a short reason
+    for anything else. When ``stats`` is given it receives ``colour_fraction``: the
+    share of strongly coloured pixels, which grayscale conversion would otherwise hide;
+    for DICOM also ``crop`` (the ultrasound region, or None), ``frame_shape`` and
+    ``patient_key`` (a one-way hash of Patient ID).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if is_dicom(path):
+        return _load_dicom_single_frame(path, stats)
     try:
         if path.is_dir():
             raise ImageReadError("is a directory")
@@ -86,6 +98,18 @@ def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
         raise ImageReadError(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"cannot decode image ({_short(exc)})") from None
+
+
+def _load_dicom_single_frame(path: Path, stats: dict | None) -> np.ndarray:
+    from mammacls.dicom import iter_frames, open_dicom
+
+    dicom = open_dicom(path)
+    if dicom.frames > 1:
+        raise ImageReadError(f"cine loop of {dicom.frames} frames: give one frame per labelled image "
+                             "(mammacls predict reads every frame)")
+    if stats is not None:
+        stats.update(crop=dicom.crop, frame_shape=dicom.frame_shape, patient_key=dicom.patient_key)
+    return next(iter_frames(dicom, stats))
 
 
 def _to_gray_array(img) -> np.ndarray:
@@ -121,8 +145,13 @@ def colour_fraction(img) -> float:
     """Share of pixels whose RGB channels differ by more than CHROMA_LIMIT (0 for gray images)."""
     if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return 0.0
-    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
-    return float(((rgb.max(axis=2) - rgb.min(axis=2)) > CHROMA_LIMIT).mean())
+    return colour_fraction_rgb(np.asarray(img if img.mode == "RGB" else img.convert("RGB")))
+
+
+def colour_fraction_rgb(rgb: np.ndarray) -> float:
+    """``colour_fraction`` of an H x W x 3 uint8 array."""
+    sample = rgb[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
+    return float(((sample.max(axis=2) - sample.min(axis=2)) > CHROMA_LIMIT).mean())
 
 
 def _short(exc: BaseException) -> str:
@@ -139,14 +168,21 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(gray, (size, size), interpolation=interpolation)
 
 
-def load_mask_union(paths: list[Path], shape: tuple[int, int]) -> np.ndarray:
-    """OR together an image's mask files into one uint8 {0, 1} array of ``shape``."""
+def load_mask_union(paths: list[Path], shape: tuple[int, int], crop: tuple[int, int, int, int] | None = None,
+                    full_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """OR together an image's mask files into one uint8 {0, 1} array of ``shape``.
+
+    For a DICOM cropped to its ultrasound region (``crop`` = x0, y0, x1, y1 inside
+    ``full_shape``), a mask drawn on the whole frame is cropped the same way.
+    """
     from PIL import Image
 
     union = np.zeros(shape, dtype=np.uint8)
     for path in paths:
         with Image.open(path) as mask_img:
             mask = np.asarray(mask_img.convert("L"))
+        if crop is not None and mask.shape == full_shape:
+            mask = mask[crop[1]:crop[3] + 1, crop[0]:crop[2] + 1]
         if mask.shape != shape:
             raise ImageReadError(f"mask {path.name} is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
         union |= (mask > 127).astype(np.uint8)
