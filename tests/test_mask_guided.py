@@ -54,13 +54,18 @@ def test_lesion_loss_rewards_the_right_mask_and_skips_unknown_masks():
     assert torch.isfinite(nothing) and nothing < 0.1 < 1 < everything
 
 
-def test_mask_follows_the_image_through_augmentation():
+@pytest.mark.parametrize("threaded", [False, True])  # threads: how batches are prepared beside a GPU
+def test_mask_follows_the_image_through_augmentation(threaded):
+    from concurrent.futures import ThreadPoolExecutor
+
     torch.manual_seed(3)
     config = TrainConfig(img_size=48, augmentation={**augmentation_preset("strong"), "brightness": 0, "contrast": 0})
     masks = np.zeros((8, 48, 48), dtype=np.uint8)
     for k in range(8):
         masks[k, 5 + k:25 + k, 10:30 + k] = 1
-    images, moved = _augment_batch(_augmenter(config), masks * np.uint8(255), masks)
+    with ThreadPoolExecutor(2) as threads:
+        images, moved = _augment_batch(_augmenter(config), masks * np.uint8(255), masks,
+                                       threads if threaded else None)
     agree = ((images[:, 0] > 127) == (moved[:, 0] > 0)).float().mean().item()
     assert agree > 0.98
     assert not torch.equal(moved[:, 0], torch.from_numpy(masks))  # something did move

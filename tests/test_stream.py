@@ -145,3 +145,17 @@ def test_resume_needs_an_output(tmp_path, cache):
     _scans(tmp_path / "scans", 1)
     result = runner.invoke(app, ["predict", str(tmp_path / "scans"), "--resume"])
     assert result.exit_code == 1 and "--resume needs --output" in result.stderr
+
+
+def test_resume_refuses_another_model_or_shard(tmp_path, tiny_model, use_session_cache):
+    _scans(tmp_path / "scans", 3)
+    out = tmp_path / "r.jsonl"
+    first = runner.invoke(app, ["predict", str(tmp_path / "scans"), "--output", str(out), "--shard", "1/2",
+                                "--model", "default"])
+    assert first.exit_code == 0, first.stderr
+    meta = json.loads((tmp_path / "r.jsonl.meta.json").read_text())
+    assert meta["model"] == "default" and meta["shard"] == "1/2"
+    for extra, what in ((["--shard", "2/2", "--model", "default"], "shard"),
+                        (["--shard", "1/2", "--model", "tiny"], "model sha256")):
+        again = runner.invoke(app, ["predict", str(tmp_path / "scans"), "--output", str(out), "--resume", *extra])
+        assert again.exit_code == 1 and f"was begun with {what}" in again.stderr

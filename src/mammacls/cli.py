@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -42,6 +43,12 @@ def _errors():
     except KeyboardInterrupt:
         _console().print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"), highlight=False)
 
 
 def _emit_json(document: Any) -> None:
@@ -241,14 +248,32 @@ def train(
     folds: Annotated[int, typer.Option(
         help="K-fold cross-validation over train+val (groups whole, classes stratified); 0 = off.")] = 0,
     repeat: Annotated[int, typer.Option(help="Train N times with seeds seed, seed+1, … to show spread.")] = 1,
+    nproc_per_node: Annotated[int, typer.Option(
+        help="Start N training processes on this machine with torchrun (one per GPU; gloo on CPUs): "
+             "DDP over the global --batch-size, or one fold/seed per process with --folds/--repeat.")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON on stdout.")] = False,
 ) -> None:
-    """Train a CNN; the model with the best validation macro-F1 is saved to the cache and calibrated."""
-    from mammacls.train import TrainConfig, augmentation_preset, train_cross_validation, train_model, train_repeats
+    """Train a CNN; the model with the best validation macro-F1 is saved to the cache and calibrated.
+
+    Several GPUs or machines: torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m mammacls train …
+    """
+    from mammacls import distributed
+
+    if nproc_per_node != 1:
+        with _errors():
+            if nproc_per_node > 1 and not (folds or repeat > 1) and batch_size % nproc_per_node:
+                raise MammaclsError(f"--batch-size {batch_size} is the global batch: it must divide evenly over "
+                                    f"--nproc-per-node {nproc_per_node} processes")
+            code = distributed.launch(nproc_per_node, distributed.strip_option(
+                distributed.command_line(), "--nproc-per-node"))
+        raise typer.Exit(code)
 
     import signal
 
-    console = _console()
+    from mammacls.train import TrainConfig, augmentation_preset, train_cross_validation, train_model, train_repeats
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
+    console = _console() if main_process else _quiet_console()
     reporter = _RichReporter(console)
     previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
@@ -279,6 +304,9 @@ def train(
     finally:
         reporter.stop()
         signal.signal(signal.SIGTERM, previous_handler)
+        distributed.shutdown()
+    if not main_process:
+        return
     if group is not None:
         _print_group(group, console)
         if json_out:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mammacls import CLASSES
+from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
 from mammacls.images import ImageReadError, is_dicom, is_image_name, is_mask_name, load_grayscale, resize_square
 from mammacls.results_file import ResultsFile
@@ -293,6 +293,10 @@ def predict_paths(
             files = [f for f in files if str(f) not in sink.done]
         already -= len(files)
         ref = resolve_model(model)
+        if sink is not None:
+            sink.bind({"model": ref.name, "model_sha256": ref.metadata.get("sha256"), "calibrated": calibrated,
+                       "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+                       "mammacls_version": __version__})
         run = _open_run(ref, device, backend, calibrated, *(None if d is None else Path(d)
                                                             for d in (explain_dir, lesion_dir)), notice)
         missing = [e for e in inputs.errors if (not shard or in_shard(Path(e["path"]), shard))

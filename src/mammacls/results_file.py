@@ -35,7 +35,7 @@ def answered_file(record: dict[str, Any]) -> str | None:
 
 
 class ResultsFile:
-    """Appends records to ``path`` (.jsonl or .csv); ``done`` holds the inputs already answered."""
+    """Appends records to ``path`` (.jsonl or .csv); ``done`` holds the inputs it answered when opened."""
 
     def __init__(self, path: Path, *, resume: bool = False) -> None:
         self.path = Path(path)
@@ -47,7 +47,8 @@ class ResultsFile:
         if not self.path.parent.is_dir():
             raise MammaclsError(f"--output {self.path}: folder {self.path.parent} does not exist")
         self.done: set[str] = set()
-        if self.path.exists():
+        self.resuming = self.path.exists()
+        if self.resuming:
             if not resume:
                 raise MammaclsError(f"--output {self.path} exists: add --resume to continue it, or name a new file")
             self._recover()
@@ -64,8 +65,7 @@ class ResultsFile:
             return
         self._handle.write(self._serialise(records, header=False))
         self._handle.flush()
-        self.written += len(records)
-        self.done.update(f for f in map(answered_file, records) if f is not None)
+        self.written += len(records)  # ``done`` is what the file held at the start: memory stays flat
 
     def close(self) -> None:
         self._handle.close()
@@ -75,6 +75,30 @@ class ResultsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def provenance_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".meta.json")
+
+    def bind(self, provenance: dict[str, Any]) -> None:
+        """Record which model, settings and shard write this file (``NAME.meta.json`` beside it), or on
+        resume check that they are the ones that began it: one file never mixes two models' answers."""
+        from mammacls.store import atomic_path
+
+        sidecar = self.provenance_path
+        if self.resuming and sidecar.is_file():  # a new results file overwrites a stale sidecar
+            try:
+                before = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                before = {}
+            for key in ("model_sha256", "calibrated", "shard"):
+                if key in before and before[key] != provenance.get(key):
+                    raise MammaclsError(f"--resume: {self.path} was begun with {key.replace('_', ' ')} "
+                                        f"{before[key]!r}, this run has {provenance.get(key)!r}; "
+                                        "use the same settings, or a new --output")
+            return
+        with atomic_path(sidecar) as tmp:
+            tmp.write_text(json.dumps(provenance, indent=2), encoding="utf-8")
 
     def _serialise(self, records: list[dict[str, Any]], *, header: bool) -> str:
         buffer = io.StringIO()

@@ -13,8 +13,10 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.data import PreparedDataset, load_prepared
+from mammacls.distributed import SINGLE, World, barrier, broadcast, sum_over_ranks, world, wrap_for_training
 from mammacls.errors import MammaclsError
 from mammacls.images import resize_square
 from mammacls.model import (
@@ -183,15 +186,17 @@ def _augmenter(config: TrainConfig):
     ])
 
 
-def _augment_batch(augment, images: np.ndarray, masks: np.ndarray | None):
-    """Augmented uint8 image batch (N x 1 x S x S) and, when given, the matching masks."""
+def _augment_batch(augment, images: np.ndarray, masks: np.ndarray | None, threads=None):
+    """Augmented uint8 image batch (N x 1 x S x S) and, when given, the matching masks
+    (the images spread over ``threads`` when given)."""
     import torch
     from torchvision import tv_tensors
 
+    each = threads.map if threads is not None else map
     if masks is None:
-        return torch.stack([augment(torch.from_numpy(x).unsqueeze(0)) for x in images]), None
-    pairs = [augment(tv_tensors.Image(torch.from_numpy(x).unsqueeze(0)), tv_tensors.Mask(torch.from_numpy(m)[None]))
-             for x, m in zip(images, masks)]
+        return torch.stack(list(each(lambda x: augment(torch.from_numpy(x).unsqueeze(0)), images))), None
+    pairs = list(each(lambda pair: augment(tv_tensors.Image(torch.from_numpy(pair[0]).unsqueeze(0)),
+                                           tv_tensors.Mask(torch.from_numpy(pair[1])[None])), zip(images, masks)))
     images_out = torch.stack([image.as_subclass(torch.Tensor) for image, _ in pairs])
     return images_out, torch.stack([mask.as_subclass(torch.Tensor) for _, mask in pairs])
 
@@ -256,23 +261,33 @@ def train_model(
     export: bool = True,
     split_rows: dict[str, list[str]] | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    data_parallel: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) one model, then export it to ONNX; returns its saved metadata.
 
     The run holds the model's name in the cache (a second run of that name is refused, naming this
     one) and a shared hold on its prepared dataset (``prepare`` cannot replace it meanwhile).
+
+    Under torchrun (``data_parallel``) every process trains on its share of each global batch
+    (``config.batch_size`` images split over the processes) with DDP; rank 0 alone reports,
+    saves, calibrates and exports, and every rank returns the saved metadata.
     """
+    current = world(config.device) if data_parallel else SINGLE
+    if not current.is_main:
+        reporter = None  # rank 0 alone reports
     if resume:
         name = find_resumable(name).name
     else:
         config.validate()
-        name = check_model_name(name) if name else _new_run_name(config.arch)
+        name = broadcast(check_model_name(name) if name else _new_run_name(config.arch), current)
     with contextlib.ExitStack() as hold:
-        hold.enter_context(cache_lock(f"model-{name}", f"mammacls train --name {name}"))
-        return _train(config, data_dir, resume, name, reporter, export, split_rows, extra_metadata, hold)
+        if current.is_main:
+            hold.enter_context(cache_lock(f"model-{name}", f"mammacls train --name {name}"))
+        return _train(config, data_dir, resume, name, reporter, export, split_rows, extra_metadata, hold, current)
 
 
-def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_metadata, hold) -> dict[str, Any]:
+def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_metadata, hold,
+           current: World) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
@@ -290,7 +305,10 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
         if (models_dir() / name).exists():
             raise MammaclsError(f"a model named {name!r} exists already; choose another --name or use --resume")
         run_dir = models_dir() / name
-    device = resolve_device(config.device)
+    if config.batch_size % current.size:
+        raise MammaclsError(f"--batch-size {config.batch_size} is the global batch: it must divide evenly "
+                            f"over the {current.size} processes")
+    device = resolve_device(config.device)  # under torchrun "cuda" is this process's own GPU
     dataset = load_prepared(data_dir, hold, f"mammacls train --name {name}")
     if resume and dataset.manifest_sha256 != checkpoint_state["manifest_sha256"]:
         raise MammaclsError(f"the prepared dataset at {dataset.root} changed since this run started; cannot resume")
@@ -327,11 +345,8 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
     )
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    shuffler = torch.Generator().manual_seed(config.seed)
-    augment = None if config.augmentation.get("scanner") else _augmenter(config)
-    use_amp = device == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    step = _EpochRunner(config, current, device, net, criterion, optimizer, train_x, train_y, train_masks,
+                        train_known)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "macro_f1": -1.0, "val_loss": math.inf, "metrics": None}
@@ -341,11 +356,12 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
         optimizer.load_state_dict(checkpoint_state["optimizer"])
         scheduler.load_state_dict(checkpoint_state["scheduler"])
         torch.set_rng_state(checkpoint_state["rng"])
-        shuffler.set_state(checkpoint_state["shuffler"])
         history, best = checkpoint_state["history"], checkpoint_state["best"]
         first_epoch = len(history) + 1
         reporter.message(f"resuming {name} at epoch {first_epoch}/{config.epochs} with its saved settings")
 
+    if current.distributed:  # each process its own augmentation stream
+        torch.manual_seed(config.seed + 1_000_003 * current.rank + len(history))
     # no folder until the first epoch is saved: a run stopped before that leaves nothing that looks like a model
     base_meta = {
         "name": name, "arch": config.arch, "classes": list(CLASSES), "num_classes": len(CLASSES),
@@ -362,85 +378,51 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
                  "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
                  "train_val_fingerprints": fingerprints},
         "selection": "best validation macro-F1 (ties: lower validation loss); test split never used",
+        "training_processes": {"world_size": current.size, "backend": current.backend},
         "versions": library_versions(),
         **(extra_metadata or {}),
     }
-    batches = math.ceil(len(train_y) / config.batch_size)
-    if device == "cpu" and first_epoch <= config.epochs:
-        _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, len(val_y), reporter)
-    reporter.run_started(name, first_epoch, config.epochs, batches)
+    if device == "cpu" and first_epoch <= config.epochs and not current.distributed:
+        _estimate_cpu_time(net, criterion, optimizer, config, train_x, step.batches, len(val_y), reporter)
+    reporter.run_started(name, first_epoch, config.epochs, step.batches)
 
     epochs_since_best = first_epoch - 1 - best["epoch"] if best["epoch"] else 0
     for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
-        net.train()
-        order = torch.randperm(len(train_y), generator=shuffler)
-        total_loss = 0.0
-        for b in range(batches):
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            picked = idx.numpy()
-            if config.augmentation.get("scanner"):
-                inputs, masks = _scanner_batch(train_x[picked], None if train_masks is None else train_masks[picked],
-                                               config.augmentation, device)
-            else:
-                images, masks = _augment_batch(augment, train_x[picked],
-                                               None if train_masks is None else train_masks[picked])
-                inputs = normalise(_photometric(images.to(device).float() / 255.0, config.augmentation))
-            targets = torch.from_numpy(train_y[picked]).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
-                if masks is None:
-                    loss = criterion(net(inputs).float(), targets)
-                else:
-                    logits, mask_logits = forward_with_lesion(config.arch, net, inputs)
-                    loss = criterion(logits.float(), targets) + config.mask_weight * lesion_loss(
-                        mask_logits, masks.to(device), torch.from_numpy(train_known[picked]).to(device))
-            if not torch.isfinite(loss):
-                raise MammaclsError(f"training diverged at epoch {epoch} (loss {loss.item()}); try a lower --lr")
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += loss.item() * len(idx)
-            reporter.batch_done(epoch, loss.item())
+        train_loss, train_seconds = step.run(epoch, reporter)
         scheduler.step()
-
-        val_batch = max(64, config.batch_size)
-        if config.mask_guided:  # one pass gives the classes and the lesion maps
-            val_logits, val_maps, _ = predict_lesion_maps(net, config.arch, val_x, device, val_batch)
-            probabilities = softmax(val_logits)
-        else:
-            probabilities = predict_proba(net, val_x, device, batch_size=val_batch)
-        metrics = compute_metrics(val_y, probabilities)
-        val_loss = float(criterion(torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)).float().to(device),
-                                   torch.from_numpy(val_y).to(device)).item())
-        record = {
-            "epoch": epoch, "train_loss": total_loss / len(train_y), "val_loss": val_loss,
-            "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
-            "val_roc_auc_macro": metrics["roc_auc_macro"], "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        if config.mask_guided:
-            record["val_lesion_dice"] = lesion_dice(val_maps, val_masks, val_known)
-        history.append(record)
-        improved = (metrics["macro_f1"] > best["macro_f1"]
-                    or (metrics["macro_f1"] == best["macro_f1"] and val_loss < best["val_loss"]))
-        if improved:
-            best = {"epoch": epoch, "macro_f1": metrics["macro_f1"], "val_loss": val_loss, "metrics": metrics}
-            epochs_since_best = 0
-            save_model(net, {**base_meta, "status": "training", "best_epoch": epoch,
-                             "val_metrics": metrics, "history": history}, run_dir)
-        else:
-            epochs_since_best += 1
-        _write_checkpoint(run_dir / CHECKPOINT_FILE, net, optimizer, scheduler, shuffler, {
-            "config": asdict(config), "data_dir": str(dataset.root.resolve()),
-            "manifest_sha256": dataset.manifest_sha256, "history": history, "best": best,
-            "split_rows": split_rows, "extra_metadata": extra_metadata, "imagenet": imagenet_record,
-        })
-        reporter.epoch_done(record, improved)
-        if epochs_since_best >= config.patience:
+        verdict = None
+        if current.is_main:  # rank 0 validates, selects and saves; the others wait for its verdict
+            record, metrics, val_loss = _validate(net, config, val_x, val_y, val_masks, val_known, criterion, device)
+            record.update(epoch=epoch, train_loss=train_loss, lr=optimizer.param_groups[0]["lr"],
+                          train_seconds=round(train_seconds, 2),
+                          train_images_per_s=round(len(train_y) / train_seconds, 1),
+                          seconds=round(time.perf_counter() - started, 2))
+            history.append(record)
+            improved = (metrics["macro_f1"] > best["macro_f1"]
+                        or (metrics["macro_f1"] == best["macro_f1"] and val_loss < best["val_loss"]))
+            if improved:
+                best = {"epoch": epoch, "macro_f1": metrics["macro_f1"], "val_loss": val_loss, "metrics": metrics}
+                epochs_since_best = 0
+                save_model(net, {**base_meta, "status": "training", "best_epoch": epoch,
+                                 "val_metrics": metrics, "history": history}, run_dir)
+            else:
+                epochs_since_best += 1
+            _write_checkpoint(run_dir / CHECKPOINT_FILE, net, optimizer, scheduler, {
+                "config": asdict(config), "data_dir": str(dataset.root.resolve()),
+                "manifest_sha256": dataset.manifest_sha256, "history": history, "best": best,
+                "split_rows": split_rows, "extra_metadata": extra_metadata, "imagenet": imagenet_record,
+            })
+            reporter.epoch_done(record, improved)
+            verdict = epochs_since_best >= config.patience
+        if broadcast(verdict, current):
             reporter.message(f"early stop: validation macro-F1 has not improved for {config.patience} epochs")
             break
 
+    step.close()
+    if not current.is_main:  # rank 0 calibrates and exports; the result is read back from its files
+        barrier(current)
+        return json.loads((run_dir / METADATA_FILE).read_text(encoding="utf-8"))
     reporter.stage("calibrating on validation, fitting the refusal densities")
     final = json.loads((run_dir / METADATA_FILE).read_text(encoding="utf-8"))
     if config.mask_guided:
@@ -461,7 +443,131 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
             export_onnx(ref)
         except MammaclsError as exc:  # the model itself is saved; only the fast predict path is missing
             reporter.message(f"warning: {exc}; predict will use PyTorch for this model")
+    barrier(current)
     return final
+
+
+class _EpochRunner:
+    """One pass over this process's share of the training images (DistributedSampler: with one
+    process, all of them in a seeded order that depends on the epoch, so resuming is exact)."""
+
+    def __init__(self, config, current: World, device: str, net, criterion, optimizer, images, labels,
+                 masks, known) -> None:
+        import torch
+        from torch.utils.data import DistributedSampler
+
+        self.config, self.device, self.criterion, self.optimizer = config, device, criterion, optimizer
+        self.current, self.net = current, net
+        self.images, self.labels, self.masks, self.known = images, labels, masks, known
+        self.sampler = DistributedSampler(range(len(labels)), num_replicas=current.size, rank=current.rank,
+                                          shuffle=True, seed=config.seed)
+        self.local_batch = config.batch_size // current.size
+        self.batches = math.ceil(self.sampler.num_samples / self.local_batch)
+        self.model = wrap_for_training(_TrainStep.build(net, config.arch, masks is not None), current, device)
+        self.augment = None if config.augmentation.get("scanner") else _augmenter(config)
+        # On a GPU the CPU's per-image augmentation would starve it: threads augment the images of the
+        # next batch while the GPU runs this one (torch releases the GIL). On the CPU the same cores
+        # do both, so the order stays sequential and a resumed run stays exact.
+        self.threads = (ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+                        if device.startswith("cuda") and self.augment is not None else None)
+        self.use_amp = device.startswith("cuda")
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    def run(self, epoch: int, reporter) -> tuple[float, float]:
+        """Mean training loss over every process's images, and this epoch's training seconds."""
+        import torch
+
+        started = time.perf_counter()
+        self.net.train()
+        self.sampler.set_epoch(epoch)
+        order = np.fromiter(self.sampler, dtype=np.int64)
+        total_loss = 0.0
+        for picked, (inputs, masks) in self._batches(order):
+            targets = torch.from_numpy(self.labels[picked]).to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
+                logits, mask_logits = self.model(inputs)
+                loss = self.criterion(logits.float(), targets)
+                if masks is not None:
+                    loss = loss + self.config.mask_weight * lesion_loss(
+                        mask_logits, masks.to(self.device), torch.from_numpy(self.known[picked]).to(self.device))
+            if not torch.isfinite(loss):
+                raise MammaclsError(f"training diverged at epoch {epoch} (loss {loss.item()}); try a lower --lr")
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total_loss += loss.item() * len(picked)
+            reporter.batch_done(epoch, loss.item())
+        loss_sum, count = sum_over_ranks([total_loss, float(len(order))], self.current)
+        return loss_sum / count, time.perf_counter() - started
+
+    def close(self) -> None:
+        if self.threads is not None:
+            self.threads.shutdown()
+
+    def _batches(self, order: np.ndarray):
+        """(indices, (inputs, masks)) per batch; on a GPU the next batch is prepared meanwhile."""
+        slices = [order[b * self.local_batch:(b + 1) * self.local_batch] for b in range(self.batches)]
+        if not self.device.startswith("cuda"):
+            yield from ((picked, self._inputs(picked)) for picked in slices)
+            return
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            upcoming = ahead.submit(self._inputs, slices[0])
+            for index, picked in enumerate(slices):
+                ready = upcoming.result()
+                if index + 1 < len(slices):
+                    upcoming = ahead.submit(self._inputs, slices[index + 1])
+                yield picked, ready
+
+    def _inputs(self, picked: np.ndarray):
+        """Augmented, normalised network input on the device, and the matching masks (or None)."""
+        masks = None if self.masks is None else self.masks[picked]
+        if self.config.augmentation.get("scanner"):
+            return _scanner_batch(self.images[picked], masks, self.config.augmentation, self.device)
+        images, masks = _augment_batch(self.augment, self.images[picked], masks, self.threads)
+        images = images.pin_memory() if self.threads is not None else images
+        return normalise(_photometric(images.to(self.device, non_blocking=True).float() / 255.0,
+                                      self.config.augmentation)), masks
+
+
+class _TrainStep:
+    """The training forward as one module, so that DDP sees (and synchronises) the whole pass,
+    lesion decoder included."""
+
+    @staticmethod
+    def build(net, arch: str, lesion: bool):
+        import torch
+
+        class TrainStep(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return forward_with_lesion(arch, self.net, x) if lesion else (self.net(x), None)
+
+        return TrainStep()
+
+
+def _validate(net, config, val_x, val_y, val_masks, val_known, criterion, device):
+    """The epoch's validation record, metrics and loss."""
+    import torch
+
+    val_batch = max(64, config.batch_size)
+    if config.mask_guided:  # one pass gives the classes and the lesion maps
+        val_logits, val_maps, _ = predict_lesion_maps(net, config.arch, val_x, device, val_batch)
+        probabilities = softmax(val_logits)
+    else:
+        probabilities = predict_proba(net, val_x, device, batch_size=val_batch)
+    metrics = compute_metrics(val_y, probabilities)
+    val_loss = float(criterion(torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)).float().to(device),
+                               torch.from_numpy(val_y).to(device)).item())
+    record = {"val_loss": val_loss, "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
+              "val_roc_auc_macro": metrics["roc_auc_macro"]}
+    if config.mask_guided:
+        record["val_lesion_dice"] = lesion_dice(val_maps, val_masks, val_known)
+    return record, metrics, val_loss
 
 
 def _calibrate(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.ndarray, device: str,
@@ -536,7 +642,7 @@ def _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, n_va
 
 # ----------------------------------------------------------- checkpoint ---
 
-def _write_checkpoint(path: Path, net, optimizer, scheduler, shuffler, info: dict[str, Any]) -> None:
+def _write_checkpoint(path: Path, net, optimizer, scheduler, info: dict[str, Any]) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -552,7 +658,6 @@ def _write_checkpoint(path: Path, net, optimizer, scheduler, shuffler, info: dic
             else:
                 scalars[f"{index}/{key}"] = value
     tensors["rng/torch"] = torch.get_rng_state()
-    tensors["rng/shuffler"] = shuffler.get_state()
     header = {
         "info": json.dumps(info),
         "optim_param_groups": json.dumps(opt_state["param_groups"]),
@@ -590,7 +695,6 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         "optimizer": {"state": state, "param_groups": groups},
         "scheduler": scheduler,
         "rng": tensors["rng/torch"],
-        "shuffler": tensors["rng/shuffler"],
     }
 
 
@@ -630,8 +734,19 @@ def _run_member(config, data_dir, name, reporter, **kwargs) -> dict[str, Any]:
         reporter.message(f"{name} is already trained; skipping it")
         return json.loads((models_dir() / name / METADATA_FILE).read_text(encoding="utf-8"))
     if state == "resume":
-        return train_model(config, resume=True, name=name, reporter=reporter)
-    return train_model(config, data_dir, name=name, reporter=reporter, **kwargs)
+        return train_model(config, resume=True, name=name, reporter=reporter, data_parallel=False)
+    return train_model(config, data_dir, name=name, reporter=reporter, data_parallel=False, **kwargs)
+
+
+def _run_members(members: list[tuple[str, TrainConfig, dict[str, Any]]], data_dir, reporter,
+                 current: World) -> list[dict[str, Any]]:
+    """Train every member; under torchrun member i on rank i mod N, each on its own device
+    (one fold or seed per GPU), and everyone waits for all before the summary."""
+    for index, (name, config, kwargs) in enumerate(members):
+        if index % current.size == current.rank:
+            _run_member(config, data_dir, name, reporter if current.is_main else TrainReporter(), **kwargs)
+    barrier(current)
+    return [json.loads((models_dir() / name / METADATA_FILE).read_text(encoding="utf-8")) for name, _, _ in members]
 
 
 def train_cross_validation(
@@ -647,16 +762,18 @@ def train_cross_validation(
     config.validate()
     if folds < 2:
         raise MammaclsError("--folds must be at least 2")
+    current = world(config.device)
     dataset = load_prepared(data_dir)
-    run = name or _new_run_name(f"cv{folds}-{config.arch}")
-    metas = []
+    run = broadcast(name or _new_run_name(f"cv{folds}-{config.arch}"), current)
+    members = []
     for fold, split_rows in enumerate(cv_fold_rows(dataset, folds, config.seed), start=1):
-        reporter.message(f"fold {fold}/{folds}: {len(split_rows['train'])} train, "
-                         f"{len(split_rows['val'])} validation images")
-        metas.append(_run_member(
-            config, dataset.root, f"{run}-fold{fold}", reporter, split_rows=split_rows,
-            extra_metadata={"group": {"kind": "cv", "run": run, "member": fold, "of": folds}},
-        ))
+        if current.is_main:
+            reporter.message(f"fold {fold}/{folds}: {len(split_rows['train'])} train, "
+                             f"{len(split_rows['val'])} validation images")
+        members.append((f"{run}-fold{fold}", config, {
+            "split_rows": split_rows,
+            "extra_metadata": {"group": {"kind": "cv", "run": run, "member": fold, "of": folds}}}))
+    metas = _run_members(members, dataset.root, reporter, current)
     return {"run": run, "kind": "cv", **summarise_runs(metas)}
 
 
@@ -684,13 +801,14 @@ def train_repeats(
     config.validate()
     if repeats < 2:
         raise MammaclsError("--repeat must be at least 2")
-    run = name or _new_run_name(f"rep{repeats}-{config.arch}")
-    metas = []
+    current = world(config.device)
+    run = broadcast(name or _new_run_name(f"rep{repeats}-{config.arch}"), current)
+    members = []
     for k in range(repeats):
         seeded = TrainConfig(**{**asdict(config), "seed": config.seed + k})
-        metas.append(_run_member(seeded, data_dir, f"{run}-seed{seeded.seed}", reporter,
-                                 extra_metadata={"group": {"kind": "repeat", "run": run, "member": k + 1,
-                                                           "of": repeats}}))
+        members.append((f"{run}-seed{seeded.seed}", seeded, {
+            "extra_metadata": {"group": {"kind": "repeat", "run": run, "member": k + 1, "of": repeats}}}))
+    metas = _run_members(members, data_dir, reporter, current)
     return {"run": run, "kind": "repeat", **summarise_runs(metas)}
 
 
