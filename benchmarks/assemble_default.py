@@ -29,7 +29,8 @@ from mammacls.ensemble import assemble_ensemble
 from mammacls.errors import MammaclsError
 from mammacls.model import load_imagenet_state_dict
 from mammacls.store import models_dir
-from mammacls.weights import MODEL_FILE, ModelRef, publish_model, read_metadata
+from mammacls.inference.model_files import MODEL_FILE, ModelRef, read_metadata
+from mammacls.weights import publish_model
 
 
 def member_states(run: Path, recipe: str, count: int) -> list[dict]:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mammacls.data import load_prepared
-from mammacls.images import resize_square
+from mammacls.inference.images import resize_square
 
 JPEG_QUALITY = 92
 

@@ -63,10 +63,10 @@ def main() -> None:
     import numpy as np
 
     from mammacls.data import load_prepared
-    from mammacls.images import load_grayscale, resize_square
+    from mammacls.inference.images import load_grayscale, resize_square
     from mammacls.predict import predict_paths
-    from mammacls.runtime import OnnxBackend, to_network_input
-    from mammacls.weights import resolve_model
+    from mammacls.inference.onnx_backend import OnnxBackend, to_network_input
+    from mammacls.inference.model_files import resolve_model
 
     ref = resolve_model(args.model)
     if not ref.metadata.get("onnx"):

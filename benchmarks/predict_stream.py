@@ -72,9 +72,9 @@ def bare_rate(sources: list[Path], model: str, batch_size: int, images: int) -> 
     """Images per second of the backend alone on pre-decoded, pre-resized arrays."""
     import numpy as np
 
-    from mammacls.images import load_grayscale, resize_square
+    from mammacls.inference.images import load_grayscale, resize_square
     from mammacls.runtime import open_backend
-    from mammacls.weights import resolve_model
+    from mammacls.inference.model_files import resolve_model
 
     ref = resolve_model(model)
     backend, _ = open_backend(ref, "cpu", "onnx")

@@ -42,7 +42,7 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.augment import geometric, scanner_photometric, standard_photometric
-from mammacls.metrics import softmax
+from mammacls.inference.predictor import softmax
 from mammacls.model import GRAY_MEAN, GRAY_STD
 from mammacls.train import lesion_loss
 

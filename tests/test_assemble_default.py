@@ -50,8 +50,8 @@ def _fake_search(run: Path, dataset, img_size: int = 32) -> None:
 
 def test_members_become_one_calibrated_exported_model(assemble, prepared, cache, tmp_path, monkeypatch):
     from mammacls.data import load_prepared
-    from mammacls.runtime import OnnxBackend
-    from mammacls.weights import resolve_model
+    from mammacls.inference.onnx_backend import OnnxBackend
+    from mammacls.inference.model_files import resolve_model
 
     _fake_search(tmp_path / "run", load_prepared(prepared[0]))
     monkeypatch.setattr(assemble, "load_imagenet_state_dict", lambda arch, choice: (None, {"weights": choice}))

@@ -64,7 +64,7 @@ def test_prepare_json_is_one_document_on_stdout(busi_dir, cache, tmp_path):
 def test_bad_input_is_one_clear_line(args, fragment, cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.fromarray(np.full((80, 80), 90, dtype=np.uint8)).save(tmp_path / "x.png")  # the model is the problem
-    monkeypatch.setattr("mammacls.weights.shipped_model_dir", lambda: None)  # as if none were installed
+    monkeypatch.setattr("mammacls.inference.model_files.shipped_model_dir", lambda: None)  # as if none were installed
     _one_line_error(runner.invoke(app, args), fragment)
 
 
@@ -185,7 +185,7 @@ def test_predict_reports_bad_files_and_still_predicts_the_rest(tiny_model, use_s
 
 
 def test_predict_converts_modes_like_training(tiny_model, use_session_cache, tmp_path):
-    from mammacls.images import load_grayscale
+    from mammacls.inference.images import load_grayscale
 
     inputs = _write_inputs(tmp_path / "in")["ok"]
     reference = load_grayscale(inputs["rgb"])

@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mammacls.cli import app
-from mammacls.images import ImageReadError, load_grayscale
+from mammacls.inference.images import load_grayscale
+from mammacls.inference.pixels import ImageReadError
 from tests.conftest import real_busi_or_skip
 from tests.dicom_files import (SECRET_PATIENT, jpeg_lossless_dicom, pdf_dicom, report_dicom,
                                ultrasound_dicom)

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
-from mammacls.ood import distances, fit_density, robust_threshold
+from mammacls.inference.gate import distances
+from mammacls.ood import fit_density, robust_threshold
 
 runner = CliRunner()
 
@@ -45,8 +46,10 @@ def duo(prepared, session_cache, tmp_path_factory):
 
 def test_ensemble_averages_its_members_and_both_backends_agree(duo):
     from mammacls.model import predict_logits
-    from mammacls.runtime import OnnxBackend, TorchBackend
-    from mammacls.weights import load_network, resolve_model
+    from mammacls.inference.onnx_backend import OnnxBackend
+    from mammacls.runtime import TorchBackend
+    from mammacls.inference.model_files import resolve_model
+    from mammacls.weights import load_network
 
     record = duo["record"]
     assert record["ensemble"]["members"] == 2 and len(record["ood"]["member_thresholds"]) == 2
@@ -142,7 +145,7 @@ def test_cli_combines_repeated_runs_and_refuses_fold_models(prepared, cache, bus
 
     from mammacls.store import models_dir
     from mammacls.train import TrainConfig, augmentation_preset, train_repeats
-    from mammacls.weights import resolve_model
+    from mammacls.inference.model_files import resolve_model
 
     # the shipped recipe's ingredients at toy scale: scanner augmentation on whole batches, lesion masks
     config = TrainConfig(arch="mobilenet_v2", pretrained=False, epochs=1, img_size=32, seed=3,

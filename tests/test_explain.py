@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mammacls.cli import app
 from mammacls.explain import grad_cam
 from mammacls.model import GRAY_MEAN, GRAY_STD, build_model
-from mammacls.runtime import to_network_input
+from mammacls.inference.onnx_backend import to_network_input
 
 SIZE = 64
 

@@ -292,7 +292,7 @@ def _recalibrate_a_read_only_copy(use_session_cache, tmp_path, monkeypatch):
     import shutil
 
     from mammacls.train import recalibrate
-    from mammacls.weights import resolve_model
+    from mammacls.inference.model_files import resolve_model
 
     shipped = tmp_path / "package" / "default"
     shutil.copytree(use_session_cache / "models" / "tiny", shipped)
@@ -302,7 +302,7 @@ def _recalibrate_a_read_only_copy(use_session_cache, tmp_path, monkeypatch):
     meta.pop("onnx", None)
     meta["data"]["prepared_dir"] = str(tmp_path / "gone")  # as on the machine that built it
     (shipped / "metadata.json").write_text(json.dumps(meta))
-    monkeypatch.setattr("mammacls.weights.shipped_model_dir", lambda: shipped)
+    monkeypatch.setattr("mammacls.inference.model_files.shipped_model_dir", lambda: shipped)
     before = _tree_digest(shipped)
     ref = resolve_model("default")
     assert ref.read_only
@@ -314,6 +314,6 @@ def _recalibrate_a_read_only_copy(use_session_cache, tmp_path, monkeypatch):
     again = resolve_model("default")  # opened again: the refit is read from the cache
     assert again.metadata["ood"]["sha256"] == record["ood"]["sha256"]
     assert again.file("ood.safetensors").parent == ref.files_dir
-    from mammacls.ood import model_density
+    from mammacls.inference.gate import model_density
 
     assert model_density(again) is not None  # the refitted file, found and sha256-checked as predict does

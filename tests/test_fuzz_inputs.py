@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mammacls.images import ImageReadError, load_grayscale
+from mammacls.inference.images import load_grayscale
+
+from mammacls.inference.pixels import ImageReadError
 
 FORMATS = [("PNG", ".png"), ("JPEG", ".jpg"), ("BMP", ".bmp"), ("TIFF", ".tif")]
 MODES = ["L", "RGB", "RGBA", "P", "I;16", "1", "LA", "CMYK", "F", "I"]

@@ -15,7 +15,8 @@ from mammacls.train import (
     TrainConfig, _augment_batch, _augmenter, _load_masks, _photometric, augmentation_preset, lesion_loss,
     train_model,
 )
-from mammacls.weights import load_network, resolve_model
+from mammacls.inference.model_files import resolve_model
+from mammacls.weights import load_network
 
 runner = CliRunner()
 

@@ -8,10 +8,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mammacls.cli import app
-from mammacls.ood import (
-    choose_min_confidence, distances, fit_density, fit_image_density, image_check, image_reason, image_statistics,
-    status_of,
-)
+from mammacls.inference.gate import distances, image_check, image_reason, image_statistics, status_of
+from mammacls.ood import choose_min_confidence, fit_density, fit_image_density
 from tests.conftest import textured_image
 
 
@@ -115,8 +113,9 @@ def test_trained_model_stores_its_density_and_predict_reports_status(tiny_model,
 
 
 def test_onnx_features_match_torch(tiny_model, use_session_cache):
-    from mammacls.runtime import OnnxBackend, TorchBackend
-    from mammacls.weights import resolve_model
+    from mammacls.inference.onnx_backend import OnnxBackend
+    from mammacls.runtime import TorchBackend
+    from mammacls.inference.model_files import resolve_model
 
     ref = resolve_model("tiny")
     images = np.random.default_rng(5).integers(0, 255, size=(4, 32, 32)).astype(np.uint8)

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
-from mammacls.weights import HALF_PRECISION_MIN_ELEMENTS, load_network, publish_model, resolve_model
+from mammacls.inference.model_files import resolve_model
+from mammacls.weights import HALF_PRECISION_MIN_ELEMENTS, load_network, publish_model
 from tests.conftest import real_busi_or_skip
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
-from mammacls.predict import in_shard, parse_shard, predict_paths
-from mammacls.results_file import ResultsFile
+from mammacls.inference.inputs import in_shard, parse_shard
+from mammacls.predict import predict_paths
+from mammacls.inference.results_file import ResultsFile
 
 runner = CliRunner()
 

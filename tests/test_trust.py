@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from mammacls.calibration import fit_temperature, nll
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
+from mammacls.inference.predictor import softmax
 from mammacls.metrics import (
-    bootstrap_ci, brier_score, expected_calibration_error, malignant_metrics, softmax, threshold_at_specificity,
+    bootstrap_ci, brier_score, expected_calibration_error, malignant_metrics, threshold_at_specificity,
 )
 from mammacls.train import TrainConfig, train_cross_validation, train_repeats
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from mammacls.errors import MammaclsError
 from mammacls.model import build_model, predict_proba
 from mammacls.train import TrainConfig, TrainReporter, train_model
-from mammacls.weights import CHECKPOINT_FILE, list_cached_models, load_network, resolve_model, save_model
+from mammacls.inference.model_files import CHECKPOINT_FILE, list_cached_models, resolve_model
+from mammacls.weights import load_network, save_model
 
 
 def _meta(arch="mobilenet_v2", size=32):
@@ -66,7 +67,7 @@ def test_unknown_model_name_lists_what_exists(cache, monkeypatch):
     with pytest.raises(MammaclsError, match="no model named 'nope'"):
         resolve_model("nope")
     assert resolve_model(None).source == "shipped"  # empty cache: the shipped default
-    monkeypatch.setattr("mammacls.weights.shipped_model_dir", lambda: None)
+    monkeypatch.setattr("mammacls.inference.model_files.shipped_model_dir", lambda: None)
     with pytest.raises(MammaclsError, match="no shipped default model in this installation"):
         resolve_model(None)
 

@@ -533,7 +533,8 @@ def predict(
     read are reported one line each (exit code 1); the rest are predicted."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mammacls.predict import parse_shard, predict_paths
+    from mammacls.inference.inputs import parse_shard
+    from mammacls.predict import predict_paths
 
     with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                              console=_console(), transient=True) as bar:
@@ -619,7 +620,7 @@ def export(
 ) -> None:
     """Write an ONNX copy of a model beside its weights, for the fast torch-free predict path."""
     from mammacls.export import export_onnx
-    from mammacls.weights import list_cached_models, resolve_model
+    from mammacls.inference.model_files import list_cached_models, resolve_model
 
     console = _console()
     with _errors():
@@ -667,7 +668,7 @@ def calibrate(
 ) -> None:
     """Refit a model's calibration, thresholds and out-of-distribution density on its own validation data."""
     from mammacls.train import recalibrate
-    from mammacls.weights import resolve_model
+    from mammacls.inference.model_files import resolve_model
 
     console = _console()
     with _errors():
@@ -704,7 +705,7 @@ def use(
 ) -> None:
     """Choose the model predict uses when --model is not given (kept in the cache)."""
     from mammacls.store import chosen_model, record_chosen_model
-    from mammacls.weights import resolve_model
+    from mammacls.inference.model_files import resolve_model
 
     console = _console(stderr=False)
     with _errors():

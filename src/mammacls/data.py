@@ -28,7 +28,8 @@ import numpy as np
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
-from mammacls.images import ImageReadError, load_grayscale, load_mask_union
+from mammacls.inference.images import load_grayscale, load_mask_union
+from mammacls.inference.pixels import ImageReadError
 from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are part of data's API)
     PHASH_MAX_DISTANCE, assign_groups, hamming_distances, merge_across_sources, near_duplicate_pairs,
     perceptual_hash, phash_from_hex, phash_to_hex, pixel_sha256, read_groups_csv, thumbnail_vector,

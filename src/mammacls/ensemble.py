@@ -43,7 +43,8 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     from mammacls.export import export_onnx
     from mammacls.model import GRAY_MEAN, GRAY_STD
     from mammacls.train import _calibrate, _load_rows, _source_counts
-    from mammacls.weights import MODEL_FILE, ModelRef, build_network, library_versions, save_model
+    from mammacls.inference.model_files import MODEL_FILE, ModelRef
+    from mammacls.weights import build_network, library_versions, save_model
 
     say = reporter or (lambda text: None)
     train_rows, val_rows = dataset.split("train"), dataset.split("val")
@@ -100,7 +101,8 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
 
     from mammacls.store import cache_lock, check_model_name, models_dir
     from mammacls.train import _training_dataset, model_rows
-    from mammacls.weights import ensemble_size, load_network, resolve_model
+    from mammacls.inference.model_files import ensemble_size, resolve_model
+    from mammacls.weights import load_network
 
     check_model_name(name)
     refs = [resolve_model(spec) for spec in specs]

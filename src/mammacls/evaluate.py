@@ -12,9 +12,10 @@ import numpy as np
 from mammacls import CLASSES
 from mammacls.data import is_prepared_dir, load_prepared
 from mammacls.errors import MammaclsError
-from mammacls.images import ImageReadError, load_grayscale, resize_square
+from mammacls.inference.images import load_grayscale, resize_square
+from mammacls.inference.pixels import ImageReadError
 from mammacls.metrics import compute_metrics
-from mammacls.weights import ModelRef, list_cached_models, resolve_model
+from mammacls.inference.model_files import ModelRef, list_cached_models, resolve_model
 
 
 @dataclass
@@ -239,7 +240,7 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, features: np.ndarray, pr
     The colour check needs the original file, so it is not applied here; the
     size, blank-frame, feature-distance and confidence checks are.
     """
-    from mammacls.ood import distances, image_check, model_density, status_of
+    from mammacls.inference.gate import distances, image_check, model_density, status_of
 
     record = ref.metadata.get("ood")
     density = model_density(ref)
@@ -283,9 +284,8 @@ def score(name: str, description: dict[str, Any], logits: np.ndarray, metadata: 
           labels: np.ndarray, calibrated: bool, resamples: int, seed: int,
           probabilities: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics with bootstrap intervals, malignant operating points and calibration figures."""
-    from mammacls.metrics import (
-        bootstrap_ci, calibration_metrics, malignant_metrics, reliability_bins, softmax,
-    )
+    from mammacls.inference.predictor import softmax
+    from mammacls.metrics import bootstrap_ci, calibration_metrics, malignant_metrics, reliability_bins
 
     temperature = float(metadata.get("temperature") or 1.0)
     raw = softmax(logits) if probabilities is None else probabilities

@@ -14,7 +14,8 @@ from typing import Any
 
 from mammacls.errors import MammaclsError
 from mammacls.store import atomic_path, sha256_file
-from mammacls.weights import METADATA_FILE, ModelRef, load_network
+from mammacls.inference.model_files import METADATA_FILE, ModelRef
+from mammacls.weights import load_network
 
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 17

@@ -73,13 +73,6 @@ def _compute_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str,
 MALIGNANT = CLASSES.index("malignant")
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins."""
     y_true = np.asarray(y_true)

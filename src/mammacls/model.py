@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
+from mammacls.inference.model_files import ARCHS
 
-ARCHS = ("resnet18", "vgg16", "mobilenet_v2")
 DEFAULT_ARCH = "mobilenet_v2"
 
 # One grey channel normalised with the mean of ImageNet's per-channel statistics.
@@ -264,7 +264,7 @@ def predict_logits(net, images, device: str = "cpu", batch_size: int = 64):
 
 def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temperature: float = 1.0):
     """Softmax probabilities (N x classes, numpy) for uint8 images of shape N x S x S."""
-    from mammacls.metrics import softmax
+    from mammacls.inference.predictor import softmax
 
     return softmax(predict_logits(net, images, device, batch_size), temperature)
 

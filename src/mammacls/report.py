@@ -100,7 +100,8 @@ def _misclassified_gallery(result: dict[str, Any], eval_set, limit: int = 40) ->
 def _duplicates_html(summary: dict[str, Any], limit: int = 12) -> str:
     if not summary:
         return ""
-    from mammacls.images import ImageReadError, load_grayscale
+    from mammacls.inference.images import load_grayscale
+    from mammacls.inference.pixels import ImageReadError
 
     roots = summary.get("source_roots") or {}
     single_root = Path(summary.get("source", ""))

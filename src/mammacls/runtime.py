@@ -1,7 +1,8 @@
-"""Running a model: ONNX Runtime on the CPU (no torch import), or PyTorch.
+"""Choosing how to run a model: ONNX Runtime on the CPU (``mammacls.inference.onnx_backend``,
+no torch import), or PyTorch (``TorchBackend`` here).
 
-Both backends take the same uint8 N x S x S batches (``images.resize_square``)
-and normalise them with ``to_network_input``, so their probabilities agree.
+Both backends take the same uint8 N x S x S batches (``resize_square``) and normalise them
+with ``to_network_input``, so their probabilities agree.
 """
 
 from __future__ import annotations
@@ -11,45 +12,8 @@ from typing import Any
 import numpy as np
 
 from mammacls.errors import MammaclsError
-from mammacls.store import sha256_file
-from mammacls.weights import ModelRef
-
-
-def to_network_input(batch: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """uint8 N x S x S -> float32 N x 1 x S x S, scaled as in training."""
-    scaled = batch.astype(np.float32)[:, None] / np.float32(255.0)
-    return (scaled - np.float32(mean)) / np.float32(std)
-
-
-class OnnxBackend:
-    name = "onnxruntime"
-
-    def __init__(self, ref: ModelRef) -> None:
-        import onnxruntime as ort
-
-        record = ref.metadata["onnx"]
-        path = ref.file(record["file"])
-        if not path.is_file():
-            raise MammaclsError(f"ONNX export missing: {path} (run mammacls export --model {ref.name})")
-        if sha256_file(path) != record.get("sha256"):
-            raise MammaclsError(f"{path} does not match the sha256 in its metadata: corrupt or modified "
-                                f"(run mammacls export --model {ref.name} to rewrite it)")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own error types for bad files
-            raise MammaclsError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:160]}") from None
-        self.input_name = record.get("input", "image")
-        self.outputs = [record.get("output", "logits")] + ([record["features"]] if record.get("features") else [])
-        self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(self.outputs[:1], {self.input_name: to_network_input(batch, self.mean, self.std)})[0]
-
-    def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        results = self.session.run(self.outputs, {self.input_name: to_network_input(batch, self.mean, self.std)})
-        return results[0], (results[1] if len(results) > 1 else None)
+from mammacls.inference.onnx_backend import OnnxBackend
+from mammacls.inference.model_files import ModelRef
 
 
 class TorchBackend:
@@ -116,3 +80,19 @@ def open_backend(ref: ModelRef, device: str = "auto", backend: str = "auto") -> 
                 f"run mammacls export --model {ref.name}"
                 + (" (it writes to the cache, never into the installed package)" if ref.read_only else ""))
     return TorchBackend(ref, resolve_device(device)), hint
+
+
+def load_model(model: str | None = None, *, device: str = "auto", backend: str = "auto",
+               calibrated: bool = True):
+    """Open a model for prediction: ``mammacls.load_model("default").predict(images)``.
+
+    ``model``: a cache name, a model folder, a ``.safetensors`` file or ``"default"`` (the shipped
+    model); None: the one chosen with ``mammacls use``, else the shipped one. On the CPU a model with
+    an ONNX export runs in ONNX Runtime and torch is never imported.
+    """
+    from mammacls.inference.model_files import resolve_model
+    from mammacls.inference.predictor import Predictor
+
+    ref = resolve_model(model)
+    runner, _ = open_backend(ref, device, backend)
+    return Predictor(ref, runner, calibrated=calibrated)

@@ -26,7 +26,7 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
-from mammacls.images import is_image_name, is_mask_name
+from mammacls.inference.images import is_image_name, is_mask_name
 
 BUSBRA_TABLE = "bus_data.csv"
 CSV_COLUMNS_HELP = "path,label[,patient][,mask]"

@@ -27,15 +27,17 @@ from mammacls import CLASSES
 from mammacls.data import PreparedDataset, load_prepared
 from mammacls.distributed import SINGLE, World, barrier, broadcast, sum_over_ranks, world, wrap_for_training
 from mammacls.errors import MammaclsError
-from mammacls.images import resize_square
+from mammacls.inference.images import resize_square
 from mammacls.model import (
     GRAY_MEAN, GRAY_STD, attach_lesion_decoder, build_model, build_pretrained_model, check_arch, forward_with_lesion,
     normalise,
     predict_lesion_maps, predict_proba, resolve_device,
 )
-from mammacls.metrics import compute_metrics, softmax
+from mammacls.inference.predictor import softmax
+from mammacls.metrics import compute_metrics
 from mammacls.store import atomic_path, cache_lock, check_model_name, models_dir
-from mammacls.weights import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, ensemble_size, library_versions, save_model
+from mammacls.inference.model_files import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE, ensemble_size
+from mammacls.weights import library_versions, save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
 SLOW_EPOCH_SECONDS = 60
@@ -435,7 +437,7 @@ def _train(config, data_dir, resume, name, reporter, export, split_rows, extra_m
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     if export:
         from mammacls.export import export_onnx
-        from mammacls.weights import ModelRef
+        from mammacls.inference.model_files import ModelRef
 
         ref = ModelRef(name, run_dir / MODEL_FILE, final, "cache")
         reporter.stage("exporting to ONNX")
@@ -577,7 +579,8 @@ def _calibrate(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.nd
     from mammacls.calibration import fit_temperature
     from mammacls.metrics import MALIGNANT, calibration_metrics, threshold_at_specificity
     from mammacls.model import predict_logits_and_features
-    from mammacls.ood import choose_min_confidence, fit_density, fit_image_density, image_statistics, save_density
+    from mammacls.inference.gate import image_statistics
+    from mammacls.ood import choose_min_confidence, fit_density, fit_image_density, save_density
 
     import torch
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mammacls.images import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb
+from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 

@@ -12,22 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from mammacls.errors import MammaclsError
+from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
-# Refuse images above this many pixels before decoding them (decompression bombs).
-# 50 MP is far above any ultrasound frame (BUSI's largest is about 0.7 MP).
-MAX_PIXELS = 50_000_000
-
-# Smallest side we accept: below this there is nothing to classify.
-MIN_SIDE = 16
-
 
 _EXIF_ORIENTATION = 0x0112
-
-
-class ImageReadError(MammaclsError):
-    """One file could not be read as an image (reported per file, not fatal)."""
 
 
 def is_mask_name(path: Path) -> bool:
@@ -45,7 +35,7 @@ def is_image_name(path: Path) -> bool:
 
 def is_dicom(path: Path) -> bool:
     """A ``.dcm``/``.dicom`` name, or any other name holding a DICOM Part 10 file."""
-    from mammacls.dicom import has_dicom_preamble, is_dicom_name
+    from mammacls.inference.dicom import has_dicom_preamble, is_dicom_name
 
     return is_dicom_name(path) or (path.suffix.lower() not in IMAGE_EXTENSIONS and has_dicom_preamble(path))
 
@@ -101,7 +91,7 @@ def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
 
 
 def _load_dicom_single_frame(path: Path, stats: dict | None) -> np.ndarray:
-    from mammacls.dicom import iter_frames, open_dicom
+    from mammacls.inference.dicom import iter_frames, open_dicom
 
     dicom = open_dicom(path)
     if dicom.frames > 1:
@@ -110,6 +100,34 @@ def _load_dicom_single_frame(path: Path, stats: dict | None) -> np.ndarray:
     if stats is not None:
         stats.update(crop=dicom.crop, frame_shape=dicom.frame_shape, patient_key=dicom.patient_key)
     return next(iter_frames(dicom, stats))
+
+
+def to_grayscale(image, name: str = "image") -> tuple[np.ndarray, float]:
+    """A PIL image or numpy array as 2-D uint8 gray and its colour fraction, converted exactly as
+    files are. Arrays: H x W (uint8; uint16 as 16-bit PNGs; floats in [0, 1]) or H x W x 3/4 uint8."""
+    from PIL import Image
+
+    if hasattr(image, "getbands"):  # a PIL image
+        return _to_gray_array(image), colour_fraction(image)
+    if not isinstance(image, np.ndarray):
+        raise MammaclsError(f"{name}: expected a file path, a PIL image or a numpy array, got {type(image).__name__}")
+    what = f"{name}: {image.dtype} array of shape {image.shape}"
+    if image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype == np.uint8:
+        pil = Image.fromarray(image, "RGB" if image.shape[2] == 3 else "RGBA")
+        return _to_gray_array(pil), colour_fraction(pil)
+    if image.ndim != 2:
+        raise MammaclsError(f"{what}: expected H x W gray or H x W x 3/4 uint8 RGB(A)")
+    if min(image.shape) < MIN_SIDE:
+        raise ImageReadError(f"image too small ({image.shape[1]}x{image.shape[0]}, need at least {MIN_SIDE} px a side)")
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image), 0.0
+    if image.dtype == np.uint16:
+        return np.rint(image / 257.0).astype(np.uint8), 0.0
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise MammaclsError(f"{what}: float images must hold values in [0, 1]")
+        return np.rint(image * 255.0).astype(np.uint8), 0.0
+    raise MammaclsError(f"{what}: use uint8, uint16 or floats in [0, 1]")
 
 
 def _to_gray_array(img) -> np.ndarray:
@@ -137,21 +155,11 @@ def _to_gray_array(img) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
-# A pixel is "coloured" when its channels differ by more than this (of 255).
-CHROMA_LIMIT = 40
-
-
 def colour_fraction(img) -> float:
     """Share of pixels whose RGB channels differ by more than CHROMA_LIMIT (0 for gray images)."""
     if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return 0.0
     return colour_fraction_rgb(np.asarray(img if img.mode == "RGB" else img.convert("RGB")))
-
-
-def colour_fraction_rgb(rgb: np.ndarray) -> float:
-    """``colour_fraction`` of an H x W x 3 uint8 array."""
-    sample = rgb[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
-    return float(((sample.max(axis=2) - sample.min(axis=2)) > CHROMA_LIMIT).mean())
 
 
 def _short(exc: BaseException) -> str:

@@ -1,0 +1,27 @@
+"""What every decoder shares: size limits, the per-file read error and the colour measure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mammacls.errors import MammaclsError
+
+# Refuse images above this many pixels before decoding them (decompression bombs).
+# 50 MP is far above any ultrasound frame (BUSI's largest is about 0.7 MP).
+MAX_PIXELS = 50_000_000
+
+# Smallest side we accept: below this there is nothing to classify.
+MIN_SIDE = 16
+
+# A pixel is "coloured" when its channels differ by more than this (of 255).
+CHROMA_LIMIT = 40
+
+
+class ImageReadError(MammaclsError):
+    """One file could not be read as an image (reported per file, not fatal)."""
+
+
+def colour_fraction_rgb(rgb: np.ndarray) -> float:
+    """``colour_fraction`` of an H x W x 3 uint8 array."""
+    sample = rgb[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
+    return float(((sample.max(axis=2) - sample.min(axis=2)) > CHROMA_LIMIT).mean())
