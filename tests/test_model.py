@@ -7,8 +7,9 @@ import torch
 from torchvision import models
 
 from mammacls.errors import MammaclsError
+from mammacls.archs import ARCH_SPECS
 from mammacls.model import (
-    ARCHS, GRAY_MEAN, GRAY_STD, _first_conv, build_model, fold_to_one_channel, imagenet_weights, predict_proba,
+    ARCHS, GRAY_MEAN, GRAY_STD, _replace, build_model, fold_to_one_channel, imagenet_weights, predict_proba,
 )
 
 
@@ -20,10 +21,9 @@ def test_folded_network_equals_rgb_network_on_replicated_gray(arch):
     rgb = getattr(models, arch)(weights=None, num_classes=3).eval()
     gray_net = getattr(models, arch)(weights=None, num_classes=3).eval()
     gray_net.load_state_dict(rgb.state_dict())
-    folded = fold_to_one_channel(_first_conv(arch, rgb))
-    from mammacls.model import _set_first_conv
-
-    _set_first_conv(arch, gray_net, folded)
+    stem = ARCH_SPECS[arch].stem
+    folded = fold_to_one_channel(rgb.get_submodule(stem))
+    _replace(gray_net, stem, folded)
     gray = (torch.rand(2, 1, 64, 64) - GRAY_MEAN) / GRAY_STD
     with torch.no_grad():
         expected = rgb(gray.repeat(1, 3, 1, 1))
@@ -33,9 +33,25 @@ def test_folded_network_equals_rgb_network_on_replicated_gray(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_every_spec_names_modules_of_the_right_kind(arch):
+    """The spec is the one place an architecture is described: its paths must exist and fit."""
+    spec, net = ARCH_SPECS[arch], build_model(arch, pretrained=False).eval()
+    assert isinstance(net.get_submodule(spec.head), torch.nn.Linear)
+    caught = {}
+    for key in ("mid", "deep", "gradcam"):
+        net.get_submodule(getattr(spec, key)).register_forward_hook(
+            lambda _m, _i, output, key=key: caught.__setitem__(key, output))
+    with torch.no_grad():
+        net(torch.zeros(1, 1, 64, 64))
+    assert caught["mid"].shape[1] == spec.decoder_channels[0] and caught["mid"].shape[-1] == 64 // 8
+    assert caught["deep"].shape[1] == spec.decoder_channels[1] and caught["deep"].shape[-1] == 64 // 32
+    assert caught["gradcam"].ndim == 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_build_model_has_one_channel_stem_and_three_outputs(arch):
     net = build_model(arch, pretrained=False).eval()
-    assert _first_conv(arch, net).in_channels == 1
+    assert net.get_submodule(ARCH_SPECS[arch].stem).in_channels == 1
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 3)
 

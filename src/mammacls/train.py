@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mammacls import CLASSES
+from mammacls.archs import ARCH_SPECS
 from mammacls.data import PreparedDataset, load_prepared
 from mammacls.distributed import SINGLE, World, barrier, broadcast, sum_over_ranks, world, wrap_for_training
 from mammacls.errors import MammaclsError
@@ -635,7 +636,7 @@ def _estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, n_va
     optimizer.zero_grad(set_to_none=True)
     net.load_state_dict(saved)  # the timing step must not change the model (BN statistics)
     per_epoch = step * (len(train_x) / size) * 1.15 + step / 3 * (n_val / size)
-    if per_epoch > SLOW_EPOCH_SECONDS or config.arch == "vgg16":
+    if per_epoch > SLOW_EPOCH_SECONDS or ARCH_SPECS[config.arch].slow_on_cpu:
         reporter.message(
             f"CPU time estimate: about {per_epoch / 60:.1f} min per epoch for {config.arch} at "
             f"{config.img_size} px ({per_epoch * config.epochs / 60:.0f} min for {config.epochs} epochs); "

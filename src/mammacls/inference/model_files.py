@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mammacls import CLASSES
+from mammacls.archs import ARCHS
 from mammacls.errors import MammaclsError
 from mammacls.store import atomic_write_json, models_dir
 
@@ -27,8 +28,6 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "mammacls-model/1"
 HEADER_KEY = "mammacls"
 OVERLAY_FILE = "overlay.json"
-# The architectures a model file may name (their networks: mammacls.model).
-ARCHS = ("resnet18", "vgg16", "mobilenet_v2")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 def shipped_weights_dir() -> Path:
