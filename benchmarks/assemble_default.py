@@ -24,10 +24,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from mammacls.data import load_prepared
+from mammacls.prepared import load_prepared
 from mammacls.ensemble import assemble_ensemble
 from mammacls.errors import MammaclsError
-from mammacls.model import load_imagenet_state_dict
+from mammacls.imagenet import load_imagenet_state_dict
 from mammacls.store import models_dir
 from mammacls.inference.model_files import MODEL_FILE, ModelRef, read_metadata
 from mammacls.weights import publish_model

@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="write the OOD set here and keep it")
     args = parser.parse_args()
 
-    from mammacls.data import load_prepared
+    from mammacls.prepared import load_prepared
     from mammacls.predict import predict_paths
 
     rows = load_prepared().split("test")

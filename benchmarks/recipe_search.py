@@ -44,7 +44,7 @@ from mammacls import CLASSES
 from mammacls.augment import geometric, scanner_photometric, standard_photometric
 from mammacls.inference.predictor import softmax
 from mammacls.model import GRAY_MEAN, GRAY_STD
-from mammacls.train import lesion_loss
+from mammacls.training.batches import lesion_loss
 
 FOLDS = 5
 CANDIDATES = ("standard", "scanner", "scanner-mask")

@@ -75,7 +75,7 @@ def bare_rate(arch: str, device: str, batch: int, size: int, steps: int) -> floa
 
 
 def train_rate(arch: str, device: str, batch: int, size: int, epochs: int, augment: str, data: Path) -> dict:
-    from mammacls.train import TrainConfig, augmentation_preset, train_model
+    from mammacls.training import TrainConfig, augmentation_preset, train_model
 
     config = TrainConfig(arch=arch, pretrained=False, epochs=epochs, batch_size=batch, img_size=size,
                          device=device, patience=epochs, augmentation=augmentation_preset(augment))

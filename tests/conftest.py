@@ -106,7 +106,7 @@ def prepared(busi_dir, session_cache) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def tiny_model(prepared, session_cache) -> dict:
     """A 2-epoch resnet18 at 32 px trained on the synthetic set, in the session cache."""
-    from mammacls.train import TrainConfig, train_model
+    from mammacls.training import TrainConfig, train_model
 
     old = os.environ.get("MAMMACLS_CACHE_DIR")
     os.environ["MAMMACLS_CACHE_DIR"] = str(session_cache)

@@ -49,7 +49,7 @@ def _fake_search(run: Path, dataset, img_size: int = 32) -> None:
 
 
 def test_members_become_one_calibrated_exported_model(assemble, prepared, cache, tmp_path, monkeypatch):
-    from mammacls.data import load_prepared
+    from mammacls.prepared import load_prepared
     from mammacls.inference.onnx_backend import OnnxBackend
     from mammacls.inference.model_files import resolve_model
 
@@ -71,7 +71,7 @@ def test_members_become_one_calibrated_exported_model(assemble, prepared, cache,
 
 
 def test_another_dataset_is_refused(assemble, prepared, tmp_path, monkeypatch):
-    from mammacls.data import load_prepared
+    from mammacls.prepared import load_prepared
 
     dataset = load_prepared(prepared[0])
     _fake_search(tmp_path / "run", dataset)

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from mammacls.train import TrainConfig, TrainReporter, _EpochRunner, train_model
+from mammacls.training import TrainConfig, TrainReporter, train_model
+
+from mammacls.training.batches import EpochRunner
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +59,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-class _Unaugmented(_EpochRunner):
+class _Unaugmented(EpochRunner):
     def _inputs(self, picked):
         return torch.from_numpy(self.images[picked]).float().unsqueeze(1) / 255.0, None
 

@@ -23,7 +23,7 @@ def duo(prepared, session_cache, tmp_path_factory):
 
     import torch
 
-    from mammacls.data import load_prepared
+    from mammacls.prepared import load_prepared
     from mammacls.ensemble import assemble_ensemble
     from mammacls.model import attach_lesion_decoder, build_model
 
@@ -81,7 +81,7 @@ def test_predict_explains_and_maps_lesions_with_an_ensemble(duo, busi_dir, tmp_p
 def test_members_that_saw_the_validation_images_are_refused(prepared, cache, tmp_path):
     import torch
 
-    from mammacls.data import load_prepared
+    from mammacls.prepared import load_prepared
     from mammacls.ensemble import assemble_ensemble
     from mammacls.model import build_model
 
@@ -144,7 +144,7 @@ def test_cli_combines_repeated_runs_and_refuses_fold_models(prepared, cache, bus
     import shutil
 
     from mammacls.store import models_dir
-    from mammacls.train import TrainConfig, augmentation_preset, train_repeats
+    from mammacls.training import TrainConfig, augmentation_preset, train_repeats
     from mammacls.inference.model_files import resolve_model
 
     # the shipped recipe's ingredients at toy scale: scanner augmentation on whole batches, lesion masks

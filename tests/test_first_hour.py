@@ -85,7 +85,7 @@ def test_early_refusals_answer_before_torch_or_the_model_loads(tmp_path, args, m
 
 
 def test_obvious_architecture_spellings_are_accepted():
-    from mammacls.train import TrainConfig
+    from mammacls.training import TrainConfig
 
     for spelling, arch in (("VGG16", "vgg16"), ("MobileNet-V2", "mobilenet_v2"), ("mobilenetv2", "mobilenet_v2"),
                            ("ResNet-18", "resnet18")):
@@ -240,7 +240,7 @@ def test_readme_quickstart_walkthrough(synthetic, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mammacls.cli import _report_option_value, app
-    from mammacls.model import hub_checkpoint_path, imagenet_weights
+    from mammacls.imagenet import hub_checkpoint_path, imagenet_weights
 
     commands = _quickstart_commands()
     assert any("prepare" in c and "BUS-BRA" in c for c in commands) and any("--lesion-map" in c for c in commands)
@@ -291,7 +291,7 @@ def test_calibrate_accepts_a_dataset_prepared_again_and_never_writes_a_read_only
 def _recalibrate_a_read_only_copy(use_session_cache, tmp_path, monkeypatch):
     import shutil
 
-    from mammacls.train import recalibrate
+    from mammacls.training import recalibrate
     from mammacls.inference.model_files import resolve_model
 
     shipped = tmp_path / "package" / "default"

@@ -9,12 +9,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from mammacls.cli import app
-from mammacls.data import load_prepared
-from mammacls.model import ARCHS, attach_lesion_decoder, build_model, forward_with_lesion
-from mammacls.train import (
-    TrainConfig, _augment_batch, _augmenter, _load_masks, _photometric, augmentation_preset, lesion_loss,
-    train_model,
-)
+from mammacls.prepared import load_prepared
+from mammacls.archs import ARCHS
+from mammacls.model import attach_lesion_decoder, build_model, forward_with_lesion
+from mammacls.training import TrainConfig, augmentation_preset, train_model
+from mammacls.training.batches import augment_batch, augmenter, lesion_loss, load_masks, photometric
 from mammacls.inference.model_files import resolve_model
 from mammacls.weights import load_network
 
@@ -65,18 +64,20 @@ def test_mask_follows_the_image_through_augmentation(threaded):
     for k in range(8):
         masks[k, 5 + k:25 + k, 10:30 + k] = 1
     with ThreadPoolExecutor(2) as threads:
-        images, moved = _augment_batch(_augmenter(config), masks * np.uint8(255), masks,
+        images, moved = augment_batch(augmenter(config), masks * np.uint8(255), masks,
                                        threads if threaded else None)
-    agree = ((images[:, 0] > 127) == (moved[:, 0] > 0)).float().mean().item()
-    assert agree > 0.98
+    per_image = ((images[:, 0] > 127) == (moved[:, 0] > 0)).float().mean(dim=(1, 2))
+    # measured over seeds: aligned pairs agree on 96-99 % of pixels (edges interpolate differently),
+    # a mask paired with the wrong image on 78-88 %
+    assert per_image.mean() > 0.96 and per_image.min() > 0.94
     assert not torch.equal(moved[:, 0], torch.from_numpy(masks))  # something did move
 
 
 def test_gamma_and_speckle_only_with_the_strong_preset():
     torch.manual_seed(0)
     batch = torch.full((16, 1, 8, 8), 0.5)
-    assert torch.equal(_photometric(batch, augmentation_preset("standard")), batch)
-    changed = _photometric(batch, augmentation_preset("strong"))
+    assert torch.equal(photometric(batch, augmentation_preset("standard")), batch)
+    changed = photometric(batch, augmentation_preset("strong"))
     assert changed.min() >= 0 and changed.max() <= 1
     per_image = changed.mean(dim=(1, 2, 3))
     assert per_image.std() > 0.01  # gamma differs from image to image
@@ -88,7 +89,7 @@ def test_lesion_image_without_mask_is_left_out_of_the_mask_loss(prepared):
     rows = [dict(dataset.split("train")[0]), dict(dataset.split("train")[0])]
     rows[1]["mask_file"] = ""
     rows[1]["label"] = "benign"
-    masks, known = _load_masks(dataset, rows, 32)
+    masks, known = load_masks(dataset, rows, 32)
     assert known.tolist() == [1.0, 0.0]
     assert masks.shape == (2, 32, 32) and masks[1].sum() == 0
 

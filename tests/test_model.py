@@ -8,9 +8,9 @@ from torchvision import models
 
 from mammacls.errors import MammaclsError
 from mammacls.archs import ARCH_SPECS
-from mammacls.model import (
-    ARCHS, GRAY_MEAN, GRAY_STD, _replace, build_model, fold_to_one_channel, imagenet_weights, predict_proba,
-)
+from mammacls.archs import ARCHS
+from mammacls.imagenet import imagenet_weights
+from mammacls.model import GRAY_MEAN, GRAY_STD, _replace, build_model, fold_to_one_channel, predict_proba
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -67,15 +67,15 @@ def hub_dir(tmp_path):
 
 def _plant(hub_dir, weights, monkeypatch, net) -> Path:
     """Save ``net``'s weights where ``weights`` lives in the hub cache and accept its digest as that file's."""
-    from mammacls import model as model_module
+    from mammacls import imagenet as imagenet_module
     from mammacls.store import sha256_file
 
     target = hub_dir / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), target)
     digest = sha256_file(target)
-    real = model_module.expected_sha256_prefix
-    monkeypatch.setattr(model_module, "expected_sha256_prefix",
+    real = imagenet_module.expected_sha256_prefix
+    monkeypatch.setattr(imagenet_module, "expected_sha256_prefix",
                         lambda w: digest[:8] if w == weights else real(w))
     return target
 
@@ -135,7 +135,8 @@ def test_a_local_weights_file_is_recognised_by_its_sha256(hub_dir, monkeypatch, 
 
 def test_real_imagenet1k_v1_file_when_present():
     """The real MobileNetV2 IMAGENET1K_V1 file (see ../shared/pretrained/README.md), offline."""
-    from mammacls.model import build_pretrained_model, hub_checkpoint_path
+    from mammacls.imagenet import hub_checkpoint_path
+    from mammacls.model import build_pretrained_model
 
     v1 = imagenet_weights("mobilenet_v2", "IMAGENET1K_V1")
     if not hub_checkpoint_path(v1).is_file():

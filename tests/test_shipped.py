@@ -86,7 +86,7 @@ def test_evaluate_default_reproduces_the_model_card(cache):
     card = json.loads((SHIPPED / "card_figures.json").read_text())
     prepared = runner.invoke(app, ["prepare", str(busi), "--json"])
     assert prepared.exit_code == 0, prepared.stderr
-    from mammacls.data import load_prepared
+    from mammacls.prepared import load_prepared
 
     rows = load_prepared(Path(json.loads(prepared.stdout)["prepared_dir"])).rows
     test = sorted(Path(r["path"]).relative_to(busi.resolve()).as_posix() for r in rows if r["split"] == "test")

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mammacls.data import PrepareOptions, load_prepared, prepare_dataset
+from mammacls.data import PrepareOptions, prepare_dataset
+
+from mammacls.prepared import load_prepared
 from mammacls.errors import MammaclsError
 from mammacls.sources import open_source, parse_source_spec, scan_source
 from tests.conftest import build_busbra_fixture, real_busbra_or_skip, real_busi_or_skip

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from mammacls.errors import MammaclsError
 from mammacls.model import build_model, predict_proba
-from mammacls.train import TrainConfig, TrainReporter, train_model
+from mammacls.training import TrainConfig, TrainReporter, train_model
 from mammacls.inference.model_files import CHECKPOINT_FILE, list_cached_models, resolve_model
 from mammacls.weights import load_network, save_model
 
@@ -159,7 +159,7 @@ def test_predict_uses_the_shipped_model_unless_another_is_chosen(cache):
 
 
 def test_vgg16_on_cpu_prints_a_time_estimate():
-    from mammacls.train import _estimate_cpu_time
+    from mammacls.training.loop import estimate_cpu_time
 
     messages = []
 
@@ -171,7 +171,7 @@ def test_vgg16_on_cpu_prints_a_time_estimate():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW(net.parameters())
     images = np.zeros((8, 32, 32), dtype=np.uint8)
-    _estimate_cpu_time(net, torch.nn.CrossEntropyLoss(), optimizer, TrainConfig(arch="vgg16", img_size=32,
+    estimate_cpu_time(net, torch.nn.CrossEntropyLoss(), optimizer, TrainConfig(arch="vgg16", img_size=32,
                        epochs=5), images, 1, 4, Capture())
     assert len(messages) == 1 and "min per epoch for vgg16 at 32 px" in messages[0]
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the probe changed nothing

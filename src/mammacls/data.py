@@ -10,7 +10,6 @@ manifest (one row per image, with its ``source`` and ``patient``) plus a summary
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -37,11 +36,9 @@ from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are p
 from mammacls.sources import (  # noqa: F401  (scan_dataset re-exported)
     ImageRecord, ScanResult, Source, absent_classes, open_source, relative_or_absolute, scan_dataset, scan_source,
 )
+from mammacls.prepared import MANIFEST_NAME, SPLITS, SUMMARY_NAME, dataset_lock_key
 from mammacls.store import atomic_write_json, cache_lock, datasets_dir, record_latest_dataset, sha256_file
 
-SPLITS = ("train", "val", "test")
-MANIFEST_NAME = "manifest.csv"
-SUMMARY_NAME = "summary.json"
 OVERVIEW_NAME = "overview.png"
 MANIFEST_COLUMNS = (
     "path", "label", "split", "group_id", "sha256", "file_sha256",
@@ -177,10 +174,6 @@ def prepare_dataset(
             raise
         record_latest_dataset(out)
     return summary
-
-
-def dataset_lock_key(prepared_dir: Path) -> str:
-    return f"dataset-{Path(prepared_dir).resolve().name}"
 
 
 def _check_output_dir(out: Path) -> None:
@@ -383,84 +376,3 @@ def _write_manifest(target: Path, records, cache_names, decoded_dir: Path, roots
                 f"decoded/{name}.npy", f"decoded/{name}_mask.npy" if has_mask else "",
                 r.source, r.patient,
             ])
-
-
-# ------------------------------------------------------- reading it back ---
-
-@dataclass
-class PreparedDataset:
-    root: Path
-    rows: list[dict[str, str]]
-    summary: dict
-    manifest_sha256: str
-
-    def split(self, name: str) -> list[dict[str, str]]:
-        return [row for row in self.rows if row["split"] == name]
-
-    def source_names(self) -> list[str]:
-        """The sources in manifest order."""
-        return list(dict.fromkeys(row["source"] for row in self.rows))
-
-    def load_image(self, row: dict[str, str]) -> np.ndarray:
-        cached = self.root / row["cache_file"]
-        if cached.is_file():
-            return np.load(cached, allow_pickle=False)
-        return load_grayscale(Path(row["path"]))
-
-    def load_mask(self, row: dict[str, str]) -> np.ndarray:
-        shape = (int(row["height"]), int(row["width"]))
-        if not row.get("mask_file"):
-            return np.zeros(shape, dtype=np.uint8)
-        packed = np.load(self.root / row["mask_file"], allow_pickle=False)
-        return np.unpackbits(packed)[: shape[0] * shape[1]].reshape(shape)
-
-
-def is_prepared_dir(path: Path) -> bool:
-    return (Path(path) / MANIFEST_NAME).is_file()
-
-
-def load_prepared(path: Path | None = None, hold: contextlib.ExitStack | None = None,
-                  reader: str = "mammacls") -> PreparedDataset:
-    """Open a prepared dataset (default: the one ``prepare`` wrote last).
-
-    With ``hold``, a shared lock on the dataset is taken first and kept until ``hold`` closes, so
-    ``prepare`` cannot replace it meanwhile (and a dataset being prepared is refused in one line).
-    """
-    if path is None:
-        from mammacls.store import latest_dataset
-
-        path = latest_dataset()
-        if path is None or not is_prepared_dir(path):
-            raise MammaclsError("no prepared dataset yet: run mammacls prepare SOURCE first")
-    path = Path(path)
-    if hold is not None:
-        hold.enter_context(cache_lock(dataset_lock_key(path), reader, exclusive=False))
-    manifest = path / MANIFEST_NAME
-    if not manifest.is_file():
-        raise MammaclsError(f"{path} is not a prepared dataset (no {MANIFEST_NAME}); run mammacls prepare on it")
-    try:
-        with open(manifest, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = {"path", "label", "split"} - set(reader.fieldnames or ())
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise MammaclsError(f"cannot read {manifest}: {exc}") from None
-    if missing:
-        raise MammaclsError(f"{manifest} lacks the columns {', '.join(sorted(missing))}")
-    summary = {}
-    if (path / SUMMARY_NAME).is_file():
-        import json
-
-        summary = json.loads((path / SUMMARY_NAME).read_text(encoding="utf-8"))
-    # manifests of earlier versions hold one source, absolute paths and no patients
-    fallback_source = Path(str(summary.get("source") or path)).name
-    roots = {name: Path(root) for name, root in (summary.get("source_roots") or {}).items()}
-    for row in rows:
-        if row["label"] not in CLASSES or row["split"] not in SPLITS:
-            raise MammaclsError(f"{manifest}: bad label/split in row for {row['path']}")
-        row["source"] = row.get("source") or fallback_source
-        row.setdefault("patient", "")
-        root = roots.get(row["source"], Path("/"))  # paths are relative to their source's root
-        row["path"] = str(root / row["path"])
-        row["mask_paths"] = ";".join(str(root / m) for m in (row.get("mask_paths") or "").split(";") if m)
-    return PreparedDataset(path, rows, summary, sha256_file(manifest))

@@ -42,7 +42,9 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     """
     from mammacls.export import export_onnx
     from mammacls.model import GRAY_MEAN, GRAY_STD
-    from mammacls.train import _calibrate, _load_rows, _source_counts
+    from mammacls.training.finalise import fit_calibration
+    from mammacls.training.batches import load_rows
+    from mammacls.training.splits import source_counts
     from mammacls.inference.model_files import MODEL_FILE, ModelRef
     from mammacls.weights import build_network, library_versions, save_model
 
@@ -61,12 +63,12 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     net.eval()
     fingerprints: dict[str, list] = {"sha256": [], "phash": []}
     say("loading the train and validation images")
-    train_x, train_y = _load_rows(dataset, train_rows, img_size, fingerprints)
-    val_x, val_y = _load_rows(dataset, val_rows, img_size, fingerprints)
+    train_x, train_y = load_rows(dataset, train_rows, img_size, fingerprints)
+    val_x, val_y = load_rows(dataset, val_rows, img_size, fingerprints)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     say("calibrating on validation, fitting the refusal densities (one per member)")
-    fitted = _calibrate(net, arch, train_x, train_y, val_x, val_y, "cpu", target, members=len(states))
+    fitted = fit_calibration(net, arch, train_x, train_y, val_x, val_y, "cpu", target, members=len(states))
     meta = {
         "name": name, "arch": arch, "classes": list(CLASSES), "num_classes": len(CLASSES), "in_chans": 1,
         "img_size": img_size, "input_size": [1, img_size, img_size],
@@ -77,7 +79,7 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
                                            "combine": "mean of member logits"}}),
         "data": {**metadata.get("data", {}), "manifest_sha256": dataset.manifest_sha256,
                  "train_images": int(len(train_y)), "val_images": int(len(val_y)),
-                 "sources": _source_counts(train_rows, val_rows),
+                 "sources": source_counts(train_rows, val_rows),
                  "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
                  "train_val_fingerprints": fingerprints},
         "status": "complete", "versions": library_versions(),
@@ -100,7 +102,8 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
     import contextlib
 
     from mammacls.store import cache_lock, check_model_name, models_dir
-    from mammacls.train import _training_dataset, model_rows
+    from mammacls.training import model_rows
+    from mammacls.training.splits import training_dataset
     from mammacls.inference.model_files import ensemble_size, resolve_model
     from mammacls.weights import load_network
 
@@ -121,7 +124,7 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
         hold.enter_context(cache_lock(f"model-{name}", f"mammacls ensemble --name {name}"))
         if target.exists():
             raise MammaclsError(f"a model named {name!r} exists already; choose another --name")
-        dataset = _training_dataset(refs[0])
+        dataset = training_dataset(refs[0])
         trained_on = []
         for ref in refs:
             if (ref.metadata.get("data") or {}).get("manifest_sha256") not in (None, dataset.manifest_sha256):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mammacls import CLASSES
-from mammacls.data import is_prepared_dir, load_prepared
+from mammacls.prepared import is_prepared_dir, load_prepared
 from mammacls.errors import MammaclsError
 from mammacls.inference.images import load_grayscale, resize_square
 from mammacls.inference.pixels import ImageReadError

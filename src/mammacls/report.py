@@ -165,7 +165,34 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
         raise MammaclsError(f"report folder {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", document)
+    groups_html = "".join(_group_table(g) for g in document.get("groups", []))
+    if show_sources(document):
+        groups_html += _sources_table(results, document)
+    sections = [_model_section(r, eval_set, out_dir) for r in results]
+    summary = eval_set.summary or {}
+    overview = (_img_tag(eval_set.overview_png.read_bytes(), "dataset overview")
+                if eval_set.overview_png and eval_set.overview_png.is_file() else "")
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>mammacls evaluation report</title><style>{_STYLE}</style></head><body>"
+        "<h1>mammacls evaluation report</h1>"
+        f"<p class=sub>{created} · mammacls {__version__} · {len(results)} model(s)</p>"
+        "<p class=note>Research and education only: not a medical device, not for diagnosis.</p>"
+        f"<h2>Comparison</h2>{_comparison_html(results, document)}{groups_html}"
+        f"<p>{'</p><p>'.join(_data_lines(eval_set, document))}</p>"
+        + f"<div class=models>{''.join(sections)}</div>"
+        + (f"<section><h2>Dataset</h2>{overview}{_duplicates_html(summary)}</section>"
+           if overview or summary else "")
+        + "</body></html>\n"
+    )
+    atomic_write_text(out_dir / "index.html", page)
+    return out_dir / "index.html"
 
+
+def _comparison_html(results: list[dict[str, Any]], document: dict[str, Any]) -> str:
+    """One row per model: headline figures with intervals (the best of several marked)."""
     headline = ("accuracy", "macro_f1", "roc_auc_macro")
     best = {k: max((r["metrics"][k] for r in results if r["metrics"][k] is not None), default=None)
             for k in headline}
@@ -184,84 +211,67 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
                     f"<td>{_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}</td>"
                     f"<td>{_fmt(mal['specificity'])}</td>"
                     f"<td>{_fmt(cal['before']['ece'])} → {_fmt(cal['after']['ece'])}</td></tr>")
-    comparison = ("<table><tr><th>model</th><th>arch</th><th>kind</th><th>px</th><th>accuracy</th><th>macro F1</th>"
-                  "<th>ROC-AUC macro</th><th>malignant sensitivity</th><th>malignant specificity</th>"
-                  "<th>ECE raw → calibrated</th></tr>" + "".join(rows) + "</table>"
-                  + "<p class=sub>95% intervals from a class-stratified bootstrap "
-                  f"({results[0]['metrics']['bootstrap']['resamples']} resamples). "
-                  + ("Probabilities are temperature-calibrated on each model's validation data."
-                     if document.get("calibrated", True) else "Raw (uncalibrated) probabilities.") + "</p>")
-    groups_html = "".join(_group_table(g) for g in document.get("groups", []))
-    if show_sources(document):
-        groups_html += _sources_table(results, document)
+    return ("<table><tr><th>model</th><th>arch</th><th>kind</th><th>px</th><th>accuracy</th><th>macro F1</th>"
+            "<th>ROC-AUC macro</th><th>malignant sensitivity</th><th>malignant specificity</th>"
+            "<th>ECE raw → calibrated</th></tr>" + "".join(rows) + "</table>"
+            + "<p class=sub>95% intervals from a class-stratified bootstrap "
+            f"({results[0]['metrics']['bootstrap']['resamples']} resamples). "
+            + ("Probabilities are temperature-calibrated on each model's validation data."
+               if document.get("calibrated", True) else "Raw (uncalibrated) probabilities.") + "</p>")
 
-    sections = []
-    for r in results:
-        slug = _slug(r["name"])
-        cal = r["metrics"]["calibration"]
-        figures = {
-            "confusion_matrix": confusion_matrix_figure(r["metrics"]["confusion_matrix"], r["name"]),
-            "roc": roc_figure(eval_set.labels, r["probabilities"], f"ROC one-vs-rest: {r['name']}"),
-            "precision_recall": precision_recall_figure(eval_set.labels, r["probabilities"],
-                                                        f"precision-recall: {r['name']}"),
-            "reliability": reliability_figure(cal["bins_before"], cal["bins_after"], cal["before"]["ece"],
-                                              cal["after"]["ece"], f"reliability (T = {cal['temperature']:.2f})"),
-        }
-        pngs = {}
-        for kind, figure in figures.items():
-            pngs[kind] = figure_png_bytes(figure)
-            atomic_write_bytes(out_dir / f"{kind}_{slug}.png", pngs[kind])
-        per_class = "".join(
-            f"<tr><td>{c}</td>"
-            + f"<td>{_ci(r['metrics']['per_class'][c]['precision'], r['metrics']['per_class'][c]['precision_ci95'])}</td>"
-            + f"<td>{_ci(r['metrics']['per_class'][c]['recall'], r['metrics']['per_class'][c]['recall_ci95'])}</td>"
-            + "".join(f"<td>{_fmt(r['metrics']['per_class'][c][k])}</td>" for k in ("f1", "roc_auc", "support"))
-            + "</tr>" for c in CLASSES)
-        val = r["model"].get("val_metrics") or {}
-        sections.append(
-            f"<section><h2>{html.escape(r['name'])}</h2>"
-            f"<p class=sub>{html.escape(str(r['model']['arch']))}, {r['model']['img_size']} px, "
-            f"source: {html.escape(r['model']['source'])}, sha256 {html.escape(str(r['model']['sha256'])[:16])}…, "
-            f"validation macro-F1 {_fmt(val.get('macro_f1'))}</p>"
-            "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th>"
-            f"<th>support</th></tr>{per_class}</table>"
-            f"<p>{html.escape(_sentence(describe_malignant(r['metrics']['malignant'])))}</p>"
-            f"<p>Calibration: temperature {cal['temperature']:.2f}; ECE {cal['before']['ece']:.3f} → "
-            f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} → {cal['after']['brier']:.3f} "
-            "(15 confidence bins).</p>"
-            f"{_selective_line(r['metrics'].get('selective'))}"
-            f"<div class=figs>{''.join(_img_tag(png, kind + ' ' + r['name']) for kind, png in pngs.items())}</div>"
-            f"{_misclassified_gallery(r, eval_set)}</section>")
 
+def _model_section(r: dict[str, Any], eval_set, out_dir: Path) -> str:
+    """One model's per-class table, operating point, calibration and figures (also written as PNGs)."""
+    slug = _slug(r["name"])
+    cal = r["metrics"]["calibration"]
+    figures = {
+        "confusion_matrix": confusion_matrix_figure(r["metrics"]["confusion_matrix"], r["name"]),
+        "roc": roc_figure(eval_set.labels, r["probabilities"], f"ROC one-vs-rest: {r['name']}"),
+        "precision_recall": precision_recall_figure(eval_set.labels, r["probabilities"],
+                                                    f"precision-recall: {r['name']}"),
+        "reliability": reliability_figure(cal["bins_before"], cal["bins_after"], cal["before"]["ece"],
+                                          cal["after"]["ece"], f"reliability (T = {cal['temperature']:.2f})"),
+    }
+    pngs = {}
+    for kind, figure in figures.items():
+        pngs[kind] = figure_png_bytes(figure)
+        atomic_write_bytes(out_dir / f"{kind}_{slug}.png", pngs[kind])
+    per_class = "".join(
+        f"<tr><td>{c}</td>"
+        + f"<td>{_ci(r['metrics']['per_class'][c]['precision'], r['metrics']['per_class'][c]['precision_ci95'])}</td>"
+        + f"<td>{_ci(r['metrics']['per_class'][c]['recall'], r['metrics']['per_class'][c]['recall_ci95'])}</td>"
+        + "".join(f"<td>{_fmt(r['metrics']['per_class'][c][k])}</td>" for k in ("f1", "roc_auc", "support"))
+        + "</tr>" for c in CLASSES)
+    val = r["model"].get("val_metrics") or {}
+    return (
+        f"<section><h2>{html.escape(r['name'])}</h2>"
+        f"<p class=sub>{html.escape(str(r['model']['arch']))}, {r['model']['img_size']} px, "
+        f"source: {html.escape(r['model']['source'])}, sha256 {html.escape(str(r['model']['sha256'])[:16])}…, "
+        f"validation macro-F1 {_fmt(val.get('macro_f1'))}</p>"
+        "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th>"
+        f"<th>support</th></tr>{per_class}</table>"
+        f"<p>{html.escape(_sentence(describe_malignant(r['metrics']['malignant'])))}</p>"
+        f"<p>Calibration: temperature {cal['temperature']:.2f}; ECE {cal['before']['ece']:.3f} → "
+        f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} → {cal['after']['brier']:.3f} "
+        "(15 confidence bins).</p>"
+        f"{_selective_line(r['metrics'].get('selective'))}"
+        f"<div class=figs>{''.join(_img_tag(png, kind + ' ' + r['name']) for kind, png in pngs.items())}</div>"
+        f"{_misclassified_gallery(r, eval_set)}</section>")
+
+
+def _data_lines(eval_set, document: dict[str, Any]) -> list[str]:
+    """What was evaluated: the set, its counts, and what prepare kept, grouped and skipped."""
     counts = document["data"]["counts"]
-    data_lines = [f"{html.escape(eval_set.description)}: {len(eval_set.paths)} images "
-                  f"({', '.join(f'{c} {counts[c]}' for c in CLASSES)})."]
+    lines = [f"{html.escape(eval_set.description)}: {len(eval_set.paths)} images "
+             f"({', '.join(f'{c} {counts[c]}' for c in CLASSES)})."]
     summary = eval_set.summary or {}
     if summary:
-        data_lines.append(
+        lines.append(
             f"Prepared dataset: {summary.get('images_used')} of {summary.get('images_found')} images used; "
             f"{summary.get('duplicate_groups')} duplicate groups ({summary.get('images_in_duplicate_groups')} images) "
             f"kept inside one split; {summary.get('conflicts')} label conflicts "
             f"({'left out' if not summary.get('keep_conflicts') else 'kept'}); "
             f"{len(summary.get('skipped', []))} files skipped.")
     if eval_set.skipped:
-        data_lines.append(f"{len(eval_set.skipped)} unreadable files were skipped.")
-    overview = (_img_tag(eval_set.overview_png.read_bytes(), "dataset overview")
-                if eval_set.overview_png and eval_set.overview_png.is_file() else "")
-    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (
-        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        "<meta name=viewport content='width=device-width,initial-scale=1'>"
-        f"<title>mammacls evaluation report</title><style>{_STYLE}</style></head><body>"
-        "<h1>mammacls evaluation report</h1>"
-        f"<p class=sub>{created} · mammacls {__version__} · {len(results)} model(s)</p>"
-        "<p class=note>Research and education only: not a medical device, not for diagnosis.</p>"
-        f"<h2>Comparison</h2>{comparison}{groups_html}"
-        f"<p>{'</p><p>'.join(data_lines)}</p>"
-        + f"<div class=models>{''.join(sections)}</div>"
-        + (f"<section><h2>Dataset</h2>{overview}{_duplicates_html(summary)}</section>"
-           if overview or summary else "")
-        + "</body></html>\n"
-    )
-    atomic_write_text(out_dir / "index.html", page)
-    return out_dir / "index.html"
+        lines.append(f"{len(eval_set.skipped)} unreadable files were skipped.")
+    return lines

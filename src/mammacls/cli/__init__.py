@@ -1,0 +1,73 @@
+"""Command line: parse options, call the library, print. No torch at import time.
+
+Each command lives in its own module; importing them registers them on the one Typer app."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+# importing a command module registers its commands; this order is --help's
+from mammacls.cli import prepare  # noqa: F401
+from mammacls.cli import train  # noqa: F401
+from mammacls.cli import evaluate  # noqa: F401
+from mammacls.cli import predict  # noqa: F401
+from mammacls.cli import models  # noqa: F401
+from mammacls.archs import ARCHS
+from mammacls.cli.common import _report_option_value, app
+
+__all__ = ["app", "main"]
+
+
+_METAVARS = {"data": "DIR_OR_CSV", "out": "DIR", "report_dir": "DIR", "explain": "DIR", "lesion_map": "DIR",
+             "groups": "CSV", "model": "NAME", "name": "NAME", "imagenet_weights": "auto|VARIANT|FILE",
+             "arch": "|".join(ARCHS), "device": "auto|cpu|cuda", "backend": "auto|onnx|torch",
+             "augment": "light|standard|strong|scanner"}
+# by Typer's bare type name, or click's type name (other Typer versions)
+_TYPE_METAVARS = {"int": "N", "integer": "N", "float": "NUM", "str": "TEXT", "text": "TEXT", "Path": "PATH",
+                  "path": "PATH", "list[str]": "NAME"}
+
+
+def _with_metavars(command):
+    """Real metavars in --help (FILE, DIR, the choices) instead of Typer's <bool>, <str>, {paths}."""
+    for sub in getattr(command, "commands", {}).values():
+        sub.get_help_option = _flag_without_metavar(sub.get_help_option)  # --help is made per context
+        for param in sub.params:
+            if param.metavar is not None:
+                continue
+            if param.param_type_name == "argument":
+                word = param.name.upper().rstrip("S") if param.nargs != 1 else param.name.upper()
+                param.metavar = word
+                shown = f"{word}..." if param.nargs != 1 else word
+                if not param.required:
+                    shown = f"[{shown}]"
+                # Typer's own hooks (guarded: internal) would print {PATH}... and <list[Path]>
+                if hasattr(param, "_usage_display_name"):
+                    param._usage_display_name = lambda shown=shown: shown
+                if hasattr(param, "display_type_rich"):
+                    param.display_type_rich = lambda ctx: None
+            elif getattr(param, "is_flag", False) or getattr(param, "bare_type", lambda: "")() == "bool":
+                param.metavar = ""
+            else:
+                kind = (param.bare_type() if hasattr(param, "bare_type")
+                        else getattr(getattr(param, "type", None), "name", ""))
+                param.metavar = _METAVARS.get(param.name) or _TYPE_METAVARS.get(kind)
+    return command
+
+
+def _flag_without_metavar(make_option):
+    def wrapped(ctx):
+        option = make_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+    return wrapped
+
+
+def main() -> None:
+    _with_metavars(typer.main.get_command(app))(args=_report_option_value(sys.argv[1:]), prog_name="mammacls")
+
+
+if __name__ == "__main__":
+    main()

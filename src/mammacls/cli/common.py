@@ -1,0 +1,97 @@
+"""What every command shares: the Typer app, consoles, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from mammacls import __version__
+from mammacls.errors import MammaclsError
+
+app = typer.Typer(
+    name="mammacls",
+    help="Classify breast ultrasound images (benign / malignant / normal): prepare, train, evaluate, predict.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@contextlib.contextmanager
+def _errors():
+    """Expected failures: one line on stderr and a non-zero exit, no traceback."""
+    try:
+        yield
+    except MammaclsError as exc:
+        from rich.markup import escape
+
+        _console().print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _console().print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"), highlight=False)
+
+
+def _emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mammacls {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """mammacls: honest breast-ultrasound classification."""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _report_option_value(argv: list[str]) -> list[str]:
+    """Let ``evaluate --report DIR`` (and ``--report=DIR``) name the report folder.
+
+    Typer options cannot take an optional value, so ``--report`` is a flag and
+    the folder is ``--report-dir``; evaluate has no positional arguments, so a
+    bare word after ``--report`` can only be that folder.
+    """
+    if not argv or argv[0] != "evaluate":
+        return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--report="):
+            out += ["--report", "--report-dir", token.split("=", 1)[1]]
+        elif token == "--report" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            out += ["--report", "--report-dir", argv[i + 1]]
+            i += 1
+        else:
+            out.append(token)
+        i += 1
+    return out

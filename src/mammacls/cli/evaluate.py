@@ -1,0 +1,170 @@
+"""evaluate: metrics with intervals, per source, as tables, JSON and the HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mammacls import CLASSES
+from mammacls.errors import MammaclsError
+from mammacls.cli.common import app, _console, _errors, _emit_json, _fmt
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[list[str]], typer.Option(
+        help="Model cache name, folder, .safetensors file or 'default'; repeat to compare (default: all cached).")
+    ] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Prepared dataset (its test split), or every image of a labelled set never prepared: a BUSI-layout "
+             "folder, a BUS-BRA folder or a CSV (path,label[,patient][,mask]). Default: the latest test split.")
+    ] = None,
+    report: Annotated[bool, typer.Option("--report", help=(
+        "Write an HTML report with figures and metrics.json; --report DIR names its folder."))] = False,
+    report_dir: Annotated[Optional[Path], typer.Option(
+        help="Folder for the report (implies --report; default ./mammacls-report).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    calibration: Annotated[bool, typer.Option(
+        help="Use the temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    allow_overlap: Annotated[bool, typer.Option(
+        help="Report even when the data overlaps a model's training/validation images (flagged).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Score models on held-out data, with 95% bootstrap intervals, calibration and malignant operating points."""
+    from mammacls.evaluate import evaluate_models, load_eval_set, models_to_evaluate, results_json
+
+    with _errors():
+        if bootstrap < 100:
+            raise MammaclsError("--bootstrap needs at least 100 resamples", exit_code=2)
+        refs = models_to_evaluate(model)
+        eval_set = load_eval_set(data)
+        results = evaluate_models(refs, eval_set, device, batch_size, calibration, bootstrap, seed, allow_overlap)
+        document = results_json(results, eval_set, calibration)
+        html_path = None
+        if report or report_dir is not None:
+            from mammacls.report import write_report
+
+            html_path = write_report(results, eval_set, report_dir or Path("mammacls-report"), document)
+            document["report"] = str(html_path.resolve())
+    console = _console(stderr=json_out)
+    _print_evaluation(document, console)
+    if html_path:
+        console.print(f"report: {html_path.resolve()}", soft_wrap=True, markup=False)
+    if json_out:
+        _emit_json(document)
+
+
+def _ci(value: Any, interval: Any) -> str:
+    from mammacls.evaluate import format_ci
+
+    return format_ci(value, interval)
+
+
+def _print_evaluation(document: dict, console) -> None:
+    from rich.table import Table
+
+    data = document["data"]
+    console.print(f"{data['description']}: {data['n']} images "
+                  f"({', '.join(f'{c} {n}' for c, n in data['counts'].items())}); "
+                  f"{'calibrated' if document['calibrated'] else 'raw (uncalibrated)'} probabilities; "
+                  "95% stratified bootstrap intervals", soft_wrap=True, markup=False)
+    table = Table(title="model comparison")
+    for column in ("model", "px", "accuracy", "macro F1", "AUC macro", "mal. sensitivity"):
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
+    for entry in document["models"]:
+        m, ci = entry["metrics"], entry["metrics"]["ci95"]
+        name = entry["name"] + (" [overlap!]" if (entry.get("overlap") or {}).get("images") else "")
+        table.add_row(name, str(entry["model"]["img_size"]), _ci(m["accuracy"], ci.get("accuracy")),
+                      _ci(m["macro_f1"], ci.get("macro_f1")), _ci(m["roc_auc_macro"], ci.get("roc_auc_macro")),
+                      _ci(m["malignant"]["sensitivity"], m["malignant"].get("sensitivity_ci95")))
+    console.print(table)
+    _print_sources(document, console)
+    for entry in document["models"]:
+        overlap = entry.get("overlap") or {}
+        if overlap.get("images"):
+            console.print(f"warning: {entry['name']} was trained or validated on {overlap['images']} of these "
+                          f"images ({overlap['identical']} identical, {overlap['near_duplicate']} near-duplicates):"
+                          " its figures are inflated", style="bold red", soft_wrap=True, markup=False)
+        _print_model_detail(entry, console)
+    for group in document.get("groups", []):
+        _print_group_evaluation(group, console)
+
+
+def _print_sources(document: dict, console) -> None:
+    """Per source: only the classes it holds; malignant vs the other classes present, with intervals."""
+    from rich.table import Table
+
+    from mammacls.evaluate import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, show_sources, source_rows
+
+    if not show_sources(document):
+        return
+    absent = document["data"].get("classes_absent")
+    if absent:
+        console.print(absent_classes_note(absent), soft_wrap=True, markup=False)
+    for entry in document["models"]:
+        table = Table(title=f"{entry['name']}: per source (malignant vs the other classes present)")
+        for column in SOURCE_COLUMNS:
+            table.add_column(column, justify="left" if column == "source" else "right", overflow="fold")
+        for row in source_rows(entry):
+            table.add_row(*row)
+        console.print(table)
+    console.print(SOURCE_COLUMNS_NOTE, soft_wrap=True, markup=False, style="dim")
+
+
+def _print_model_detail(entry: dict, console) -> None:
+    from rich.table import Table
+
+    m = entry["metrics"]
+    detail = Table(title=f"{entry['name']}: per class")
+    for column in ("class", "precision", "recall", "F1", "AUC", "n"):
+        detail.add_column(column, justify="left" if column == "class" else "right", no_wrap=True)
+    for c in CLASSES:
+        pc = m["per_class"][c]
+        detail.add_row(c, _ci(pc["precision"], pc.get("precision_ci95")), _ci(pc["recall"], pc.get("recall_ci95")),
+                       _fmt(pc["f1"]), _fmt(pc["roc_auc"]), str(pc["support"]))
+    console.print(detail)
+    confusion = Table(title="confusion matrix (rows true, columns predicted)")
+    confusion.add_column("true \\ predicted")
+    for c in CLASSES:
+        confusion.add_column(c, justify="right")
+    for c, row in zip(CLASSES, m["confusion_matrix"]):
+        confusion.add_row(c, *map(str, row))
+    console.print(confusion)
+    from mammacls.evaluate import describe_malignant
+
+    cal = m["calibration"]
+    console.print(describe_malignant(m["malignant"]), soft_wrap=True, markup=False)
+    selective = m.get("selective")
+    if selective:
+        console.print(f"refusal: predict would reject {selective['rejected']} of these images and mark "
+                      f"{selective['uncertain']} uncertain; accuracy on the {selective['coverage']:.1%} it accepts "
+                      f"{_fmt(selective['accuracy_accepted'])}, on the {selective['coverage_ok']:.1%} it marks ok "
+                      f"{_fmt(selective['accuracy_ok'])}", soft_wrap=True, markup=False)
+    console.print(f"calibration (T = {cal['temperature']:.2f}): ECE {cal['before']['ece']:.3f} -> "
+                  f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> {cal['after']['brier']:.3f}, "
+                  f"NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}", soft_wrap=True, markup=False)
+
+
+def _print_group_evaluation(group: dict, console) -> None:
+    from rich.table import Table
+
+    kind = "cross-validation folds" if group["kind"] == "cv" else "repeated runs"
+    table = Table(title=f"{group['run']}: {kind}")
+    columns = ("val_accuracy", "val_macro_f1", "val_roc_auc_macro", "test_accuracy", "test_macro_f1",
+               "test_roc_auc_macro")
+    table.add_column("member", no_wrap=True)
+    for column in columns:
+        table.add_column(column.replace("_roc_auc_macro", " AUC").replace("_", " "), justify="right")
+    label = "fold" if group["kind"] == "cv" else "run"
+    for row in group["members"]:
+        table.add_row(f"{label} {row['member']}", *(_fmt(row[c]) for c in columns))
+    table.add_row("mean ± std", *(f"{_fmt(group['summary'][c]['mean'])} ± {_fmt(group['summary'][c]['std'])}"
+                                  for c in columns), style="bold")
+    console.print(table)
+
+

@@ -1,0 +1,206 @@
+"""train: options to a TrainConfig, rich progress, torchrun shortcut."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mammacls.archs import ARCHS, DEFAULT_ARCH
+from mammacls.errors import MammaclsError
+from mammacls.cli.common import app, _console, _errors, _quiet_console, _emit_json, _fmt
+
+
+class _RichReporter:
+    """Shows epochs and batches with rich (counts, elapsed and remaining time); one short line per epoch."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
+
+        self.console = console
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(), console=console)
+        self.epoch_task = None
+        self.batch_task = None
+        self.stage_task = None
+        self.epochs = 0
+
+    def message(self, text: str) -> None:
+        self.console.print(text, style="yellow", soft_wrap=True, markup=False)
+
+    def run_started(self, name, first_epoch, epochs, batches_per_epoch) -> None:
+        self.console.print(f"training [bold]{name}[/]", soft_wrap=True)
+        self.epochs = epochs
+        self.progress.start()
+        self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=first_epoch - 1, info="")
+        self.batch_task = self.progress.add_task("batches", total=batches_per_epoch, info="")
+
+    def batch_done(self, epoch, loss) -> None:
+        self.progress.update(self.batch_task, advance=1, info=f"loss {loss:.3f}")
+
+    def epoch_done(self, record, improved) -> None:
+        self.progress.reset(self.batch_task)
+        self.progress.update(self.epoch_task, advance=1, info=f"val F1 {record['val_macro_f1']:.3f}")
+        dice = f" Dice {_fmt(record['val_lesion_dice'])}" if "val_lesion_dice" in record else ""
+        self.progress.console.print(
+            f"epoch {record['epoch']:>3}/{self.epochs}  "
+            f"train/val loss {record['train_loss']:.3f}/{record['val_loss']:.3f}  "
+            f"val acc {record['val_accuracy']:.3f} F1 {record['val_macro_f1']:.3f} "
+            f"AUC {_fmt(record['val_roc_auc_macro'])}{dice}  {record['seconds']:.0f}s"
+            + ("  [green]best[/]" if improved else ""))
+
+    def stage(self, text: str) -> None:
+        """After the last epoch: the batch bar goes, the step being done shows."""
+        if self.batch_task is not None:
+            self.progress.update(self.batch_task, visible=False)
+        if self.stage_task is None:
+            self.stage_task = self.progress.add_task(text, total=None, info="")
+        else:
+            self.progress.update(self.stage_task, description=text)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _interrupt_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, kill) ends a run like Ctrl-C: resumable
+
+
+@app.command()
+def train(
+    arch: Annotated[str, typer.Option(help=" | ".join(ARCHS))] = DEFAULT_ARCH,
+    pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (torch hub cache).")] = True,
+    imagenet_weights: Annotated[str, typer.Option(
+        help="Which ImageNet weights: auto (torchvision's default, or a variant already in the torch hub "
+             "cache), a variant such as IMAGENET1K_V1, or a torchvision .pth file (checked by its sha256).")
+    ] = "auto",
+    epochs: Annotated[int, typer.Option(help="Most epochs to run.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
+    img_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 42,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA when available).")] = "auto",
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
+    augment: Annotated[str, typer.Option(
+        help="Augmentation: light | standard | strong (adds gamma and speckle) | scanner (the shipped model's: "
+             "zoom out, gain, TGC, blur, lost resolution, speckle, burned-in marks; batched on the device).")] = "standard",
+    mask_guided: Annotated[bool, typer.Option(
+        help="Also learn the lesion masks with a light decoder (loss = CE + λ·(BCE + Dice)).")] = False,
+    mask_weight: Annotated[float, typer.Option(help="λ, the weight of the mask loss with --mask-guided.")] = 0.5,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset (default: the latest).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name of the model in the cache.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--name, or the latest).")] = False,
+    folds: Annotated[int, typer.Option(
+        help="K-fold cross-validation over train+val (groups whole, classes stratified); 0 = off.")] = 0,
+    repeat: Annotated[int, typer.Option(help="Train N times with seeds seed, seed+1, … to show spread.")] = 1,
+    nproc_per_node: Annotated[int, typer.Option(
+        help="Start N training processes on this machine with torchrun (one per GPU; gloo on CPUs): "
+             "DDP over the global --batch-size, or one fold/seed per process with --folds/--repeat.")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON on stdout.")] = False,
+) -> None:
+    """Train a CNN; the model with the best validation macro-F1 is saved to the cache and calibrated.
+
+    Several GPUs or machines: torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m mammacls train …
+    """
+    from mammacls import distributed
+
+    if nproc_per_node != 1:
+        _launch(nproc_per_node, batch_size, folds, repeat)
+    from mammacls.training import TrainConfig, augmentation_preset
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
+    console = _console() if main_process else _quiet_console()
+    reporter = _RichReporter(console)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        with _errors():
+            config = TrainConfig(arch=arch, pretrained=pretrained, imagenet=imagenet_weights, epochs=epochs,
+                                 batch_size=batch_size, lr=lr,
+                                 img_size=img_size, seed=seed, device=device, patience=patience,
+                                 label_smoothing=label_smoothing, augmentation=augmentation_preset(augment),
+                                 mask_guided=mask_guided, mask_weight=mask_weight)
+            config.validate()  # before anything heavy is imported: a typo answers at once
+            group, meta = _run(config, data, name, resume, folds, repeat, reporter)
+    finally:
+        reporter.stop()
+        signal.signal(signal.SIGTERM, previous_handler)
+        distributed.shutdown()
+    if main_process:
+        _print_outcome(group, meta, console, json_out)
+
+
+def _launch(nproc_per_node: int, batch_size: int, folds: int, repeat: int) -> None:
+    """``--nproc-per-node N``: this very command line, minus that option, under torch's launcher."""
+    from mammacls import distributed
+
+    with _errors():
+        if nproc_per_node > 1 and not (folds or repeat > 1) and batch_size % nproc_per_node:
+            raise MammaclsError(f"--batch-size {batch_size} is the global batch: it must divide evenly over "
+                                f"--nproc-per-node {nproc_per_node} processes")
+        code = distributed.launch(nproc_per_node, distributed.strip_option(
+            distributed.command_line(), "--nproc-per-node"))
+    raise typer.Exit(code)
+
+
+def _run(config, data, name, resume: bool, folds: int, repeat: int, reporter):
+    """(group summary, None) for --folds/--repeat, else (None, the model's metadata)."""
+    from mammacls.training import train_cross_validation, train_model, train_repeats
+
+    if folds and repeat > 1:
+        raise MammaclsError("--folds and --repeat do not combine; choose one", exit_code=2)
+    if resume and (folds or repeat > 1):
+        raise MammaclsError("to continue a cross-validation or repeat run, run the same command again "
+                            "with its --name (finished members are skipped)", exit_code=2)
+    try:
+        if folds:
+            return train_cross_validation(config, folds, data, name, reporter), None
+        if repeat > 1:
+            return train_repeats(config, repeat, data, name, reporter), None
+        return None, train_model(config, data, resume=resume, name=name, reporter=reporter)
+    except KeyboardInterrupt:
+        again = "run the same command again" if folds or repeat > 1 else "mammacls train --resume"
+        raise MammaclsError(f"interrupted: the last finished epoch is saved; continue with {again}",
+                            exit_code=130) from None
+
+
+def _print_outcome(group, meta, console, json_out: bool) -> None:
+    if group is not None:
+        _print_group(group, console)
+        if json_out:
+            _emit_json(group)
+        return
+    val = meta["val_metrics"]
+    calibration = meta.get("calibration") or {}
+    console.print(
+        f"saved [bold]{meta['name']}[/] (best epoch {meta['best_epoch']} of {meta['epochs_run']}): "
+        f"val accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f}, "
+        f"ROC-AUC {_fmt(val['roc_auc_macro'])}; temperature {_fmt(meta.get('temperature'), 2)} "
+        f"(val ECE {_fmt(calibration.get('val_before', {}).get('ece'))} -> "
+        f"{_fmt(calibration.get('val_after', {}).get('ece'))})", soft_wrap=True)
+    if json_out:
+        _emit_json(meta)
+
+
+def _print_group(group: dict, console) -> None:
+    from rich.table import Table
+
+    kind = "cross-validation" if group["kind"] == "cv" else "repeated runs"
+    table = Table(title=f"{group['run']}: {kind}, validation figures")
+    for column in ("model", "best epoch", "val acc", "val macro F1", "val AUC"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in group["runs"]:
+        table.add_row(row["name"], str(row["best_epoch"]), _fmt(row["accuracy"]), _fmt(row["macro_f1"]),
+                      _fmt(row["roc_auc_macro"]))
+    stats = group["summary"]
+    table.add_row("mean ± std", "", *(f"{_fmt(stats[k]['mean'])} ± {_fmt(stats[k]['std'])}"
+                                     for k in ("accuracy", "macro_f1", "roc_auc_macro")), style="bold")
+    console.print(table)
+
+

@@ -1,0 +1,93 @@
+"""After the epochs: calibration (temperature, thresholds) and the refusal gate, fitted on a model's
+own train and validation images; also for a model trained elsewhere (``mammacls calibrate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammacls import CLASSES
+from mammacls.errors import MammaclsError
+from mammacls.inference.model_files import METADATA_FILE, ensemble_size
+from mammacls.inference.predictor import softmax
+from mammacls.model import resolve_device
+from mammacls.training.batches import load_rows
+from mammacls.training.splits import model_rows, training_dataset
+from mammacls.weights import save_model
+
+
+def fit_calibration(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.ndarray, device: str,
+               run_dir: Path, members: int = 1) -> dict[str, Any]:
+    """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
+    the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
+    from mammacls.calibration import fit_temperature
+    from mammacls.metrics import MALIGNANT, calibration_metrics, threshold_at_specificity
+    from mammacls.model import predict_logits_and_features
+    from mammacls.inference.gate import image_statistics
+    from mammacls.ood import choose_min_confidence, fit_density, fit_image_density, save_density
+
+    import torch
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # full fp32 features, as predict computes them on a CPU
+    try:
+        logits, val_features = predict_logits_and_features(net, arch, val_x, device)
+        _, train_features = predict_logits_and_features(net, arch, train_x, device)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    temperature = fit_temperature(logits, val_y)
+    calibrated = softmax(logits, temperature)
+    density = fit_density(train_features, train_y, val_features, len(CLASSES), members=members)
+    image_density = fit_image_density(np.stack([image_statistics(x) for x in train_x]),
+                                      np.stack([image_statistics(x) for x in val_x]))
+    return {
+        "ood": save_density(run_dir, density, image_density),
+        "min_confidence": choose_min_confidence(calibrated, val_y),
+        "temperature": temperature,
+        "calibration": {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
+                        "val_before": calibration_metrics(val_y, softmax(logits)),
+                        "val_after": calibration_metrics(val_y, calibrated)},
+        "malignant_threshold_spec90": threshold_at_specificity(val_y, calibrated[:, MALIGNANT], 0.9),
+        "malignant_threshold_spec90_raw": threshold_at_specificity(val_y, softmax(logits)[:, MALIGNANT], 0.9),
+    }
+
+
+def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
+    """Refit a saved model's temperature, thresholds and out-of-distribution density on its own
+    train/validation images (for models trained by an older mammacls, or on another machine).
+
+    The prepared dataset must hold the model's train+val images (checked by their pixel hashes, so
+    a dataset prepared again elsewhere or moved is accepted). A read-only (shipped) model gets its
+    refitted files in the cache; its own files are never written.
+    """
+    from mammacls.weights import load_network
+
+    meta = ref.metadata
+    if not ref.read_only and not (ref.weights.parent / METADATA_FILE).is_file():
+        raise MammaclsError(f"calibrate needs a model folder with {METADATA_FILE}")
+    dataset = training_dataset(ref)
+    train_rows, val_rows = model_rows(dataset, meta)
+    size = int(meta["img_size"])
+    prints: dict[str, list] = {"sha256": [], "phash": []}
+    train_x, train_y = load_rows(dataset, train_rows, size, prints)
+    val_x, val_y = load_rows(dataset, val_rows, size, prints)
+    device = resolve_device(device)
+    net = load_network(ref, device)
+    changes = fit_calibration(net, meta["arch"], train_x, train_y, val_x, val_y, device, ref.files_dir,
+                         members=ensemble_size(meta))
+    if ref.read_only:
+        ref.update_metadata(changes)
+        record = ref.metadata
+    else:
+        updated = {k: v for k, v in meta.items() if k not in ("format", "weights_file", "sha256")}
+        updated.update(changes)
+        updated.setdefault("data", {})["train_val_fingerprints"] = prints
+        record = save_model(net, updated, ref.weights.parent)
+        ref.metadata = record
+    if meta.get("onnx"):
+        from mammacls.export import export_onnx
+
+        export_onnx(ref)
+    return record
