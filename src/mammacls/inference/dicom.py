@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb
+from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb, read_error
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 
@@ -81,12 +81,8 @@ def open_dicom(path: Path) -> DicomFile:
         ds = pydicom.dcmread(path, defer_size=1024)  # pixel data stays on disk
     except InvalidDicomError:
         raise ImageReadError("not a DICOM file (no DICM preamble)") from None
-    except FileNotFoundError:
-        raise ImageReadError("file not found") from None
-    except PermissionError:
-        raise ImageReadError("permission denied") from None
     except Exception as exc:  # pydicom raises many types for truncated or malformed files
-        raise ImageReadError(f"cannot read DICOM ({_short(exc)})") from None
+        raise read_error(exc, "read DICOM") from None
     sop_class = str(ds.get("SOPClassUID", ""))
     if "PixelData" not in ds:
         what = _NON_IMAGE_CLASSES.get(sop_class) or ("a structured report" if sop_class.startswith(_SR_PREFIX)
@@ -172,7 +168,7 @@ def iter_frames(dicom: DicomFile, stats: dict | None = None) -> Iterator[np.ndar
     except ImageReadError:
         raise
     except Exception as exc:  # decoder plugins raise their own error types
-        raise ImageReadError(f"cannot decode DICOM pixel data ({_short(exc)})") from None
+        raise read_error(exc, "decode DICOM pixel data") from None
 
 
 def to_gray_uint8(frame: np.ndarray, ds) -> tuple[np.ndarray, float]:
@@ -206,8 +202,3 @@ def _to_uint8(frame: np.ndarray, ds) -> np.ndarray:
     if high <= low:
         return np.zeros(frame.shape, dtype=np.uint8)
     return np.rint(np.clip((values - low) / (high - low), 0, 1) * 255).astype(np.uint8)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mammacls.errors import MammaclsError
-from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb
+from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb, read_error
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
@@ -78,16 +78,12 @@ def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
             return _to_gray_array(img)
     except ImageReadError:
         raise
-    except FileNotFoundError:
-        raise ImageReadError("file not found") from None
-    except PermissionError:
-        raise ImageReadError("permission denied") from None
     except UnidentifiedImageError:
         raise ImageReadError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"cannot decode image ({_short(exc)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # missing, forbidden, damaged
+        raise read_error(exc, "decode image") from None
 
 
 def _load_dicom_single_frame(path: Path, stats: dict | None) -> np.ndarray:
@@ -160,11 +156,6 @@ def colour_fraction(img) -> float:
     if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return 0.0
     return colour_fraction_rgb(np.asarray(img if img.mode == "RGB" else img.convert("RGB")))
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
 
 
 def resize_square(gray: np.ndarray, size: int) -> np.ndarray:

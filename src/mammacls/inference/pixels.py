@@ -25,3 +25,13 @@ def colour_fraction_rgb(rgb: np.ndarray) -> float:
     """``colour_fraction`` of an H x W x 3 uint8 array."""
     sample = rgb[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
     return float(((sample.max(axis=2) - sample.min(axis=2)) > CHROMA_LIMIT).mean())
+
+
+def read_error(exc: BaseException, doing: str) -> ImageReadError:
+    """The one line for a file that could not be read: missing, forbidden, or why ``doing`` it failed."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageReadError("file not found")
+    if isinstance(exc, PermissionError):
+        return ImageReadError("permission denied")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ImageReadError(f"cannot {doing} ({text[:160]})")
