@@ -11,7 +11,7 @@ cheap: torch is imported lazily where needed, and never on the ONNX prediction p
 
 from mammacls.errors import MammaclsError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 CLASSES: tuple[str, ...] = ("benign", "malignant", "normal")
 
