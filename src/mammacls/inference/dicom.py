@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb, read_error
+from mammacls.inference.pixels import MIN_SIDE, ImageReadError, check_dimensions, colour_fraction_rgb, read_error
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 
@@ -91,10 +91,7 @@ def open_dicom(path: Path) -> DicomFile:
     _check_decodable(ds)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     frames = int(ds.get("NumberOfFrames") or 1)
-    if rows * columns > MAX_PIXELS:
-        raise ImageReadError(f"frame too large ({columns}x{rows}, limit {MAX_PIXELS:,} pixels): refused before decoding")
-    if min(rows, columns) < MIN_SIDE:
-        raise ImageReadError(f"image too small ({columns}x{rows}, need at least {MIN_SIDE} px a side)")
+    check_dimensions(columns, rows, what="frame")
     if frames < 1:
         raise ImageReadError("DICOM with no frames")
     return DicomFile(path, ds, frames, ultrasound_region(ds, rows, columns), (rows, columns), _patient_key(ds))

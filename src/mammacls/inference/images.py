@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mammacls.errors import MammaclsError
-from mammacls.inference.pixels import MAX_PIXELS, MIN_SIDE, ImageReadError, colour_fraction_rgb, read_error
+from mammacls.inference.pixels import ImageReadError, check_dimensions, colour_fraction_rgb, read_error
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
@@ -62,14 +62,7 @@ def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
         if path.stat().st_size == 0:
             raise ImageReadError("empty file (0 bytes)")
         with Image.open(path) as img:
-            width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise ImageReadError(
-                    f"image too large ({width}x{height} = {width * height:,} pixels, "
-                    f"limit {MAX_PIXELS:,}): refused before decoding"
-                )
-            if min(width, height) < MIN_SIDE:
-                raise ImageReadError(f"image too small ({width}x{height}, need at least {MIN_SIDE} px a side)")
+            check_dimensions(*img.size)
             img.load()
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # transpose copies: only when needed
                 img = ImageOps.exif_transpose(img)
@@ -113,8 +106,7 @@ def to_grayscale(image, name: str = "image") -> tuple[np.ndarray, float]:
         return _to_gray_array(pil), colour_fraction(pil)
     if image.ndim != 2:
         raise MammaclsError(f"{what}: expected H x W gray or H x W x 3/4 uint8 RGB(A)")
-    if min(image.shape) < MIN_SIDE:
-        raise ImageReadError(f"image too small ({image.shape[1]}x{image.shape[0]}, need at least {MIN_SIDE} px a side)")
+    check_dimensions(image.shape[1], image.shape[0], before_decoding=False)  # decoded already: size only
     if image.dtype == np.uint8:
         return np.ascontiguousarray(image), 0.0
     if image.dtype == np.uint16:

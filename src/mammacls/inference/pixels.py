@@ -21,6 +21,16 @@ class ImageReadError(MammaclsError):
     """One file could not be read as an image (reported per file, not fatal)."""
 
 
+def check_dimensions(width: int, height: int, *, what: str = "image", before_decoding: bool = True) -> None:
+    """Refuse a frame by its size: above MAX_PIXELS while it is still encoded (decompression bombs),
+    or with a side below MIN_SIDE."""
+    if before_decoding and width * height > MAX_PIXELS:
+        raise ImageReadError(f"{what} too large ({width}x{height} = {width * height:,} pixels, "
+                             f"limit {MAX_PIXELS:,}): refused before decoding")
+    if min(width, height) < MIN_SIDE:
+        raise ImageReadError(f"image too small ({width}x{height}, need at least {MIN_SIDE} px a side)")
+
+
 def colour_fraction_rgb(rgb: np.ndarray) -> float:
     """``colour_fraction`` of an H x W x 3 uint8 array."""
     sample = rgb[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
