@@ -130,8 +130,7 @@ def evaluate_models(
         logits, features = _logits_and_features(ref, eval_set.at_size(int(ref.metadata["img_size"])), device,
                                                 batch_size)
         result = score(ref.name, ref.describe(), logits, ref.metadata, eval_set.labels, calibrated, resamples, seed)
-        result["metrics"]["selective"] = selective_metrics(ref, eval_set, features, result["probabilities"],
-                                                           calibrated)
+        result["metrics"]["selective"] = selective_metrics(ref, eval_set, logits, features, calibrated)
         result["overlap"] = overlaps[ref.name]
         result["group"] = ref.metadata.get("group")
         result["metrics"]["sources"] = source_breakdown(
@@ -233,25 +232,25 @@ def group_summaries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
-def selective_metrics(ref: ModelRef, eval_set: EvalSet, features: np.ndarray, probabilities: np.ndarray,
+def selective_metrics(ref: ModelRef, eval_set: EvalSet, logits: np.ndarray, features: np.ndarray,
                       calibrated: bool) -> dict[str, Any]:
-    """Accuracy on the images predict would accept, and how many it would accept (coverage).
+    """Accuracy on the images predict would accept, and how many it would accept (coverage), decided by
+    predict's own ``Predictor`` on the logits and features already computed.
 
     The colour check needs the original file, so it is not applied here; the
-    size, blank-frame, feature-distance and confidence checks are.
+    size, blank-frame, image-statistics, feature-distance and confidence checks are.
     """
-    from mammacls.inference.gate import distances, image_check, model_density, status_of
+    from mammacls.inference.predictor import Predictor
 
-    record = ref.metadata.get("ood")
-    density = model_density(ref)
-    far = distances(density, features) if record else None
-    min_confidence = ref.metadata.get("min_confidence") if calibrated else None
-    resized = eval_set.at_size(int(ref.metadata["img_size"]))
-    statuses = [status_of(image_check(img, resized[i], None, density, record), None if far is None else float(far[i]),
-                          record["threshold"] if record else None, float(probabilities[i].max()), min_confidence)[0]
-                for i, img in enumerate(eval_set.images)]
-    statuses = np.array(statuses)
-    correct = probabilities.argmax(axis=1) == eval_set.labels
+    predictor = Predictor(ref, None, calibrated=calibrated)  # no backend: the network has run already
+    record = predictor.ood_record
+    min_confidence = predictor.min_confidence
+    resized = eval_set.at_size(predictor.img_size)
+    frames = [predictor.frame(img, None, path, resized=resized[i])
+              for i, (img, path) in enumerate(zip(eval_set.images, eval_set.paths))]
+    answers = predictor.classify(frames, outputs=(logits, features))
+    statuses = np.array([answer["status"] for answer in answers])
+    correct = np.array([CLASSES.index(answer["label"]) for answer in answers]) == eval_set.labels
     accepted = statuses != "rejected"
     confident = statuses == "ok"
     return {

@@ -82,7 +82,7 @@ class Frame:
 @dataclass
 class Predictor:
     ref: ModelRef
-    backend: Any
+    backend: Backend | None  # None: only ``classify(frames, outputs=...)`` on outputs computed elsewhere
     calibrated: bool = True
     keep_originals: bool = False
     density: dict[str, np.ndarray] | None = field(init=False)
@@ -114,9 +114,10 @@ class Predictor:
     # ------------------------------------------------------------------ inputs ---
 
     def frame(self, gray: np.ndarray, colour: float | None, source: str, *, frame: int | None = None,
-              frames: int = 1, path: Path | None = None) -> Frame:
-        """Resize ``gray`` for the network and run the image half of the gate on it."""
-        resized = resize_square(gray, self.img_size)
+              frames: int = 1, path: Path | None = None, resized: np.ndarray | None = None) -> Frame:
+        """Resize ``gray`` for the network (unless ``resized`` is given) and run the image half of the
+        gate on it."""
+        resized = resize_square(gray, self.img_size) if resized is None else resized
         reason = image_check(gray, resized, colour, self.density, self.ood_record)
         return Frame(source, resized, reason, frame, frames, gray if self.keep_originals else None, path)
 
