@@ -65,6 +65,7 @@ def predict_paths(
         raise MammaclsError(f"file not found: {', '.join(missing)}" if missing
                             else f"no images found in {', '.join(str(p) for p in paths)}")
     files = [f for f in inputs.files if in_shard(f, shard)] if shard else inputs.files
+    shard_text = None if shard is None else f"{shard[0]}/{shard[1]}"
     sink = ResultsFile(Path(output), resume=resume) if output is not None else None
     try:
         already = len(files)
@@ -74,8 +75,7 @@ def predict_paths(
         ref = resolve_model(model)
         if sink is not None:
             sink.bind({"model": ref.name, "model_sha256": ref.metadata.get("sha256"), "calibrated": calibrated,
-                       "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
-                       "mammacls_version": __version__})
+                       "shard": shard_text, "mammacls_version": __version__})
         predictor, overlays = _open(ref, device, backend, calibrated, explain_dir, lesion_dir, notice)
         missing = [e for e in inputs.errors if (not shard or in_shard(Path(e["path"]), shard))
                    and (sink is None or e["path"] not in sink.done)]
@@ -88,7 +88,7 @@ def predict_paths(
             "predictions": tally.predictions, "cine": tally.cine, "errors": tally.errors,
             "ignored_files": inputs.ignored,
             "inputs": {"found": len(inputs.files), "in_shard": len(files) + already,
-                       "already_answered": already, "shard": None if shard is None else f"{shard[0]}/{shard[1]}"},
+                       "already_answered": already, "shard": shard_text},
             "output": None if sink is None else {"path": str(sink.path), "format": sink.format[1:],
                                                  "records_written": sink.written}}
 
