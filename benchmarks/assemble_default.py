@@ -16,6 +16,7 @@ model of its own into the cache (``default-member-K``), to judge the members one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -29,7 +30,8 @@ from mammacls.ensemble import assemble_ensemble
 from mammacls.errors import MammaclsError
 from mammacls.imagenet import load_imagenet_state_dict
 from mammacls.store import models_dir
-from mammacls.inference.model_files import MODEL_FILE, ModelRef, read_metadata
+from mammacls.inference.card import Provenance, TrainingSummary
+from mammacls.inference.model_files import MODEL_FILE, ModelRef, read_card
 from mammacls.weights import publish_model
 
 
@@ -58,26 +60,23 @@ def check_same_data(results: dict, dataset) -> None:
                             "(run mammacls prepare on the same sources with the same seed)")
 
 
-def build_metadata(results: dict, recipe: str, run: Path) -> dict:
+def describe_members(results: dict, recipe: str, run: Path) -> tuple[TrainingSummary, Provenance]:
     _, imagenet = load_imagenet_state_dict("mobilenet_v2", "IMAGENET1K_V1")
     summary = results["summary"]
-    return {
-        "pretrained": imagenet, "mask_guided": bool(results["recipes"][recipe]["mask"]),
-        "config": {"recipe": recipe, **results["recipes"][recipe], **results["hyper"],
-                   "augmentation": "benchmarks/recipe_search.py (on the GPU)"},
-        "seed": [1000 * (list(results["recipes"]).index(recipe) + 1) + k for k in range(5)],
-        "device": f"{results['device']} (torch {results['torch']})",
-        "selection": ("recipe by 5-fold cross-validation on the train split, grouped by duplicate group and "
+    training = TrainingSummary(
+        config={"recipe": recipe, **results["recipes"][recipe], **results["hyper"],
+                "augmentation": "benchmarks/recipe_search.py (on the GPU)"},
+        selection=("recipe by 5-fold cross-validation on the train split, grouped by duplicate group and "
                       "patient, stratified by source and class (out-of-fold figures; rule: "
                       + results["selection_rule"].strip() + "); members: the five fold models at their last "
                       "epoch; validation split: calibration and refusal gate only; test split never used"),
-        "recipe_search": {name: {"pooled": entry["pooled"], "fold_spread": entry["fold_spread"],
-                                 **({"repeat_seed": entry["repeat_seed"]} if "repeat_seed" in entry else {})}
-                          for name, entry in summary.items()},
-        "ranking": results["ranking"],
-        "ensemble": {"recipe": recipe, "members_are": "the 5 cross-validation fold models",
-                     "search_run": run.name},
-    }
+        ensemble={"recipe": recipe, "members_are": "the 5 cross-validation fold models", "search_run": run.name},
+        notes={"seeds": [1000 * (list(results["recipes"]).index(recipe) + 1) + k for k in range(5)],
+               "recipe_search": {name: {"pooled": entry["pooled"], "fold_spread": entry["fold_spread"],
+                                        **({"repeat_seed": entry["repeat_seed"]} if "repeat_seed" in entry else {})}
+                                 for name, entry in summary.items()},
+               "ranking": results["ranking"]})
+    return training, Provenance(pretrained=imagenet, device=f"{results['device']} (torch {results['torch']})")
 
 
 def main() -> None:
@@ -95,7 +94,7 @@ def main() -> None:
     states = member_states(args.run, recipe, 5)
     folds = results["folds"]
     trained_on = [member_hashes(results["index"], folds, k) for k in range(5)]
-    metadata = build_metadata(results, recipe, args.run)
+    training, provenance = describe_members(results, recipe, args.run)
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -106,25 +105,26 @@ def main() -> None:
             shutil.rmtree(target, ignore_errors=True)
             assemble_ensemble([state], arch="mobilenet_v2", img_size=results["hyper"]["img_size"], dataset=dataset,
                               name=target.name, target=target, trained_on=[trained_on[k]], reporter=say,
-                              metadata={**metadata, "member_of": args.name, "member": k + 1})
+                              provenance=provenance, training=dataclasses.replace(
+                                  training, notes={**training.notes, "member_of": args.name, "member": k + 1}))
             say(f"wrote {target}")
         return
     with tempfile.TemporaryDirectory(prefix="mammacls-assemble-") as scratch:
         built = Path(scratch) / args.name
-        record = assemble_ensemble(states, arch="mobilenet_v2", img_size=results["hyper"]["img_size"],
-                                   dataset=dataset, name=args.name, target=built, metadata=metadata,
-                                   trained_on=trained_on, reporter=say)
-        say(f"temperature {record['temperature']:.3f}, refusal thresholds {record['ood']['member_thresholds']}")
+        card = assemble_ensemble(states, arch="mobilenet_v2", img_size=results["hyper"]["img_size"],
+                                 dataset=dataset, name=args.name, target=built, training=training,
+                                 provenance=provenance, trained_on=trained_on, reporter=say)
+        say(f"temperature {card.temperature:.3f}, refusal thresholds {card.refusal.ood.member_thresholds}")
         shutil.rmtree(args.out, ignore_errors=True)
         # the members came from the GPU as float16 (benchmarks/recipe_search.py), so float16 loses nothing
-        published = publish_model(ModelRef(args.name, built / MODEL_FILE, record, "cache"), args.out,
-                                  extra={"name": args.name}, half_min_elements=0)
+        published = publish_model(ModelRef(args.name, built / MODEL_FILE, card, "cache"), args.out,
+                                  name=args.name, half_min_elements=0)
     from mammacls.export import export_onnx
 
     export_onnx(ModelRef(args.name, args.out / MODEL_FILE, published, "file"))
-    final = read_metadata(args.out)
+    final = read_card(args.out)
     sizes = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(args.out.iterdir())}
-    print(json.dumps({"out": str(args.out), "sha256": final["sha256"], "files_mib": sizes}, indent=1))
+    print(json.dumps({"out": str(args.out), "sha256": final.weights.sha256, "files_mib": sizes}, indent=1))
 
 
 if __name__ == "__main__":

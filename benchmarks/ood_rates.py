@@ -121,8 +121,8 @@ def main() -> None:
         folder = args.keep or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         categories = build_ood_set(folder, busi_like, rng)
-        scans = predict_paths(test, args.model)
-        ood = predict_paths([folder / name for name in categories], args.model)
+        scans = predict_paths(test, model=args.model)
+        ood = predict_paths([folder / name for name in categories], model=args.model)
     model = scans["model"]
     print(f"model {model['name']} ({model['arch']}, {model['img_size']} px), OOD threshold "
           f"{model['ood_threshold']}, min confidence {model['min_confidence']}")

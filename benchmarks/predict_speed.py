@@ -69,7 +69,7 @@ def main() -> None:
     from mammacls.inference.model_files import resolve_model
 
     ref = resolve_model(args.model)
-    if not ref.metadata.get("onnx"):
+    if ref.card.onnx is None:
         raise SystemExit(f"model {ref.name} has no ONNX export: run mammacls export --model {ref.name}")
     test_paths = [Path(row["path"]) for row in load_prepared().split("test")]
     # predict skips a file named twice, so repeat the test images as distinct copies
@@ -81,7 +81,7 @@ def main() -> None:
         files.append(copy)
     cli = [sys.executable, "-m", "mammacls"]
     model_arg = ["--model", str(ref.weights.parent)]
-    print(f"model {ref.name} ({ref.metadata['arch']}, {ref.metadata['img_size']} px); {os.cpu_count()} CPUs; "
+    print(f"model {ref.name} ({ref.card.arch}, {ref.card.img_size} px); {os.cpu_count()} CPUs; "
           f"median of {args.runs} runs")
 
     cold, cold_mem = median_child([*cli, "predict", str(files[0]), *model_arg], args.runs)
@@ -93,11 +93,11 @@ def main() -> None:
           f"{cold_mem / torch_mem:.2f}x memory")
     print(f"mammacls --help             {help_time:6.2f} s  (target <= 0.5)")
 
-    size = int(ref.metadata["img_size"])
+    size = ref.card.img_size
     def check(result):
         assert len(result["predictions"]) == len(files), "every copy must be predicted"
 
-    onnx_rate = throughput(lambda: check(predict_paths(files, str(ref.weights.parent), backend="onnx",
+    onnx_rate = throughput(lambda: check(predict_paths(files, model=str(ref.weights.parent), backend="onnx",
                                                        batch_size=args.batch_size)), len(files), args.runs)
     backend = OnnxBackend(ref)
     decoded = np.stack([resize_square(load_grayscale(p), size) for p in files])
@@ -106,7 +106,7 @@ def main() -> None:
     batches = [to_network_input(decoded[i:i + args.batch_size], mean, std)
                for i in range(0, len(decoded), args.batch_size)]
     raw_rate = throughput(lambda: [session.run(None, {name: b}) for b in batches], len(files), args.runs)
-    torch_rate = throughput(lambda: check(predict_paths(files, str(ref.weights.parent), backend="torch",
+    torch_rate = throughput(lambda: check(predict_paths(files, model=str(ref.weights.parent), backend="torch",
                                                         device="cpu", batch_size=args.batch_size)),
                             len(files), args.runs)
     print(f"predict {len(files)} images, batch {args.batch_size}, decoding included:")

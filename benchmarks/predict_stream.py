@@ -78,7 +78,7 @@ def bare_rate(sources: list[Path], model: str, batch_size: int, images: int) -> 
 
     ref = resolve_model(model)
     backend, _ = open_backend(ref, "cpu", "onnx")
-    size = int(ref.metadata["img_size"])
+    size = ref.card.img_size
     arrays = np.stack([resize_square(load_grayscale(p), size) for p in sources])
     batches = [arrays[np.arange(start, start + batch_size) % len(arrays)] for start in range(0, images, batch_size)]
     backend.logits_and_features(batches[0])  # warm-up

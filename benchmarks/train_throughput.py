@@ -79,10 +79,14 @@ def train_rate(arch: str, device: str, batch: int, size: int, epochs: int, augme
 
     config = TrainConfig(arch=arch, pretrained=False, epochs=epochs, batch_size=batch, img_size=size,
                          device=device, patience=epochs, augmentation=augmentation_preset(augment))
-    meta = train_model(config, data, name=f"throughput-{augment}-{int(time.time())}", export=False)
-    rates = [h["train_images_per_s"] for h in meta["history"][1:]] or [meta["history"][0]["train_images_per_s"]]
+    card = train_model(config, data_dir=data, name=f"throughput-{augment}-{int(time.time())}", export=False)
+    from mammacls.inference.model_files import resolve_model
+
+    history = resolve_model(card.name).sidecar("history")
+    rates = [h["train_images_per_s"] for h in history[1:]] or [history[0]["train_images_per_s"]]
     return {"augment": augment, "images_per_s": round(statistics.median(rates), 1),
-            "per_epoch": [h["train_images_per_s"] for h in meta["history"]], "train_images": meta["data"]["train_images"]}
+            "per_epoch": [h["train_images_per_s"] for h in history],
+            "train_images": card.provenance.data["train_images"]}
 
 
 def main() -> None:

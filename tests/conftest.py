@@ -104,7 +104,7 @@ def prepared(busi_dir, session_cache) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(prepared, session_cache) -> dict:
+def tiny_model(prepared, session_cache):
     """A 2-epoch resnet18 at 32 px trained on the synthetic set, in the session cache."""
     from mammacls.training import TrainConfig, train_model
 
@@ -112,7 +112,7 @@ def tiny_model(prepared, session_cache) -> dict:
     os.environ["MAMMACLS_CACHE_DIR"] = str(session_cache)
     try:
         return train_model(TrainConfig(arch="resnet18", pretrained=False, epochs=2, img_size=32, batch_size=16),
-                           prepared[0], name="tiny")
+                           data_dir=prepared[0], name="tiny")
     finally:
         _restore("MAMMACLS_CACHE_DIR", old)
 

@@ -60,11 +60,12 @@ def test_members_become_one_calibrated_exported_model(assemble, prepared, cache,
                                       "--out", str(tmp_path / "out"), "--name", "toy-default"])
     assemble.main()
     ref = resolve_model(str(tmp_path / "out"))
-    meta = ref.metadata
-    assert meta["ensemble"]["members"] == 5 and meta["ensemble"]["recipe"] == "scanner-mask"
-    assert meta["storage_dtype"] == "float16" and meta["mask_guided"] is True
-    assert meta["onnx"]["file"] == "model.onnx" and len(meta["ood"]["member_thresholds"]) == 5
-    assert "prepared_dir" not in meta["data"]
+    card = ref.card
+    assert card.members == 5 and card.training.ensemble["recipe"] == "scanner-mask" and card.name == "toy-default"
+    assert card.weights.storage_dtype == "float16" and card.mask_guided is True
+    assert card.onnx.file == "model.onnx" and len(card.refusal.ood.member_thresholds) == 5
+    assert "prepared_dir" not in json.dumps(card.to_record())  # nothing of the build machine
+    assert set(ref.sidecar("training_data")) == {"train_val_groups", "train_val_fingerprints"}
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
     logits, features = OnnxBackend(ref).logits_and_features(images)
     assert logits.shape == (3, 3) and features.shape == (3, 5 * 1280)

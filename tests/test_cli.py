@@ -78,7 +78,7 @@ def test_train_cli_saves_a_model(prepared, cache):
                                  "--img-size", "32", "--data", str(prepared[0]), "--name", "cli", "--json"])
     assert result.exit_code == 0, result.stderr
     meta = json.loads(result.stdout)
-    assert meta["name"] == "cli" and meta["arch"] == "resnet18" and meta["img_size"] == 32
+    assert meta["name"] == "cli" and meta["arch"] == "resnet18" and meta["preprocessing"]["img_size"] == 32
     assert (cache / "models" / "cli" / "model.safetensors").is_file()
     assert "epoch   1" in result.stderr
 

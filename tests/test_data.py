@@ -79,9 +79,9 @@ def test_cached_decoded_copy_is_grayscale_and_matches_source(prepared):
 
 def test_split_is_deterministic_and_seed_dependent(busi_dir, tmp_path, cache):
     root, _ = busi_dir
-    first = prepare_dataset(root, tmp_path / "a", PrepareOptions(seed=7))
-    second = prepare_dataset(root, tmp_path / "b", PrepareOptions(seed=7))
-    other = prepare_dataset(root, tmp_path / "c", PrepareOptions(seed=8))
+    first = prepare_dataset(root, out=tmp_path / "a", options=PrepareOptions(seed=7))
+    second = prepare_dataset(root, out=tmp_path / "b", options=PrepareOptions(seed=7))
+    other = prepare_dataset(root, out=tmp_path / "c", options=PrepareOptions(seed=8))
     splits = lambda d: [(Path(r["path"]).name, r["split"]) for r in _manifest(d)]  # noqa: E731
     assert splits(tmp_path / "a") == splits(tmp_path / "b")
     assert splits(tmp_path / "a") != splits(tmp_path / "c")
@@ -91,7 +91,7 @@ def test_split_is_deterministic_and_seed_dependent(busi_dir, tmp_path, cache):
 
 def test_keep_conflicts_keeps_them_in_one_split(busi_dir, tmp_path, cache):
     root, planted = busi_dir
-    prepare_dataset(root, tmp_path / "kept", PrepareOptions(keep_conflicts=True))
+    prepare_dataset(root, out=tmp_path / "kept", options=PrepareOptions(keep_conflicts=True))
     rows = _by_rel(_manifest(tmp_path / "kept"), root)
     a, b = planted["conflict"]
     assert rows[a]["split"] == rows[b]["split"] and rows[a]["label"] != rows[b]["label"]
@@ -104,7 +104,7 @@ def test_groups_csv_merges_published_groups(busi_dir, tmp_path, cache):
                       "Dataset_BUSI_with_GT/normal/normal (5).png,G1\n"
                       "Dataset_BUSI_with_GT/normal/normal (9).png,G1\n"
                       "Dataset_BUSI_with_GT/normal/normal (999).png,G2\n")
-    summary = prepare_dataset(root, tmp_path / "p", PrepareOptions(groups_csv=groups))
+    summary = prepare_dataset(root, out=tmp_path / "p", options=PrepareOptions(groups_csv=groups))
     rows = _by_rel(_manifest(tmp_path / "p"), root)
     assert rows["normal/normal (5).png"]["group_id"] == rows["normal/normal (9).png"]["group_id"]
     assert summary["duplicate_links"]["csv_unmatched"] == 1
@@ -118,7 +118,7 @@ def test_bad_groups_csv_is_a_clear_error(busi_dir, tmp_path, cache, content, mes
     groups = tmp_path / "g.csv"
     groups.write_text(content)
     with pytest.raises(MammaclsError, match=message):
-        prepare_dataset(busi_dir[0], tmp_path / "p", PrepareOptions(groups_csv=groups))
+        prepare_dataset(busi_dir[0], out=tmp_path / "p", options=PrepareOptions(groups_csv=groups))
     assert not (tmp_path / "p").exists()
 
 
@@ -139,7 +139,7 @@ def test_refuses_to_overwrite_a_foreign_output_folder(busi_dir, tmp_path, cache)
     out.mkdir()
     (out / "thesis.tex").write_text("do not delete")
     with pytest.raises(MammaclsError, match="not a prepared dataset"):
-        prepare_dataset(busi_dir[0], out)
+        prepare_dataset(busi_dir[0], out=out)
     assert (out / "thesis.tex").read_text() == "do not delete"
 
 
@@ -172,7 +172,7 @@ def test_near_duplicate_rule_separates_unrelated_images():
 @pytest.mark.realdata
 def test_real_busi_prepare_counts_and_duplicate_recall(tmp_path, cache):
     root = real_busi_or_skip()
-    summary = prepare_dataset(root, tmp_path / "busi")
+    summary = prepare_dataset(root, out=tmp_path / "busi")
     assert summary["images_found"] == 780
     found = Counter_of(scan_dataset(root).records)
     assert found == {"benign": 437, "malignant": 210, "normal": 133}

@@ -143,7 +143,7 @@ def test_dicom_csv_source_prepares_with_patients_grouped_and_nothing_identifying
         writer = csv.DictWriter(handle, ["path", "label"])
         writer.writeheader()
         writer.writerows(rows)
-    summary = prepare_dataset(folder / "labels.csv", tmp_path / "prepared")
+    summary = prepare_dataset(folder / "labels.csv", out=tmp_path / "prepared")
     manifest = list(csv.DictReader(open(tmp_path / "prepared" / "manifest.csv")))
     assert len(manifest) == len(rows) and not summary["skipped"]  # every DICOM decoded, none lost
     assert len({row["patient"] for row in manifest}) == len({int(Path(r["path"]).stem) // 2 for r in rows})

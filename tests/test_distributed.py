@@ -42,13 +42,14 @@ def test_two_gloo_processes_write_one_model_close_to_a_single_process(prepared, 
     models = tmp_path / "models"
     assert sorted(p.name for p in models.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own
     assert not list(models.glob("*/checkpoint*"))
-    assert double["training_processes"] == {"world_size": 2, "backend": "gloo"}
-    assert single["training_processes"] == {"world_size": 1, "backend": None}
-    assert double["status"] == "complete" and (models / "two" / "model.onnx").is_file()
+    assert double["provenance"]["processes"] == {"world_size": 2, "backend": "gloo"}
+    assert single["provenance"]["processes"] == {"world_size": 1, "backend": None}
+    assert double["training"]["status"] == "complete" and (models / "two" / "model.onnx").is_file()
     # same initial weights and global batches; batch norm sees half batches and augmentation draws
     # differ, so the figures are close, not equal (measured: val loss within 5 %, seed to seed 12 %)
-    assert len(double["history"]) == len(single["history"]) == 2
-    for one, two in zip(single["history"], double["history"]):
+    histories = [json.loads((models / name / "history.json").read_text()) for name in ("one", "two")]
+    assert len(histories[0]) == len(histories[1]) == 2
+    for one, two in zip(*histories):
         assert two["val_loss"] == pytest.approx(one["val_loss"], rel=0.15)
         assert abs(two["val_accuracy"] - one["val_accuracy"]) <= 0.34  # two of six validation images
 
@@ -115,11 +116,12 @@ def test_a_single_process_run_resumes_on_two_processes(prepared, tmp_path, monke
     config = TrainConfig(arch="resnet18", pretrained=False, epochs=3, img_size=32, batch_size=16, device="cpu",
                          patience=5)
     with pytest.raises(KeyboardInterrupt):
-        train_model(config, prepared[0], name="moved", reporter=_StopAfterFirstEpoch())
+        train_model(config, data_dir=prepared[0], name="moved", reporter=_StopAfterFirstEpoch())
     assert (tmp_path / "models" / "moved" / "checkpoint.safetensors").is_file()
     resumed = _json(_mammacls(["train", "--resume", "--name", "moved", "--nproc-per-node", "2", "--json"], tmp_path))
-    assert resumed["status"] == "complete" and resumed["training_processes"]["world_size"] == 2
-    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["training"]["status"] == "complete" and resumed["provenance"]["processes"]["world_size"] == 2
+    history = json.loads((tmp_path / "models" / "moved" / resumed["sidecars"]["history"]).read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
 def test_one_fold_per_process(prepared, tmp_path):
@@ -127,7 +129,8 @@ def test_one_fold_per_process(prepared, tmp_path):
                              "--folds", "2", "--name", "cv", "--nproc-per-node", "2", "--json"], tmp_path))
     assert [run["name"] for run in group["runs"]] == ["cv-fold1", "cv-fold2"]
     metas = [json.loads((tmp_path / "models" / f"cv-fold{k}" / "metadata.json").read_text()) for k in (1, 2)]
-    assert all(m["status"] == "complete" and m["training_processes"]["world_size"] == 1 for m in metas)
+    assert all(m["training"]["status"] == "complete" and m["provenance"]["processes"]["world_size"] == 1
+               for m in metas)
 
 
 def test_uneven_global_batch_is_refused_before_launching(prepared, tmp_path):

@@ -1,5 +1,6 @@
 """Ensembles: several members saved as one model, run by every path, gated per member."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def duo(prepared, session_cache, tmp_path_factory):
     try:
         record = assemble_ensemble([m.state_dict() for m in members], arch="mobilenet_v2", img_size=32,
                                    dataset=load_prepared(prepared[0]), name="duo", target=target,
-                                   metadata={"mask_guided": True}, trained_on=[set(), set()])
+                                   trained_on=[set(), set()])
     finally:
         if old is None:
             os.environ.pop("MAMMACLS_CACHE_DIR", None)
@@ -52,8 +53,9 @@ def test_ensemble_averages_its_members_and_both_backends_agree(duo):
     from mammacls.weights import load_network
 
     record = duo["record"]
-    assert record["ensemble"]["members"] == 2 and len(record["ood"]["member_thresholds"]) == 2
-    assert record["ood"]["threshold"] == 1.0 and record["onnx"]["features"]
+    assert record.members == 2 and record.training.ensemble["members"] == 2 and record.mask_guided
+    assert len(record.refusal.ood.member_thresholds) == 2
+    assert record.refusal.ood.threshold == 1.0 and record.onnx.features
     ref = resolve_model(str(duo["dir"]))
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
     expected = np.mean([predict_logits(m, images) for m in duo["members"]], axis=0)
@@ -91,7 +93,7 @@ def test_members_that_saw_the_validation_images_are_refused(prepared, cache, tmp
     states = [build_model("resnet18").state_dict() for _ in range(2)]
     with pytest.raises(MammaclsError, match="member 2 trained on 1 validation images"):
         assemble_ensemble(states, arch="resnet18", img_size=32, dataset=dataset, name="x", target=tmp_path / "x",
-                          metadata={}, trained_on=[set(), seen])
+                          trained_on=[set(), seen])
     assert not (tmp_path / "x").exists()
     with pytest.raises(MammaclsError, match="at least 2 members"):
         from mammacls.ensemble import stack_member_states
@@ -150,10 +152,11 @@ def test_cli_combines_repeated_runs_and_refuses_fold_models(prepared, cache, bus
     # the shipped recipe's ingredients at toy scale: scanner augmentation on whole batches, lesion masks
     config = TrainConfig(arch="mobilenet_v2", pretrained=False, epochs=1, img_size=32, seed=3,
                          augmentation=augmentation_preset("scanner"), mask_guided=True)
-    summary = train_repeats(config, 2, prepared[0], name="rep")
+    summary = train_repeats(config, repeats=2, data_dir=prepared[0], name="rep")
     assert all(run["name"].startswith("rep-seed") for run in summary["runs"])
-    member = resolve_model("rep-seed3").metadata
-    assert member["config"]["augmentation"]["scanner"] is True and member["val_lesion_dice"] is not None
+    member = resolve_model("rep-seed3").card
+    assert member.training.config["augmentation"]["scanner"] is True
+    assert member.training.val_metrics["lesion_dice"] is not None
     result = runner.invoke(app, ["ensemble", "--model", "rep-seed3", "--model", "rep-seed4", "--name", "rep-ens"])
     assert result.exit_code == 0, result.stderr
     assert "rep-ens: 2 x mobilenet_v2" in result.stderr
@@ -169,7 +172,9 @@ def test_cli_combines_repeated_runs_and_refuses_fold_models(prepared, cache, bus
     # cross-validation folds of train+val: each trained on part of the validation split
     for fold in (1, 2):
         shutil.copytree(models_dir() / f"rep-seed{fold + 2}", models_dir() / f"cv-fold{fold}")
-        resolve_model(f"cv-fold{fold}").update_metadata({"group": {"kind": "cv", "run": "cv", "member": fold, "of": 2}})
+        ref = resolve_model(f"cv-fold{fold}")
+        ref.update_card(training=dataclasses.replace(ref.card.training,
+                                                     group={"kind": "cv", "run": "cv", "member": fold, "of": 2}))
     folds = runner.invoke(app, ["ensemble", "--model", "cv-fold1", "--model", "cv-fold2", "--name", "cv-ens"])
     assert folds.exit_code != 0 and "validation images" in folds.stderr
     assert folds.stderr.count("\n") == 1  # one line, no traceback

@@ -208,7 +208,7 @@ def test_concurrent_commands_refuse_in_one_true_line_and_sigterm_is_resumable(sy
             first.kill()
     assert (cache / "models" / "x" / "checkpoint.safetensors").is_file()
     meta = json.loads((cache / "models" / "x" / "metadata.json").read_text())
-    assert meta["status"] == "training" and meta["best_epoch"] >= 1
+    assert meta["training"]["status"] == "training" and meta["training"]["best_epoch"] >= 1
     early = _start_training(env, "early", 5, tmp_path)
     time.sleep(0.5)  # still importing: stopped long before its first epoch
     early.send_signal(signal.SIGTERM)
@@ -216,7 +216,7 @@ def test_concurrent_commands_refuse_in_one_true_line_and_sigterm_is_resumable(sy
     assert not (cache / "models" / "early").exists()
     resumed = _run(["train", "--resume", "--name", "x", "--json"], env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["status"] == "complete"
+    assert json.loads(resumed.stdout)["training"]["status"] == "complete"
 
 
 def _quickstart_commands() -> list[str]:
@@ -281,7 +281,7 @@ def test_calibrate_accepts_a_dataset_prepared_again_and_never_writes_a_read_only
 
     elsewhere = tmp_path / "copy" / "Dataset_BUSI_with_GT"
     shutil.copytree(busi_dir[0], elsewhere)
-    prepare_dataset(elsewhere, tmp_path / "prepared-again")  # now the latest; tiny's own folder stays too
+    prepare_dataset(elsewhere, out=tmp_path / "prepared-again")  # now the latest; tiny's own folder stays too
     try:
         _recalibrate_a_read_only_copy(use_session_cache, tmp_path, monkeypatch)
     finally:
@@ -299,20 +299,22 @@ def _recalibrate_a_read_only_copy(use_session_cache, tmp_path, monkeypatch):
     for leftover in ("model.onnx", "checkpoint.safetensors"):
         (shipped / leftover).unlink(missing_ok=True)
     meta = json.loads((shipped / "metadata.json").read_text())
-    meta.pop("onnx", None)
-    meta["data"]["prepared_dir"] = str(tmp_path / "gone")  # as on the machine that built it
+    meta["onnx"] = None
     (shipped / "metadata.json").write_text(json.dumps(meta))
+    training_data = json.loads((shipped / "training_data.json").read_text())
+    training_data["prepared_dir"] = str(tmp_path / "gone")  # as on the machine that built it
+    (shipped / "training_data.json").write_text(json.dumps(training_data))
     monkeypatch.setattr("mammacls.inference.model_files.shipped_model_dir", lambda: shipped)
     before = _tree_digest(shipped)
     ref = resolve_model("default")
     assert ref.read_only
-    record = recalibrate(ref, "cpu")
+    record = recalibrate(ref, device="cpu")
     assert _tree_digest(shipped) == before  # the package was not written
     overlay = ref.files_dir / "overlay.json"
     assert overlay.is_file() and (ref.files_dir / "ood.safetensors").is_file()
-    assert record["temperature"] == json.loads(overlay.read_text())["temperature"]
+    assert record.temperature == json.loads(overlay.read_text())["calibration"]["temperature"]
     again = resolve_model("default")  # opened again: the refit is read from the cache
-    assert again.metadata["ood"]["sha256"] == record["ood"]["sha256"]
+    assert again.card.refusal == record.refusal and again.card.calibration == record.calibration
     assert again.file("ood.safetensors").parent == ref.files_dir
     from mammacls.inference.gate import model_density
 

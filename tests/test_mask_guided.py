@@ -32,7 +32,7 @@ def test_staged_forward_gives_the_classifier_logits_and_a_full_size_mask(arch):
 
 
 def test_plain_model_has_no_lesion_map():
-    with pytest.raises(Exception, match="not trained with --mask-guided"):
+    with pytest.raises(Exception, match="not trained with mask_guided"):
         forward_with_lesion("resnet18", build_model("resnet18"), torch.zeros(1, 1, 32, 32))
 
 
@@ -103,7 +103,7 @@ def mask_model(prepared, session_cache):
     try:
         return train_model(TrainConfig(arch="mobilenet_v2", pretrained=False, epochs=2, img_size=32, batch_size=16,
                                        mask_guided=True, mask_weight=1.0, augmentation=augmentation_preset("strong")),
-                           prepared[0], name="tiny-mask", export=False)
+                           data_dir=prepared[0], name="tiny-mask", export=False)
     finally:
         if old is None:
             os.environ.pop("MAMMACLS_CACHE_DIR", None)
@@ -112,9 +112,10 @@ def mask_model(prepared, session_cache):
 
 
 def test_mask_guided_training_saves_decoder_and_dice(mask_model, use_session_cache):
-    assert mask_model["mask_guided"] is True and mask_model["config"]["mask_weight"] == 1.0
-    assert all(0 <= r["val_lesion_dice"] <= 1 for r in mask_model["history"])
+    assert mask_model.mask_guided is True and mask_model.training.config["mask_weight"] == 1.0
+    assert 0 <= mask_model.training.val_metrics["lesion_dice"] <= 1
     ref = resolve_model("tiny-mask")
+    assert all(0 <= r["val_lesion_dice"] <= 1 for r in ref.sidecar("history"))
     with safe_open(str(ref.weights), framework="pt") as handle:
         assert any(k.startswith("lesion_decoder.") for k in handle.keys())
     net = load_network(ref)

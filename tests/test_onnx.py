@@ -28,10 +28,10 @@ def scans(tmp_path_factory) -> Path:
 
 
 def test_training_writes_an_onnx_export_recorded_in_metadata(tiny_model, session_cache):
-    record = tiny_model["onnx"]
+    record = tiny_model.onnx
     folder = session_cache / "models" / "tiny"
-    assert (folder / record["file"]).is_file()
-    assert json.loads((folder / "metadata.json").read_text())["onnx"]["sha256"] == record["sha256"]
+    assert (folder / record.file).is_file()
+    assert json.loads((folder / "metadata.json").read_text())["onnx"]["sha256"] == record.sha256
     import onnx
 
     props = {p.key: json.loads(p.value) for p in onnx.load(str(folder / "model.onnx")).metadata_props}
@@ -39,8 +39,8 @@ def test_training_writes_an_onnx_export_recorded_in_metadata(tiny_model, session
 
 
 def test_onnx_and_torch_probabilities_agree(tiny_model, use_session_cache, scans):
-    fast = predict_paths([scans], "tiny", backend="onnx", batch_size=3)
-    eager = predict_paths([scans], "tiny", backend="torch", batch_size=3)
+    fast = predict_paths([scans], model="tiny", backend="onnx", batch_size=3)
+    eager = predict_paths([scans], model="tiny", backend="torch", batch_size=3)
     assert fast["model"]["backend"] == "onnxruntime" and eager["model"]["backend"] == "torch"
     assert [p["path"] for p in fast["predictions"]] == [p["path"] for p in eager["predictions"]]
     assert len(fast["predictions"]) == 7
@@ -78,7 +78,7 @@ def model_copy(tiny_model, session_cache, tmp_path) -> Path:
 def test_model_without_export_uses_torch_with_a_hint_then_export_fixes_it(model_copy, scans, cache):
     meta_path = model_copy / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    del meta["onnx"]
+    meta["onnx"] = None
     meta_path.write_text(json.dumps(meta))
     (model_copy / "model.onnx").unlink()
     result = runner.invoke(app, ["predict", str(scans / "scan 1.png"), "--model", str(model_copy), "--json"])

@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mammacls.cli import app
+from mammacls.inference.card import OodDensity
 from mammacls.inference.gate import distances, image_check, image_reason, image_statistics, status_of
 from mammacls.ood import choose_min_confidence, fit_density, fit_image_density
 from tests.conftest import textured_image
@@ -41,7 +42,7 @@ def test_image_statistics_density_rejects_what_does_not_look_like_ultrasound():
     train = np.stack([image_statistics(speckle(rng)) for _ in range(120)])
     val = np.stack([image_statistics(speckle(rng)) for _ in range(60)])
     fitted = fit_image_density(train, val)
-    record = {"image_threshold": fitted["threshold"]}
+    record = OodDensity(file="ood.safetensors", sha256="", threshold=1.0, image_threshold=fitted["threshold"])
     unseen = [speckle(rng) for _ in range(30)]
     accepted = sum(image_check(img, img, 0.0, fitted["arrays"], record) is None for img in unseen)
     assert accepted >= 28
@@ -90,8 +91,8 @@ def test_status_order_rejects_before_it_abstains():
 
 
 def test_trained_model_stores_its_density_and_predict_reports_status(tiny_model, use_session_cache, tmp_path):
-    assert tiny_model["ood"]["threshold"] > 0 and tiny_model["ood"]["image_threshold"] > 0
-    assert 0 < tiny_model["min_confidence"] < 1
+    assert tiny_model.refusal.ood.threshold > 0 and tiny_model.refusal.ood.image_threshold > 0
+    assert 0 < tiny_model.refusal.min_confidence < 1
     rng = np.random.default_rng(4)
     folder = tmp_path / "in"
     folder.mkdir()

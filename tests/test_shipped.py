@@ -23,9 +23,13 @@ def test_shipped_model_is_small_verified_and_refuses_tampering(tmp_path):
     # the wheel must stay <= 80 MB: weights (float16 kernels) and the ONNX export together well below
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 75 * 1024 * 1024
     ref = resolve_model("default")
-    assert ref.source == "shipped" and ref.metadata["arch"] in ("resnet18", "mobilenet_v2")
-    assert ref.metadata["onnx"]["file"] == "model.onnx" and (SHIPPED / "model.onnx").is_file()
-    assert "prepared_dir" not in ref.metadata.get("data", {})  # nothing of the build machine
+    assert ref.source == "shipped" and ref.card.arch in ("resnet18", "mobilenet_v2")
+    assert ref.card.schema == "mammacls-model/2" and json.loads((SHIPPED / "metadata.json").read_text())["schema"] \
+        == "mammacls-model/2"  # migrated on disk, not only when read
+    assert ref.card.onnx.file == "model.onnx" and (SHIPPED / "model.onnx").is_file()
+    assert "prepared_dir" not in (SHIPPED / "metadata.json").read_text()  # nothing of the build machine
+    assert "prepared_dir" not in ref.sidecar("training_data")
+    assert (SHIPPED / "metadata.json").stat().st_size < 20_000  # fingerprints live in training_data.json
     load_network(ref)  # sha256 checked on load
     copy = tmp_path / "default"
     shutil.copytree(SHIPPED, copy)
@@ -72,7 +76,7 @@ def test_publish_keeps_small_tensors_float32_and_predictions_close(tiny_model, u
                   for k in handle.keys()}
     assert any(d == "F16" for d, _ in dtypes.values())
     assert all((d == "F16") == (n >= HALF_PRECISION_MIN_ELEMENTS) for d, n in dtypes.values() if d in ("F16", "F32"))
-    assert record["storage_dtype"].startswith("float16")
+    assert record.weights.storage_dtype.startswith("float16")
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
     before = predict_proba(load_network(ref), images)
     after = predict_proba(load_network(resolve_model(str(tmp_path / "shipped"))), images)

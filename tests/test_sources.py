@@ -86,21 +86,21 @@ def test_parent_folder_gets_a_hint_naming_the_sources_inside(busi_dir, tmp_path)
 def test_bad_csv_sources_are_one_line_errors(tmp_path, cache, header, lines, message):
     table = _write_csv(tmp_path / "bad.csv", header, lines)
     with pytest.raises(MammaclsError, match=message) as info:
-        prepare_dataset(table, tmp_path / "out")
+        prepare_dataset(table, out=tmp_path / "out")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_two_sources_with_one_name_are_refused(busi_dir, busbra_dir, cache, tmp_path):
     with pytest.raises(MammaclsError, match="two sources are named x"):
-        prepare_dataset([f"x={busi_dir[0]}", f"x={busbra_dir}"], tmp_path / "out")
+        prepare_dataset([f"x={busi_dir[0]}", f"x={busbra_dir}"], out=tmp_path / "out")
     with pytest.raises(MammaclsError, match="two sources are at"):
-        prepare_dataset([busbra_dir, f"again={busbra_dir}"], tmp_path / "out")
+        prepare_dataset([busbra_dir, f"again={busbra_dir}"], out=tmp_path / "out")
 
 
 def test_patients_stay_whole_and_each_source_keeps_its_own_split(busi_dir, busbra_dir, tmp_path, cache):
-    alone = _manifest(Path(prepare_dataset(busi_dir[0], tmp_path / "busi")["prepared_dir"]))
-    summary = prepare_dataset([busi_dir[0], busbra_dir], tmp_path / "both", PrepareOptions())
+    alone = _manifest(Path(prepare_dataset(busi_dir[0], out=tmp_path / "busi")["prepared_dir"]))
+    summary = prepare_dataset([busi_dir[0], busbra_dir], out=tmp_path / "both", options=PrepareOptions())
     rows = _manifest(tmp_path / "both")
     assert {r["source"] for r in rows} == {"Dataset_BUSI_with_GT", "BUS-BRA"}
     busi_rows = [r for r in rows if r["source"] == "Dataset_BUSI_with_GT"]
@@ -121,7 +121,7 @@ def test_patients_stay_whole_and_each_source_keeps_its_own_split(busi_dir, busbr
 def test_a_duplicate_across_sources_joins_one_group_and_split(busi_dir, tmp_path, cache):
     """A hospital's CSV that holds a copy of a BUSI image: both copies end in one split."""
     root = busi_dir[0]
-    alone = {r["path"]: r["split"] for r in _manifest(Path(prepare_dataset(root, tmp_path / "a")["prepared_dir"]))}
+    alone = {r["path"]: r["split"] for r in _manifest(Path(prepare_dataset(root, out=tmp_path / "a")["prepared_dir"]))}
     extra = tmp_path / "hospital"
     extra.mkdir()
     rng = np.random.default_rng(4)
@@ -134,7 +134,7 @@ def test_a_duplicate_across_sources_joins_one_group_and_split(busi_dir, tmp_path
         shutil.copy(source_path, extra / f"copy-of-{split}.png")
         lines.append(f"copy-of-{split}.png,benign,")
     table = _write_csv(extra / "labels.csv", "path,label,patient", lines)
-    summary = prepare_dataset([root, table], tmp_path / "both")
+    summary = prepare_dataset([root, table], out=tmp_path / "both")
     rows = {r["path"]: r for r in _manifest(tmp_path / "both")}
     assert summary["cross_source"]["groups"] >= 2 and summary["cross_source"]["duplicate_pairs"] >= 2
     for split, source_path in copied.items():
@@ -154,8 +154,8 @@ def test_csv_source_prepares_the_same_as_the_busbra_reader(busbra_dir, tmp_path,
 
 
 def _assert_same_preparation(native: Path, as_csv: Path, tmp_path: Path) -> None:
-    a = _manifest(Path(prepare_dataset(native, tmp_path / "native")["prepared_dir"]))
-    b = _manifest(Path(prepare_dataset(as_csv, tmp_path / "csv")["prepared_dir"]))
+    a = _manifest(Path(prepare_dataset(native, out=tmp_path / "native")["prepared_dir"]))
+    b = _manifest(Path(prepare_dataset(as_csv, out=tmp_path / "csv")["prepared_dir"]))
     keep = ("path", "label", "split", "sha256", "width", "height", "mask_paths", "patient")
     assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
     assert _partition(a, "group_id") == _partition(b, "group_id")

@@ -74,7 +74,7 @@ def test_csv_results_resume_too(tmp_path):
 
 @pytest.mark.parametrize("name, resume, message", [
     ("results.txt", False, "name a .jsonl or .csv file"),
-    ("exists.jsonl", False, "exists: add --resume"),
+    ("exists.jsonl", False, "exists: add resume to continue it"),
 ])
 def test_results_file_refusals(tmp_path, name, resume, message):
     (tmp_path / "exists.jsonl").write_text("")

@@ -78,13 +78,15 @@ def test_threshold_at_specificity_gives_that_specificity_on_the_data_it_was_fitt
     assert 0 < mal["sensitivity_at_spec90"] <= 1
 
 
-def test_trained_model_carries_calibration_threshold_and_fingerprints(tiny_model):
-    assert tiny_model["temperature"] > 0
-    assert tiny_model["calibration"]["fitted_on"] == "val"
-    assert tiny_model["calibration"]["val_after"]["nll"] <= tiny_model["calibration"]["val_before"]["nll"] + 1e-9
-    assert 0 <= tiny_model["malignant_threshold_spec90"] <= 1
-    prints = tiny_model["data"]["train_val_fingerprints"]
-    n = tiny_model["data"]["train_images"] + tiny_model["data"]["val_images"]
+def test_trained_model_carries_calibration_threshold_and_fingerprints(tiny_model, use_session_cache):
+    from mammacls.inference.model_files import resolve_model
+
+    calibration = tiny_model.calibration
+    assert calibration.temperature > 0 and calibration.fitted_on == "val"
+    assert calibration.val_after["nll"] <= calibration.val_before["nll"] + 1e-9
+    assert 0 <= calibration.malignant_threshold_spec90 <= 1
+    prints = resolve_model("tiny").sidecar("training_data")["train_val_fingerprints"]
+    n = tiny_model.provenance.data["train_images"] + tiny_model.provenance.data["val_images"]
     assert len(prints["sha256"]) == len(prints["phash"]) == n
 
 
@@ -98,8 +100,8 @@ def cv_run(prepared, tmp_path_factory):
     os.environ["MAMMACLS_CACHE_DIR"] = str(cache)
     try:
         config = TrainConfig(arch="mobilenet_v2", pretrained=False, epochs=1, img_size=32, batch_size=16)
-        summary = train_cross_validation(config, 3, prepared[0], name="cv")
-        again = train_cross_validation(config, 3, prepared[0], name="cv")  # finished folds are skipped
+        summary = train_cross_validation(config, folds=3, data_dir=prepared[0], name="cv")
+        again = train_cross_validation(config, folds=3, data_dir=prepared[0], name="cv")  # finished folds are skipped
     finally:
         if old is None:
             os.environ.pop("MAMMACLS_CACHE_DIR", None)
@@ -118,10 +120,12 @@ def test_cross_validation_saves_every_fold_and_summarises(cv_run, prepared):
     test_hashes = {r["sha256"] for r in load_prepared(prepared[0]).split("test")}
     assert test_hashes
     for fold in (1, 2, 3):
-        meta = json.loads((cache / "models" / f"cv-fold{fold}" / "metadata.json").read_text())
-        assert meta["group"] == {"kind": "cv", "run": "cv", "member": fold, "of": 3}
-        assert meta["status"] == "complete" and meta["temperature"] > 0
-        assert not set(meta["data"]["train_val_fingerprints"]["sha256"]) & test_hashes  # test split untouched
+        folder = cache / "models" / f"cv-fold{fold}"
+        meta = json.loads((folder / "metadata.json").read_text())
+        assert meta["training"]["group"] == {"kind": "cv", "run": "cv", "member": fold, "of": 3}
+        assert meta["training"]["status"] == "complete" and meta["calibration"]["temperature"] > 0
+        prints = json.loads((folder / "training_data.json").read_text())["train_val_fingerprints"]
+        assert not set(prints["sha256"]) & test_hashes  # test split untouched
 
 
 def test_fold_splitter_keeps_groups_whole_and_classes_stratified(prepared):
@@ -153,10 +157,10 @@ def test_fold_splitter_keeps_groups_whole_and_classes_stratified(prepared):
 
 def test_repeats_use_consecutive_seeds(prepared, cache):
     summary = train_repeats(TrainConfig(arch="mobilenet_v2", pretrained=False, epochs=1, img_size=32, seed=7),
-                            2, prepared[0], name="rep")
+                            repeats=2, data_dir=prepared[0], name="rep")
     assert [r["name"] for r in summary["runs"]] == ["rep-seed7", "rep-seed8"]
-    with pytest.raises(MammaclsError, match="--repeat must be at least 2"):
-        train_repeats(TrainConfig(pretrained=False), 1, prepared[0])
+    with pytest.raises(MammaclsError, match="repeats must be at least 2"):
+        train_repeats(TrainConfig(pretrained=False), repeats=1, data_dir=prepared[0])
 
 
 def test_evaluate_cv_run_shows_folds_and_ensemble_with_intervals(cv_run, prepared, tmp_path, monkeypatch):
@@ -205,9 +209,9 @@ def test_predict_uses_calibrated_probabilities_by_default(tiny_model, use_sessio
     image = str(Path(busi_dir[0]) / "benign" / "benign (5).png")
     calibrated = json.loads(runner.invoke(app, ["predict", image, "--model", "tiny", "--json"]).stdout)
     raw = json.loads(runner.invoke(app, ["predict", image, "--model", "tiny", "--json", "--no-calibration"]).stdout)
-    assert calibrated["model"]["temperature"] == pytest.approx(tiny_model["temperature"])
+    assert calibrated["model"]["temperature"] == pytest.approx(tiny_model.temperature)
     assert raw["model"]["temperature"] == 1.0
-    if abs(tiny_model["temperature"] - 1.0) > 1e-3:
+    if abs(tiny_model.temperature - 1.0) > 1e-3:
         assert calibrated["predictions"][0]["probabilities"] != raw["predictions"][0]["probabilities"]
 
 

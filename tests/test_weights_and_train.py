@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mammacls import CLASSES
 from mammacls.errors import MammaclsError
+from mammacls.inference.card import ModelCard, Preprocessing, TrainingSummary
 from mammacls.model import build_model, predict_proba
 from mammacls.training import TrainConfig, TrainReporter, train_model
 from mammacls.inference.model_files import CHECKPOINT_FILE, list_cached_models, resolve_model
@@ -14,7 +16,7 @@ from mammacls.weights import load_network, save_model
 
 
 def _meta(arch="mobilenet_v2", size=32):
-    return {"name": "m", "arch": arch, "classes": ["benign", "malignant", "normal"], "img_size": size}
+    return ModelCard(name="m", arch=arch, preprocessing=Preprocessing(img_size=size))
 
 
 def test_safetensors_round_trip_gives_identical_predictions(tmp_path):
@@ -24,11 +26,11 @@ def test_safetensors_round_trip_gives_identical_predictions(tmp_path):
     loaded = load_network(ref)
     images = np.random.default_rng(0).integers(0, 255, size=(3, 32, 32)).astype(np.uint8)
     assert np.array_equal(predict_proba(net, images), predict_proba(loaded, images))
-    assert record["sha256"] == ref.metadata["sha256"] and len(record["sha256"]) == 64
+    assert record.weights.sha256 == ref.card.weights.sha256 and len(record.weights.sha256) == 64
     # a lone .safetensors file still describes itself through its header
     (tmp_path / "m" / "metadata.json").unlink()
     lone = resolve_model(str(tmp_path / "m" / "model.safetensors"))
-    assert lone.metadata["arch"] == "mobilenet_v2"
+    assert lone.card.arch == "mobilenet_v2" and lone.card.img_size == 32
     assert not list((tmp_path / "m").glob("*.tmp"))
 
 
@@ -72,17 +74,25 @@ def test_unknown_model_name_lists_what_exists(cache, monkeypatch):
         resolve_model(None)
 
 
-def test_trained_model_metadata_is_complete(tiny_model, use_session_cache):
-    meta = tiny_model
-    for key in ("arch", "classes", "img_size", "input_size", "mean", "std", "config", "seed", "data",
-                "val_metrics", "versions", "sha256", "history", "best_epoch", "status"):
-        assert key in meta, key
-    assert meta["status"] == "complete" and meta["config"]["seed"] == 42
-    assert len(meta["data"]["manifest_sha256"]) == 64
-    assert [h["epoch"] for h in meta["history"]] == [1, 2]
-    assert "test" not in json.dumps(meta["history"])
+def test_trained_model_card_is_complete(tiny_model, use_session_cache):
+    card = tiny_model
+    assert card.schema == "mammacls-model/2" and card.arch == "resnet18" and card.classes == CLASSES
+    assert card.preprocessing.input_size == (1, 32, 32) and len(card.preprocessing.mean) == 1
+    assert card.training.status == "complete" and card.training.config["seed"] == 42
+    assert card.training.best_epoch in (1, 2) and card.training.epochs_run == 2
+    assert set(card.training.val_metrics) >= {"accuracy", "macro_f1", "roc_auc_macro"}
+    assert len(card.provenance.data["manifest_sha256"]) == 64 and card.provenance.versions["torch"]
+    assert card.calibration.temperature > 0 and card.refusal.ood.file == "ood.safetensors"
+    assert len(card.weights.sha256) == 64 and card.onnx.file == "model.onnx"
+    ref = resolve_model("tiny")
+    assert ref.card == card  # what train returns is what a reader parses back
+    history = ref.sidecar("history")
+    assert [h["epoch"] for h in history] == [1, 2] and "test" not in json.dumps(history)
+    prints = ref.sidecar("training_data")["train_val_fingerprints"]
+    assert len(prints["sha256"]) == card.provenance.data["train_images"] + card.provenance.data["val_images"]
     assert "tiny" in [r.name for r in list_cached_models()]  # other tests add theirs to this cache
     folder = use_session_cache / "models" / "tiny"
+    assert len((folder / "metadata.json").read_bytes()) < 20_000  # bulky data live in the sibling files
     assert not (folder / CHECKPOINT_FILE).exists()
     assert set(load_file(str(folder / "model.safetensors"))) == set(build_model("resnet18").state_dict())
 
@@ -98,14 +108,14 @@ class _StopAfter(TrainReporter):
 
 def test_resume_after_interrupt_equals_an_uninterrupted_run(prepared, cache):
     config = dict(arch="mobilenet_v2", pretrained=False, epochs=3, img_size=32, batch_size=16, patience=5)
-    full = train_model(TrainConfig(**config), prepared[0], name="full")
+    train_model(TrainConfig(**config), data_dir=prepared[0], name="full")
     with pytest.raises(KeyboardInterrupt):
-        train_model(TrainConfig(**config), prepared[0], name="cut", reporter=_StopAfter(2))
+        train_model(TrainConfig(**config), data_dir=prepared[0], name="cut", reporter=_StopAfter(2))
     assert (cache / "models" / "cut" / CHECKPOINT_FILE).is_file()
     assert (cache / "models" / "cut" / "model.safetensors").is_file()  # best so far is usable
     resumed = train_model(TrainConfig(), resume=True)  # picks the interrupted run; settings from checkpoint
-    assert resumed["name"] == "cut" and resumed["epochs_run"] == 3
-    for a, b in zip(full["history"], resumed["history"]):
+    assert resumed.name == "cut" and resumed.training.epochs_run == 3
+    for a, b in zip(resolve_model("full").sidecar("history"), resolve_model("cut").sidecar("history")):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"])
     a = load_file(str(cache / "models" / "full" / "model.safetensors"))
@@ -117,13 +127,19 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(prepared, cache):
 
 @pytest.mark.parametrize("change, message", [
     ({"arch": "alexnet"}, "unknown architecture"),
-    ({"epochs": 0}, "--epochs must be at least 1"),
-    ({"img_size": 8}, "--img-size must be at least 32"),
-    ({"lr": -1.0}, "--lr must be a positive"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"img_size": 8}, "img_size must be at least 32"),
+    ({"lr": -1.0}, "lr must be a positive"),
+    ({"device": "gpu"}, "unknown device 'gpu': choose one of auto, cpu, cuda"),
 ])
-def test_bad_training_options_are_clear_errors(prepared, cache, change, message):
-    with pytest.raises(MammaclsError, match=message):
-        train_model(TrainConfig(**{"pretrained": False, **change}), prepared[0])
+def test_bad_training_options_are_clear_errors_naming_the_parameter(prepared, cache, change, message):
+    with pytest.raises(MammaclsError, match=message) as caught:
+        train_model(TrainConfig(**{"pretrained": False, **change}), data_dir=prepared[0])
+    assert caught.value.parameter == next(iter(change))  # the library names its own argument ...
+    assert "--" not in str(caught.value)  # ... not a command-line option
+    if caught.value.message.startswith(caught.value.parameter):
+        option = "--" + caught.value.parameter.replace("_", "-")
+        assert caught.value.with_option_names().startswith(option)  # which the CLI shows instead
 
 
 def test_training_without_a_prepared_dataset_says_what_to_do(cache):
@@ -133,7 +149,7 @@ def test_training_without_a_prepared_dataset_says_what_to_do(cache):
 
 def test_duplicate_run_name_is_refused(tiny_model, use_session_cache, prepared):
     with pytest.raises(MammaclsError, match="exists already"):
-        train_model(TrainConfig(pretrained=False), prepared[0], name="tiny")
+        train_model(TrainConfig(pretrained=False), data_dir=prepared[0], name="tiny")
 
 
 def test_predict_uses_the_shipped_model_unless_another_is_chosen(cache):
@@ -141,7 +157,8 @@ def test_predict_uses_the_shipped_model_unless_another_is_chosen(cache):
     from mammacls.store import record_chosen_model
 
     for name, score in (("weak", 0.4), ("strong", 0.8)):
-        save_model(build_model("mobilenet_v2"), {**_meta(), "name": name, "val_metrics": {"macro_f1": score}},
+        card = _meta().replace(name=name, training=TrainingSummary(val_metrics={"macro_f1": score}))
+        save_model(build_model("mobilenet_v2"), card,
                    cache / "models" / name)
     ref = resolve_model(None)
     assert ref.source == "shipped" and "mammacls use" in ref.why
@@ -189,7 +206,7 @@ def test_progress_shows_the_steps_after_the_last_epoch(prepared, cache):
             events.append(("stage", text))
 
     train_model(TrainConfig(arch="resnet18", pretrained=False, epochs=2, img_size=32, batch_size=16),
-                prepared[0], name="staged", reporter=Capture())
+                data_dir=prepared[0], name="staged", reporter=Capture())
     assert events[:2] == [("epoch", 1), ("epoch", 2)]
     assert [text for kind, text in events[2:]] == ["calibrating on validation, fitting the refusal densities",
                                                    "exporting to ONNX"]
@@ -199,5 +216,5 @@ def test_predict_progress_knows_its_total_from_the_start(tiny_model, use_session
     from mammacls.predict import predict_paths
 
     calls = []
-    predict_paths([busi_dir[0] / "normal"], "tiny", batch_size=4, progress=lambda done, total: calls.append((done, total)))
+    predict_paths([busi_dir[0] / "normal"], model="tiny", batch_size=4, progress=lambda done, total: calls.append((done, total)))
     assert calls[0] == (0, calls[-1][1]) and calls[-1][0] == calls[-1][1] > 4

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mammacls.errors import MammaclsError
 
 
 @dataclass(frozen=True)
@@ -41,14 +40,6 @@ DEFAULT_ARCH = "mobilenet_v2"
 def check_arch(arch: str) -> str:
     """The architecture ``arch`` names, in any obvious spelling (``VGG16``, ``MobileNet-V2``); a close
     match is suggested for a typo."""
-    def squash(text: str) -> str:
-        return "".join(ch for ch in text.lower() if ch.isalnum())
+    from mammacls.choices import Arch, parse_choice
 
-    for known in ARCHS:
-        if squash(arch) == squash(known):
-            return known
-    import difflib
-
-    close = difflib.get_close_matches(squash(arch), [squash(a) for a in ARCHS], n=1, cutoff=0.6)
-    hint = f" (did you mean {ARCHS[[squash(a) for a in ARCHS].index(close[0])]}?)" if close else ""
-    raise MammaclsError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}{hint}")
+    return parse_choice(Arch, arch, "arch", what="architecture").value

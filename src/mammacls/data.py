@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mammacls import CLASSES, __version__
-from mammacls.errors import MammaclsError
+from mammacls.errors import MammaclsError, param
 from mammacls.inference.images import load_grayscale, load_mask_union
 from mammacls.inference.pixels import ImageReadError
 from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are part of data's API)
@@ -148,6 +148,7 @@ def open_sources(specs: Path | str | Iterable[Path | str]) -> list[Source]:
 
 def prepare_dataset(
     source: Path | str | Iterable[Path | str],
+    *,
     out: Path | None = None,
     options: PrepareOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -156,7 +157,7 @@ def prepare_dataset(
     options = options or PrepareOptions()
     for name, frac in (("val", options.val_fraction), ("test", options.test_fraction)):
         if not 0.0 < frac < 0.5:
-            raise MammaclsError(f"--{name}-fraction must be between 0 and 0.5 (got {frac})")
+            raise MammaclsError(f"{param(name + '_fraction')} must be between 0 and 0.5 (got {frac})")
     sources = open_sources(source)
     scans = [scan_source(s) for s in sources]
     extra_groups = read_groups_csv(options.groups_csv) if options.groups_csv else []
@@ -178,10 +179,10 @@ def prepare_dataset(
 
 def _check_output_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise MammaclsError(f"--out {out} exists and is not a folder")
+        raise MammaclsError(f"{param('out')} {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise MammaclsError(
-            f"--out {out} is a non-empty folder that is not a prepared dataset; choose an empty or new folder"
+            f"{param('out')} {out} is a non-empty folder that is not a prepared dataset; choose an empty or new folder"
         )
 
 
@@ -283,7 +284,8 @@ def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, pro
     conflict_set = set(conflicts)
     kept = [r for r in records if options.keep_conflicts or r.duplicate_id not in conflict_set]
     if not kept:
-        raise MammaclsError("every image is in a conflicting group; nothing left to split (try --keep-conflicts)")
+        raise MammaclsError(f"every image is in a conflicting group; nothing left to split "
+                            f"(try {param('keep_conflicts')})")
     moved = _split_sources(kept, sources, within_source, options)
 
     several = len(sources) > 1

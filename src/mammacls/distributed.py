@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from mammacls.errors import MammaclsError
+from mammacls.errors import MammaclsError, param
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,11 @@ def world(device: str = "auto") -> World:
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if device == "cuda" and not torch.cuda.is_available():
-            raise MammaclsError("--device cuda: CUDA is not available here")
+            raise MammaclsError(f"{param('device')} cuda: CUDA is not available here")
         if use_cuda:
             if local_rank >= torch.cuda.device_count():
                 raise MammaclsError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
-                                    "use --nproc-per-node <= the number of GPUs")
+                                    "start at most one process per GPU")
             torch.cuda.set_device(local_rank)  # "cuda" means this process's GPU from here on
         # generous: with one fold per process, rank 0 may wait hours for the slowest fold
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=12))
@@ -114,9 +114,9 @@ def wrap_for_training(module, current: World, device: str):
 def launch(nproc_per_node: int, command: list[str]) -> int:
     """Run ``python -m mammacls <command>`` in ``nproc_per_node`` processes with torch's own launcher."""
     if nproc_per_node < 1:
-        raise MammaclsError("--nproc-per-node must be at least 1")
+        raise MammaclsError(f"{param('nproc_per_node')} must be at least 1")
     if launched_by_torchrun():
-        raise MammaclsError("--nproc-per-node: already running under torchrun; drop the option")
+        raise MammaclsError(f"{param('nproc_per_node')}: already running under torchrun; drop the option")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 

@@ -9,12 +9,12 @@ ensemble as a whole, on the prepared validation split, which no member may have 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 from pathlib import Path
-from typing import Any
 
-from mammacls import CLASSES
-from mammacls.errors import MammaclsError
+from mammacls.errors import MammaclsError, param
+from mammacls.inference.card import ModelCard, Preprocessing, Provenance, TrainingSummary, WeightsInfo
 
 
 def stack_member_states(states: list[dict]) -> dict:
@@ -34,14 +34,16 @@ def _float32(tensor):
 
 
 def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, name: str, target: Path,
-                      metadata: dict[str, Any], trained_on: list[set[str]], reporter=None) -> dict[str, Any]:
+                      trained_on: list[set[str]], training: TrainingSummary | None = None,
+                      provenance: Provenance | None = None, reporter=None) -> ModelCard:
     """Write the ensemble of ``states`` to ``target`` with calibration, refusal gate and ONNX export.
 
     ``trained_on`` holds, per member, the pixel sha256 of every image it trained on; they are
-    checked against ``dataset``'s validation split, on which everything is fitted.
+    checked against ``dataset``'s validation split, on which everything is fitted. ``training`` and
+    ``provenance`` describe the members (recipe, selection, ImageNet start); the rest is filled here.
     """
     from mammacls.export import export_onnx
-    from mammacls.model import GRAY_MEAN, GRAY_STD
+    from mammacls.model import GRAY_MEAN, GRAY_STD, LESION_DECODER
     from mammacls.training.finalise import fit_calibration
     from mammacls.training.batches import load_rows
     from mammacls.training.splits import source_counts
@@ -57,8 +59,7 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
                                 "the ensemble cannot be calibrated on them")
     single = len(states) == 1  # one member on its own: a plain network (to judge members one by one)
     state = {key: _float32(value) for key, value in states[0].items()} if single else stack_member_states(states)
-    record = {"arch": arch, "ensemble": {"members": len(states)}}
-    net = build_network(record, state)
+    net = build_network(arch, len(states), state)
     net.load_state_dict(state, strict=True)
     net.eval()
     fingerprints: dict[str, list] = {"sha256": [], "phash": []}
@@ -68,31 +69,34 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     say("calibrating on validation, fitting the refusal densities (one per member)")
-    fitted = fit_calibration(net, arch, train_x, train_y, val_x, val_y, "cpu", target, members=len(states))
-    meta = {
-        "name": name, "arch": arch, "classes": list(CLASSES), "num_classes": len(CLASSES), "in_chans": 1,
-        "img_size": img_size, "input_size": [1, img_size, img_size],
-        "interpolation": "area (shrink) / bilinear (enlarge), square resize",
-        "mean": [GRAY_MEAN], "std": [GRAY_STD], "input_range": "grayscale uint8 / 255",
-        **{k: v for k, v in metadata.items() if k != "ensemble"},
-        **({} if single else {"ensemble": {**metadata.get("ensemble", {}), "members": len(states),
-                                           "combine": "mean of member logits"}}),
-        "data": {**metadata.get("data", {}), "manifest_sha256": dataset.manifest_sha256,
-                 "train_images": int(len(train_y)), "val_images": int(len(val_y)),
-                 "sources": source_counts(train_rows, val_rows),
-                 "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
-                 "train_val_fingerprints": fingerprints},
-        "status": "complete", "versions": library_versions(),
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **fitted,
-    }
-    final = save_model(net, meta, target)
+    calibration, refusal = fit_calibration(net, arch, train_x, train_y, val_x, val_y, "cpu", target,
+                                           members=len(states))
+    training = training or TrainingSummary()
+    provenance = provenance or Provenance()
+    card = ModelCard(
+        name=name, arch=arch,
+        preprocessing=Preprocessing(img_size=img_size, mean=(GRAY_MEAN,), std=(GRAY_STD,)),
+        weights=WeightsInfo(members=len(states), lesion_decoder=any(f".{LESION_DECODER}." in f".{key}"
+                                                                    for key in state)),
+        calibration=calibration, refusal=refusal,
+        provenance=dataclasses.replace(
+            provenance, versions=library_versions(),
+            finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            data={**provenance.data, "manifest_sha256": dataset.manifest_sha256, "train_images": int(len(train_y)),
+                  "val_images": int(len(val_y)), "sources": source_counts(train_rows, val_rows)}),
+        training=dataclasses.replace(
+            training, status="complete",
+            ensemble=None if single else {**(training.ensemble or {}), "members": len(states),
+                                          "combine": "mean of member logits"}),
+    )
+    training_data = {"train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
+                     "train_val_fingerprints": fingerprints}
+    final = save_model(net, card, target, sidecars={"training_data": training_data})
     say("exporting to ONNX" + ("" if single else " (all members in one graph)"))
-    export_onnx(ModelRef(name, target / MODEL_FILE, final, "cache"))
-    return final
+    return export_onnx(ModelRef(name, target / MODEL_FILE, final, "cache"))
 
 
-def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str, Any]:
+def ensemble_from_models(specs: list[str], *, name: str, reporter=None) -> ModelCard:
     """Combine trained models (e.g. the runs of ``train --repeat N``) into one ensemble model in
     the cache, calibrated and gated on the validation split of the dataset they were trained on.
 
@@ -104,38 +108,40 @@ def ensemble_from_models(specs: list[str], name: str, reporter=None) -> dict[str
     from mammacls.store import cache_lock, check_model_name, models_dir
     from mammacls.training import model_rows
     from mammacls.training.splits import training_dataset
-    from mammacls.inference.model_files import ensemble_size, resolve_model
+    from mammacls.inference.model_files import resolve_model
     from mammacls.weights import load_network
 
     check_model_name(name)
     refs = [resolve_model(spec) for spec in specs]
     if len(refs) < 2:
-        raise MammaclsError("an ensemble needs at least 2 models: give --model several times")
-    first = refs[0].metadata
+        raise MammaclsError(f"an ensemble needs at least 2 models: give {param('model')} several times")
+    first = refs[0].card
     for ref in refs[1:]:
         for key in ("arch", "img_size", "mask_guided"):
-            if ref.metadata.get(key) != first.get(key):
+            if getattr(ref.card, key) != getattr(first, key):
                 raise MammaclsError(f"{ref.name} differs from {refs[0].name} in {key} "
-                                    f"({ref.metadata.get(key)} vs {first.get(key)}): cannot combine them")
-        if ensemble_size(ref.metadata) > 1:
+                                    f"({getattr(ref.card, key)} vs {getattr(first, key)}): cannot combine them")
+    for ref in refs:
+        if ref.card.members > 1:
             raise MammaclsError(f"{ref.name} is an ensemble already: give its members")
     target = models_dir() / name
     with contextlib.ExitStack() as hold:
         hold.enter_context(cache_lock(f"model-{name}", f"mammacls ensemble --name {name}"))
         if target.exists():
-            raise MammaclsError(f"a model named {name!r} exists already; choose another --name")
+            raise MammaclsError(f"a model named {name!r} exists already; choose another {param('name')}")
         dataset = training_dataset(refs[0])
         trained_on = []
         for ref in refs:
-            if (ref.metadata.get("data") or {}).get("manifest_sha256") not in (None, dataset.manifest_sha256):
+            if ref.card.provenance.data.get("manifest_sha256") not in (None, dataset.manifest_sha256):
                 raise MammaclsError(f"{ref.name} was trained on another prepared dataset than {refs[0].name}")
-            trained_on.append({row["sha256"] for row in model_rows(dataset, ref.metadata)[0]})
+            trained_on.append({row["sha256"] for row in model_rows(dataset, ref.card)[0]})
         states = [load_network(ref, "cpu").state_dict() for ref in refs]
-        metadata = {key: first[key] for key in ("pretrained", "mask_guided", "config", "selection") if key in first}
-        metadata["ensemble"] = {"members_are": [ref.name for ref in refs]}
+        training = TrainingSummary(config=first.training.config, selection=first.training.selection,
+                                   ensemble={"members_are": [ref.name for ref in refs]})
         try:
-            return assemble_ensemble(states, arch=first["arch"], img_size=int(first["img_size"]), dataset=dataset,
-                                     name=name, target=target, metadata=metadata, trained_on=trained_on,
+            return assemble_ensemble(states, arch=first.arch, img_size=first.img_size, dataset=dataset,
+                                     name=name, target=target, trained_on=trained_on, training=training,
+                                     provenance=Provenance(pretrained=first.provenance.pretrained),
                                      reporter=reporter)
         except BaseException:
             import shutil

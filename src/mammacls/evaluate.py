@@ -15,6 +15,8 @@ from mammacls.errors import MammaclsError
 from mammacls.inference.images import load_grayscale, resize_square
 from mammacls.inference.pixels import ImageReadError
 from mammacls.metrics import compute_metrics
+from mammacls.choices import Device
+from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import ModelRef, list_cached_models, resolve_model
 
 
@@ -98,12 +100,12 @@ def models_to_evaluate(specs: list[str] | None) -> list[ModelRef]:
         return [resolve_model(spec) for spec in specs]
     cached = list_cached_models()
     if not cached:
-        raise MammaclsError("no trained models in the cache: run mammacls train (or pass --model)")
+        raise MammaclsError("no trained models in the cache: run mammacls train (or name a model)")
     return cached
 
 
 def evaluate_models(
-    refs: list[ModelRef], eval_set: EvalSet, device: str = "cpu", batch_size: int = 64,
+    refs: list[ModelRef], eval_set: EvalSet, *, device: str | Device = "cpu", batch_size: int = 64,
     calibrated: bool = True, resamples: int = 1000, seed: int = 0, allow_overlap: bool = False,
 ) -> list[dict[str, Any]]:
     """Score each model; probabilities are temperature-calibrated unless ``calibrated`` is False.
@@ -127,16 +129,13 @@ def evaluate_models(
               "them flagged")
     results = []
     for ref in refs:
-        logits, features = _logits_and_features(ref, eval_set.at_size(int(ref.metadata["img_size"])), device,
-                                                batch_size)
-        result = score(ref.name, ref.describe(), logits, ref.metadata, eval_set.labels, calibrated, resamples, seed)
+        logits, features = _logits_and_features(ref, eval_set.at_size(ref.card.img_size), device, batch_size)
+        result = score(ref.name, ref.describe(), logits, ref.card, eval_set.labels, calibrated, resamples, seed)
         result["metrics"]["selective"] = selective_metrics(ref, eval_set, logits, features, calibrated)
         result["overlap"] = overlaps[ref.name]
-        result["group"] = ref.metadata.get("group")
-        result["metrics"]["sources"] = source_breakdown(
-            eval_set, result["probabilities"],
-            ref.metadata.get("malignant_threshold_spec90" if calibrated else "malignant_threshold_spec90_raw"),
-            resamples, seed)
+        result["group"] = ref.card.training.group
+        result["metrics"]["sources"] = source_breakdown(eval_set, result["probabilities"],
+                                                        _malignant_threshold(ref.card, calibrated), resamples, seed)
         results.append(result)
     results.extend(_ensembles(refs, results, eval_set, calibrated, resamples, seed))
     return results
@@ -147,7 +146,7 @@ def _logits_and_features(ref: ModelRef, images: np.ndarray, device: str, batch_s
     model has an export (several times faster than eager PyTorch there), else PyTorch."""
     from mammacls.runtime import open_backend
 
-    exported_features = bool((ref.metadata.get("onnx") or {}).get("features"))  # older exports lack them
+    exported_features = bool(ref.card.onnx and ref.card.onnx.features)  # older exports lack them
     runner, _ = open_backend(ref, device, "auto" if exported_features else "torch")
     parts = [runner.logits_and_features(images[start:start + batch_size])
              for start in range(0, len(images), batch_size)]
@@ -159,7 +158,7 @@ def _ensembles(refs, results, eval_set: EvalSet, calibrated: bool, resamples: in
     """One averaged-probability ensemble per cross-validation run whose folds are all here."""
     members: dict[str, list[tuple[ModelRef, dict]]] = {}
     for ref, result in zip(refs, results):
-        group = ref.metadata.get("group") or {}
+        group = ref.card.training.group or {}
         if group.get("kind") == "cv":
             members.setdefault(group["run"], []).append((ref, result))
     ensembles = []
@@ -169,10 +168,10 @@ def _ensembles(refs, results, eval_set: EvalSet, calibrated: bool, resamples: in
         averaged = np.mean([result["probabilities"] for _, result in pairs], axis=0)
         first = pairs[0][0]
         description = {"name": f"{run}-ensemble", "source": "ensemble", "path": None,
-                       "arch": first.metadata["arch"], "img_size": first.metadata["img_size"],
+                       "arch": first.card.arch, "img_size": first.card.img_size,
                        "classes": list(CLASSES), "sha256": None, "members": [ref.name for ref, _ in pairs],
                        "val_metrics": None}
-        entry = score(f"{run}-ensemble", description, np.log(np.clip(averaged, 1e-12, 1)), {}, eval_set.labels,
+        entry = score(f"{run}-ensemble", description, np.log(np.clip(averaged, 1e-12, 1)), None, eval_set.labels,
                       calibrated, resamples, seed, probabilities=averaged)
         overlaps = [r["overlap"] for _, r in pairs]
         entry["overlap"] = {"checked": all(o["checked"] for o in overlaps),
@@ -258,7 +257,7 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, logits: np.ndarray, feat
         "coverage": float(accepted.mean()), "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else None,
         "coverage_ok": float(confident.mean()), "accuracy_ok": float(correct[confident].mean()) if confident.any() else None,
         "rejected": int((~accepted).sum()), "uncertain": int((statuses == "uncertain").sum()),
-        "min_confidence": min_confidence, "ood_threshold": record["threshold"] if record else None,
+        "min_confidence": min_confidence, "ood_threshold": record.threshold if record else None,
     }
 
 
@@ -266,7 +265,7 @@ def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
     """How many evaluation images the model saw in training or validation (same pixels or near-duplicate)."""
     from mammacls.data import PHASH_MAX_DISTANCE, hamming_distances, phash_from_hex
 
-    prints = (ref.metadata.get("data") or {}).get("train_val_fingerprints")
+    prints = (ref.sidecar("training_data") or {}).get("train_val_fingerprints")
     if not prints or not prints.get("sha256"):
         return {"checked": False, "images": 0, "identical": 0, "near_duplicate": 0, "paths": []}
     seen = set(prints["sha256"])
@@ -279,18 +278,23 @@ def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
             "near_duplicate": int(near.sum()), "paths": [p for p, h in zip(eval_set.paths, hit) if h]}
 
 
-def score(name: str, description: dict[str, Any], logits: np.ndarray, metadata: dict[str, Any],
+def _malignant_threshold(card: ModelCard | None, calibrated: bool) -> float | None:
+    return card.calibration.malignant_threshold(calibrated) if card and card.calibration else None
+
+
+def score(name: str, description: dict[str, Any], logits: np.ndarray, card: ModelCard | None,
           labels: np.ndarray, calibrated: bool, resamples: int, seed: int,
           probabilities: np.ndarray | None = None) -> dict[str, Any]:
-    """Metrics with bootstrap intervals, malignant operating points and calibration figures."""
+    """Metrics with bootstrap intervals, malignant operating points and calibration figures
+    (``card`` None: averaged probabilities, nothing calibrated)."""
     from mammacls.inference.predictor import softmax
     from mammacls.metrics import bootstrap_ci, calibration_metrics, malignant_metrics, reliability_bins
 
-    temperature = float(metadata.get("temperature") or 1.0)
+    temperature = card.temperature if card else 1.0
     raw = softmax(logits) if probabilities is None else probabilities
     tuned = softmax(logits, temperature) if probabilities is None else probabilities
     chosen = tuned if calibrated else raw
-    threshold = metadata.get("malignant_threshold_spec90" if calibrated else "malignant_threshold_spec90_raw")
+    threshold = _malignant_threshold(card, calibrated)
     metrics = compute_metrics(labels, chosen)
     metrics["malignant"] = malignant_metrics(labels, chosen, threshold)
     ci = bootstrap_ci(labels, chosen, threshold, resamples=resamples, seed=seed)

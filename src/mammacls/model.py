@@ -5,7 +5,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from mammacls import CLASSES
-from mammacls.errors import MammaclsError
+from mammacls.choices import Device, parse_choice
+from mammacls.errors import MammaclsError, param
 from mammacls.archs import ARCH_SPECS, check_arch
 from mammacls.imagenet import load_imagenet_state_dict
 
@@ -77,17 +78,16 @@ def normalise(batch_uint8_or_unit):
     return (batch_uint8_or_unit - GRAY_MEAN) / GRAY_STD
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str | Device) -> str:
     """'auto' means CUDA when available; asking for CUDA without it is an error."""
+    device = parse_choice(Device, device, "device")
     import torch
 
-    if device == "auto":
+    if device == Device.auto:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MammaclsError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise MammaclsError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return device
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise MammaclsError(f"{param('device')} cuda: no CUDA device is available here (use cpu or auto)")
+    return device.value
 
 
 def _input_batches(images, device: str, batch_size: int):
@@ -282,7 +282,7 @@ def forward_with_lesion(arch: str, net, x):
     from torch.nn import functional as F
 
     if not has_lesion_decoder(net):
-        raise MammaclsError("this model was not trained with --mask-guided: it has no lesion decoder")
+        raise MammaclsError(f"this model was not trained with {param('mask_guided')}: it has no lesion decoder")
     if is_ensemble(net):  # the mean of the members' class and mask logits
         import torch
 

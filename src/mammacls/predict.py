@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from mammacls import __version__
-from mammacls.errors import MammaclsError
+from mammacls.choices import Backend, Device
+from mammacls.errors import MammaclsError, param
 from mammacls.inference.pixels import ImageReadError
 from mammacls.inference.inputs import collect_inputs, in_shard
 from mammacls.inference.predictor import Frame, Predictor, cine_summary
@@ -22,16 +23,16 @@ from mammacls.inference.results_file import ResultsFile
 
 def predict_paths(
     paths: Iterable[Path],
+    *,
     model: str | None = None,
-    device: str = "auto",
+    device: str | Device = "auto",
     batch_size: int = 32,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     calibrated: bool = True,
     explain_dir: Path | None = None,
     lesion_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     notice: Callable[[str], None] | None = None,
-    *,
     workers: int | None = None,
     shard: tuple[int, int] | None = None,
     output: Path | None = None,
@@ -53,11 +54,11 @@ def predict_paths(
     from mammacls.inference.model_files import resolve_model
 
     if batch_size < 1:
-        raise MammaclsError("--batch-size must be at least 1")
+        raise MammaclsError(f"{param('batch_size')} must be at least 1")
     if workers is not None and workers < 1:
-        raise MammaclsError("--workers must be at least 1")
+        raise MammaclsError(f"{param('workers')} must be at least 1")
     if resume and output is None:
-        raise MammaclsError("--resume needs --output (the results file to continue)")
+        raise MammaclsError(f"{param('resume')} needs {param('output')} (the results file to continue)")
     paths = list(paths)
     inputs = collect_inputs(paths)
     if not inputs.files:  # checked before the model is opened: a typo answers at once
@@ -74,7 +75,7 @@ def predict_paths(
         already -= len(files)
         ref = resolve_model(model)
         if sink is not None:
-            sink.bind({"model": ref.name, "model_sha256": ref.metadata.get("sha256"), "calibrated": calibrated,
+            sink.bind({"model": ref.name, "model_sha256": ref.card.weights.sha256, "calibrated": calibrated,
                        "shard": shard_text, "mammacls_version": __version__})
         predictor, overlays = _open(ref, device, backend, calibrated, explain_dir, lesion_dir, notice)
         missing = [e for e in inputs.errors if (not shard or in_shard(Path(e["path"]), shard))
@@ -98,16 +99,16 @@ def _open(ref, device: str, backend: str, calibrated: bool, explain_dir, lesion_
     from mammacls.runtime import open_backend
 
     explain_dir, lesion_dir = (None if d is None else Path(d) for d in (explain_dir, lesion_dir))
-    if lesion_dir is not None and not ref.metadata.get("mask_guided"):
-        raise MammaclsError(f"--lesion-map: model {ref.name} was not trained with --mask-guided, "
+    if lesion_dir is not None and not ref.card.mask_guided:
+        raise MammaclsError(f"{param('lesion_dir')}: model {ref.name} was not trained with {param('mask_guided')}, "
                             "so it has no lesion decoder")
-    for option, folder, why in (("--explain", explain_dir, "gradients"), ("--lesion-map", lesion_dir, "its decoder")):
+    for option, folder, why in (("explain_dir", explain_dir, "gradients"), ("lesion_dir", lesion_dir, "its decoder")):
         if folder is None:
             continue
         if backend == "onnx":
-            raise MammaclsError(f"{option} needs PyTorch ({why}); drop --backend onnx")
+            raise MammaclsError(f"{param(option)} needs PyTorch ({why}); drop {param('backend')} onnx")
         if folder.exists() and not folder.is_dir():
-            raise MammaclsError(f"{option} {folder} exists and is not a folder")
+            raise MammaclsError(f"{param(option)} {folder} exists and is not a folder")
         backend = "torch"
     for folder in (explain_dir, lesion_dir):
         if folder is not None:
@@ -133,7 +134,7 @@ class _Overlays:
         stacked = np.stack([f.resized for f in frames])
         cams = lesion_maps = None
         if self.explain_dir is not None:
-            logits, cams, features = runner.explain(stacked, self.predictor.ref.metadata["arch"])
+            logits, cams, features = runner.explain(stacked, self.predictor.ref.card.arch)
         if self.lesion_dir is not None:  # one pass gives the classes, lesion maps and features
             logits, lesion_maps, features = runner.lesion_maps(stacked)
         records = self.predictor.classify(frames, outputs=(logits, features))

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from mammacls.errors import MammaclsError
+from mammacls.choices import Backend, Device, parse_choice
+from mammacls.errors import MammaclsError, param
 from mammacls.inference.onnx_backend import OnnxBackend
 from mammacls.inference.model_files import ModelRef
 
@@ -23,9 +24,9 @@ class TorchBackend:
         from mammacls.weights import load_network
 
         self.device = device
-        self.arch = ref.metadata["arch"]
+        self.arch = ref.card.arch
         self.net = load_network(ref, device)
-        self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
+        self.mean, self.std = ref.card.preprocessing.mean[0], ref.card.preprocessing.std[0]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         from mammacls.model import predict_logits
@@ -50,23 +51,19 @@ class TorchBackend:
         return grad_cam(self.net, arch, batch, self.mean, self.std, self.device)
 
 
-BACKENDS = ("auto", "onnx", "torch")
-
-
-def open_backend(ref: ModelRef, device: str = "auto", backend: str = "auto") -> tuple[Any, str | None]:
+def open_backend(ref: ModelRef, device: str | Device = "auto",
+                 backend: str | Backend = "auto") -> tuple[Any, str | None]:
     """Pick how to run ``ref``: ONNX Runtime on the CPU when the model has an export,
     PyTorch for ``device='cuda'``, ``backend='torch'`` or a model without an export.
 
     Returns the backend and, when PyTorch was chosen only for want of an export, a hint.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise MammaclsError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if backend not in BACKENDS:
-        raise MammaclsError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
-    has_onnx = bool(ref.metadata.get("onnx"))
+    device, backend = parse_choice(Device, device, "device"), parse_choice(Backend, backend, "backend")
+    has_onnx = ref.card.onnx is not None
     if backend == "onnx":
         if device == "cuda":
-            raise MammaclsError("--backend onnx runs on the CPU; drop --device cuda or use --backend torch")
+            raise MammaclsError(f"{param('backend')} onnx runs on the CPU; drop {param('device')} cuda "
+                                f"or use {param('backend')} torch")
         if not has_onnx:
             raise MammaclsError(f"model {ref.name} has no ONNX export: run mammacls export --model {ref.name}")
         return OnnxBackend(ref), None
@@ -82,7 +79,7 @@ def open_backend(ref: ModelRef, device: str = "auto", backend: str = "auto") -> 
     return TorchBackend(ref, resolve_device(device)), hint
 
 
-def load_model(model: str | None = None, *, device: str = "auto", backend: str = "auto",
+def load_model(model: str | None = None, *, device: str | Device = "auto", backend: str | Backend = "auto",
                calibrated: bool = True):
     """Open a model for prediction: ``mammacls.load_model("default").predict(images)``.
 

@@ -39,12 +39,13 @@ def models_dir() -> Path:
 
 def check_model_name(name: str) -> str:
     """A model's name becomes a folder under ``models/``: one plain path component, not ``default``."""
-    from mammacls.errors import MammaclsError
+    from mammacls.errors import MammaclsError, param
 
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
-        raise MammaclsError(f"--name {name!r}: a model name is a plain folder name (no '/', not starting with '.')")
+        raise MammaclsError(f"{param('name')} {name!r}: a model name is a plain folder name "
+                            "(no '/', not starting with '.')")
     if name == "default":
-        raise MammaclsError("--name default is the shipped model's name: choose another")
+        raise MammaclsError(f"{param('name')} default is the shipped model's name: choose another")
     return name
 
 

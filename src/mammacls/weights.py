@@ -6,6 +6,7 @@ Model files are never unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -13,9 +14,8 @@ from typing import Any
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
-from mammacls.inference.model_files import (
-    FORMAT, HEADER_KEY, METADATA_FILE, MODEL_FILE, ModelRef, ensemble_size, metadata_matching,
-)
+from mammacls.inference.card import MACHINE_SPECIFIC, ModelCard
+from mammacls.inference.model_files import HEADER_KEY, METADATA_FILE, ModelRef, card_matching, header_record
 from mammacls.store import atomic_path, atomic_write_json, sha256_file
 
 
@@ -36,20 +36,26 @@ def state_dict_cpu(net) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
 
 
-def save_model(net, metadata: dict[str, Any], model_dir: Path, tensors: dict | None = None) -> dict[str, Any]:
-    """Write weights (``net``'s, or ``tensors``) then metadata, each atomically; returns the metadata."""
+def save_model(net, card: ModelCard, model_dir: Path, tensors: dict | None = None,
+               sidecars: dict[str, Any] | None = None) -> ModelCard:
+    """Write the sibling files, the weights (``net``'s, or ``tensors``), then the card, each atomically;
+    returns the card with the weights' sha256. ``sidecars`` maps a kind (``history``,
+    ``training_data``) to its JSON content, written as the file the card names for it."""
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    record = {"format": FORMAT, **metadata, "weights_file": MODEL_FILE}
-    record.pop("sha256", None)
-    header = {HEADER_KEY: json.dumps({k: v for k, v in record.items() if k != "history"})}
-    with atomic_path(model_dir / MODEL_FILE) as tmp:
+    names = {kind: f"{kind}.json" for kind in sidecars or {}}
+    card = card.replace(sidecars={**card.sidecars, **names})
+    for kind, value in (sidecars or {}).items():
+        atomic_write_json(model_dir / names[kind], value)
+    weights_path = model_dir / card.weights.file
+    header = {HEADER_KEY: json.dumps(header_record(card))}
+    with atomic_path(weights_path) as tmp:
         save_file(tensors if tensors is not None else state_dict_cpu(net), str(tmp), metadata=header)
-    record["sha256"] = sha256_file(model_dir / MODEL_FILE)
-    atomic_write_json(model_dir / METADATA_FILE, record)
-    return record
+    card = card.replace(weights=dataclasses.replace(card.weights, sha256=sha256_file(weights_path)))
+    atomic_write_json(model_dir / METADATA_FILE, card.to_record())
+    return card
 
 
 def load_network(ref: ModelRef, device: str = "cpu"):
@@ -59,28 +65,27 @@ def load_network(ref: ModelRef, device: str = "cpu"):
     if not ref.weights.is_file():
         raise MammaclsError(f"model weights missing: {ref.weights}")
     data = ref.weights.read_bytes()  # hash and load the very same bytes: the file may be replaced meanwhile
-    expected = ref.metadata.get("sha256")
+    expected = ref.card.weights.sha256
     if expected and hashlib.sha256(data).hexdigest() != expected:
-        ref.metadata = metadata_matching(ref, hashlib.sha256(data).hexdigest())
+        ref.card = card_matching(ref, hashlib.sha256(data).hexdigest())
     try:
         state = load(data)
     except Exception as exc:  # safetensors' own error type
         raise MammaclsError(f"{ref.weights} is not a valid safetensors file ({str(exc)[:100]})") from None
-    net = build_network(ref.metadata, state)
+    net = build_network(ref.card.arch, ref.card.members, state)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:160]
-        raise MammaclsError(f"{ref.weights} does not fit a {ref.metadata['arch']} model: {first}") from None
+        raise MammaclsError(f"{ref.weights} does not fit a {ref.card.arch} model: {first}") from None
     return net.to(device).eval()
 
 
-def build_network(metadata: dict[str, Any], state: dict):
+def build_network(arch: str, count: int, state: dict):
     """The untrained network that ``state`` (a model's weights) fits: one architecture, or an
     ensemble of its members (keys ``members.K.``), each with a lesion decoder when ``state`` has one."""
     from mammacls.model import LESION_DECODER, attach_lesion_decoder, build_ensemble, build_model
 
-    arch, count = metadata["arch"], ensemble_size(metadata)
     members = [build_model(arch, len(CLASSES), pretrained=False) for _ in range(count)]
     prefix = "members.0." if count > 1 else ""
     if any(key.startswith(prefix + LESION_DECODER + ".") for key in state):
@@ -95,12 +100,13 @@ def build_network(metadata: dict[str, Any], state: dict):
 HALF_PRECISION_MIN_ELEMENTS = 100_000
 
 
-def publish_model(ref: ModelRef, target: Path, half: bool = True, extra: dict[str, Any] | None = None,
-                  half_min_elements: int = HALF_PRECISION_MIN_ELEMENTS) -> dict[str, Any]:
+def publish_model(ref: ModelRef, target: Path, *, half: bool = True, name: str | None = None,
+                  half_min_elements: int = HALF_PRECISION_MIN_ELEMENTS) -> ModelCard:
     """Copy a trained model to ``target`` (e.g. ``weights/default``) for shipping.
 
     With ``half`` the large kernels are stored as float16; :func:`load_network` casts them back
-    to float32, so inference still runs in float32. The out-of-distribution densities travel along.
+    to float32, so inference still runs in float32. The out-of-distribution densities and the
+    train/validation fingerprints travel along; nothing of the build machine does.
     """
     import shutil
 
@@ -109,12 +115,17 @@ def publish_model(ref: ModelRef, target: Path, half: bool = True, extra: dict[st
     if half:
         tensors = {k: (v.half() if v.is_floating_point() and v.numel() >= half_min_elements else v)
                    for k, v in tensors.items()}
-    meta = {k: v for k, v in ref.metadata.items() if k not in ("format", "weights_file", "sha256", "onnx")}
-    meta["storage_dtype"] = ("float32" if not half else "float16" if half_min_elements == 0 else
-                             f"float16 for tensors of >= {half_min_elements} elements, float32 otherwise")
-    meta.update(extra or {})
+    dtype = ("float32" if not half else "float16" if half_min_elements == 0 else
+             f"float16 for tensors of >= {half_min_elements} elements, float32 otherwise")
+    card = ref.card
+    card = card.replace(weights=dataclasses.replace(card.weights, storage_dtype=dtype), onnx=None, sidecars={},
+                        name=name or card.name)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    if (meta.get("ood") or {}).get("file"):
-        shutil.copyfile(ref.weights.parent / meta["ood"]["file"], target / meta["ood"]["file"])
-    return save_model(net, meta, target, tensors)
+    ood = card.refusal.ood
+    if ood is not None:
+        shutil.copyfile(ref.file(ood.file), target / ood.file)
+    training_data = ref.sidecar("training_data")
+    sidecars = {"training_data": {k: v for k, v in training_data.items() if k not in MACHINE_SPECIFIC}} \
+        if training_data else None
+    return save_model(net, card, target, tensors, sidecars)

@@ -14,7 +14,7 @@ from mammacls.cli import train  # noqa: F401
 from mammacls.cli import evaluate  # noqa: F401
 from mammacls.cli import predict  # noqa: F401
 from mammacls.cli import models  # noqa: F401
-from mammacls.archs import ARCHS
+from mammacls.choices import Arch, Augmentation, Backend, Device
 from mammacls.cli.common import _report_option_value, app
 
 __all__ = ["app", "main"]
@@ -22,8 +22,9 @@ __all__ = ["app", "main"]
 
 _METAVARS = {"data": "DIR_OR_CSV", "out": "DIR", "report_dir": "DIR", "explain": "DIR", "lesion_map": "DIR",
              "groups": "CSV", "model": "NAME", "name": "NAME", "imagenet_weights": "auto|VARIANT|FILE",
-             "arch": "|".join(ARCHS), "device": "auto|cpu|cuda", "backend": "auto|onnx|torch",
-             "augment": "light|standard|strong|scanner"}
+             # the choices, from the Enums that define them (parsed forgivingly: VGG16, MobileNet-V2)
+             "arch": "|".join(Arch.values()), "device": "|".join(Device.values()),
+             "backend": "|".join(Backend.values()), "augment": "|".join(Augmentation.values())}
 # by Typer's bare type name, or click's type name (other Typer versions)
 _TYPE_METAVARS = {"int": "N", "integer": "N", "float": "NUM", "str": "TEXT", "text": "TEXT", "Path": "PATH",
                   "path": "PATH", "list[str]": "NAME"}

@@ -23,6 +23,11 @@ app = typer.Typer(
 )
 
 
+# Library argument -> command-line option, where the option is not simply --the-argument.
+OPTION_NAMES = {"explain_dir": "--explain", "lesion_dir": "--lesion-map", "repeats": "--repeat",
+                "data_dir": "--data", "augmentation": "--augment"}
+
+
 def _console(stderr: bool = True):
     from rich.console import Console
 
@@ -37,7 +42,7 @@ def _errors():
     except MammaclsError as exc:
         from rich.markup import escape
 
-        _console().print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        _console().print(f"[bold red]error:[/] {escape(exc.with_option_names(OPTION_NAMES))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         _console().print("[bold red]interrupted[/]")

@@ -43,7 +43,8 @@ def evaluate(
             raise MammaclsError("--bootstrap needs at least 100 resamples", exit_code=2)
         refs = models_to_evaluate(model)
         eval_set = load_eval_set(data)
-        results = evaluate_models(refs, eval_set, device, batch_size, calibration, bootstrap, seed, allow_overlap)
+        results = evaluate_models(refs, eval_set, device=device, batch_size=batch_size, calibrated=calibration,
+                                  resamples=bootstrap, seed=seed, allow_overlap=allow_overlap)
         document = results_json(results, eval_set, calibration)
         html_path = None
         if report or report_dir is not None:

@@ -25,13 +25,13 @@ def export(
         if model:
             refs = [resolve_model(spec) for spec in model]
         else:
-            refs = [ref for ref in list_cached_models() if not ref.metadata.get("onnx")]
+            refs = [ref for ref in list_cached_models() if ref.card.onnx is None]
             if not refs:
                 console.print("every cached model already has an ONNX export")
                 return
         for ref in refs:
-            record = export_onnx(ref)
-            console.print(f"exported {ref.name} -> {ref.files_dir / record['file']}", soft_wrap=True,
+            card = export_onnx(ref)
+            console.print(f"exported {ref.name} -> {ref.files_dir / card.onnx.file}", soft_wrap=True,
                           markup=False)
 
 
@@ -47,10 +47,10 @@ def calibrate(
     console = _console()
     with _errors():
         for spec in model:
-            record = recalibrate(resolve_model(spec), device)
-            console.print(f"{record['name'] if 'name' in record else spec}: temperature {record['temperature']:.2f}, "
-                          f"min confidence {record['min_confidence']:.2f}, "
-                          f"OOD threshold {record['ood']['threshold']:.1f}", soft_wrap=True, markup=False)
+            card = recalibrate(resolve_model(spec), device=device)
+            console.print(f"{card.name}: temperature {card.temperature:.2f}, "
+                          f"min confidence {card.refusal.min_confidence:.2f}, "
+                          f"OOD threshold {card.refusal.ood.threshold:.1f}", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -64,9 +64,9 @@ def ensemble(
 
     console = _console()
     with _errors():
-        record = ensemble_from_models(model, name, reporter=lambda text: console.print(text, markup=False))
-    console.print(f"{name}: {record['ensemble']['members']} x {record['arch']}, temperature "
-                  f"{record['temperature']:.2f}; use it with --model {name}", soft_wrap=True, markup=False)
+        card = ensemble_from_models(model, name=name, reporter=lambda text: console.print(text, markup=False))
+    console.print(f"{name}: {card.members} x {card.arch}, temperature "
+                  f"{card.temperature:.2f}; use it with --model {name}", soft_wrap=True, markup=False)
 
 
 # -------------------------------------------------------------------- use ---
@@ -91,7 +91,7 @@ def use(
         ref = resolve_model(model)  # refuse a name that is no model, now rather than at predict time
         spec = str(Path(model).resolve()) if ref.source == "file" else ref.name
         record_chosen_model(None if ref.source == "shipped" else spec)
-    console.print(f"predict now uses {ref.name} ({ref.metadata['arch']}, {ref.metadata['img_size']} px)",
+    console.print(f"predict now uses {ref.name} ({ref.card.arch}, {ref.card.img_size} px)",
                   soft_wrap=True, markup=False)
 
 

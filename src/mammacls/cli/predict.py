@@ -56,7 +56,8 @@ def predict(
             bar.console.print(f"cannot predict {error['path']}: {error['error']}", style="red", soft_wrap=True,
                               markup=False, highlight=False)
 
-        result = predict_paths(paths, model, device, batch_size, backend, calibration, explain, lesion_map,
+        result = predict_paths(paths, model=model, device=device, batch_size=batch_size, backend=backend,
+                               calibrated=calibration, explain_dir=explain, lesion_dir=lesion_map,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
                                notice=lambda text: bar.console.print(text, style="yellow", soft_wrap=True,
                                                                      markup=False),

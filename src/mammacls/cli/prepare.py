@@ -37,7 +37,7 @@ def prepare(
     with _errors(), Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
                              TimeRemainingColumn(), console=_console(), transient=True) as bar:
         task = bar.add_task("decode", total=None)
-        summary = prepare_dataset(sources or ["Dataset_BUSI_with_GT"], out, options,
+        summary = prepare_dataset(sources or ["Dataset_BUSI_with_GT"], out=out, options=options,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     _print_prepare_summary(summary, _console(stderr=json_out))
     if json_out:

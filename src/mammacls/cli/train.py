@@ -103,7 +103,7 @@ def train(
     nproc_per_node: Annotated[int, typer.Option(
         help="Start N training processes on this machine with torchrun (one per GPU; gloo on CPUs): "
              "DDP over the global --batch-size, or one fold/seed per process with --folds/--repeat.")] = 1,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON on stdout.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the model card as JSON on stdout.")] = False,
 ) -> None:
     """Train a CNN; the model with the best validation macro-F1 is saved to the cache and calibrated.
 
@@ -127,13 +127,13 @@ def train(
                                  label_smoothing=label_smoothing, augmentation=augmentation_preset(augment),
                                  mask_guided=mask_guided, mask_weight=mask_weight)
             config.validate()  # before anything heavy is imported: a typo answers at once
-            group, meta = _run(config, data, name, resume, folds, repeat, reporter)
+            group, card = _run(config, data, name, resume, folds, repeat, reporter)
     finally:
         reporter.stop()
         signal.signal(signal.SIGTERM, previous_handler)
         distributed.shutdown()
     if main_process:
-        _print_outcome(group, meta, console, json_out)
+        _print_outcome(group, card, console, json_out)
 
 
 def _launch(nproc_per_node: int, batch_size: int, folds: int, repeat: int) -> None:
@@ -150,7 +150,7 @@ def _launch(nproc_per_node: int, batch_size: int, folds: int, repeat: int) -> No
 
 
 def _run(config, data, name, resume: bool, folds: int, repeat: int, reporter):
-    """(group summary, None) for --folds/--repeat, else (None, the model's metadata)."""
+    """(group summary, None) for --folds/--repeat, else (None, the model's card)."""
     from mammacls.training import train_cross_validation, train_model, train_repeats
 
     if folds and repeat > 1:
@@ -160,32 +160,32 @@ def _run(config, data, name, resume: bool, folds: int, repeat: int, reporter):
                             "with its --name (finished members are skipped)", exit_code=2)
     try:
         if folds:
-            return train_cross_validation(config, folds, data, name, reporter), None
+            return train_cross_validation(config, folds=folds, data_dir=data, name=name, reporter=reporter), None
         if repeat > 1:
-            return train_repeats(config, repeat, data, name, reporter), None
-        return None, train_model(config, data, resume=resume, name=name, reporter=reporter)
+            return train_repeats(config, repeats=repeat, data_dir=data, name=name, reporter=reporter), None
+        return None, train_model(config, data_dir=data, resume=resume, name=name, reporter=reporter)
     except KeyboardInterrupt:
         again = "run the same command again" if folds or repeat > 1 else "mammacls train --resume"
         raise MammaclsError(f"interrupted: the last finished epoch is saved; continue with {again}",
                             exit_code=130) from None
 
 
-def _print_outcome(group, meta, console, json_out: bool) -> None:
+def _print_outcome(group, card, console, json_out: bool) -> None:
     if group is not None:
         _print_group(group, console)
         if json_out:
             _emit_json(group)
         return
-    val = meta["val_metrics"]
-    calibration = meta.get("calibration") or {}
+    val, training = card.training.val_metrics, card.training
+    before, after = ((card.calibration.val_before or {}), (card.calibration.val_after or {})) \
+        if card.calibration else ({}, {})
     console.print(
-        f"saved [bold]{meta['name']}[/] (best epoch {meta['best_epoch']} of {meta['epochs_run']}): "
+        f"saved [bold]{card.name}[/] (best epoch {training.best_epoch} of {training.epochs_run}): "
         f"val accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f}, "
-        f"ROC-AUC {_fmt(val['roc_auc_macro'])}; temperature {_fmt(meta.get('temperature'), 2)} "
-        f"(val ECE {_fmt(calibration.get('val_before', {}).get('ece'))} -> "
-        f"{_fmt(calibration.get('val_after', {}).get('ece'))})", soft_wrap=True)
+        f"ROC-AUC {_fmt(val['roc_auc_macro'])}; temperature {_fmt(card.temperature, 2)} "
+        f"(val ECE {_fmt(before.get('ece'))} -> {_fmt(after.get('ece'))})", soft_wrap=True)
     if json_out:
-        _emit_json(meta)
+        _emit_json(card.to_record())
 
 
 def _print_group(group: dict, console) -> None:

@@ -15,11 +15,11 @@ members' distance / threshold. numpy only; the densities are fitted by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mammacls.errors import MammaclsError
+from mammacls.inference.card import OodDensity
 from mammacls.store import sha256_file
 
 OOD_FILE = "ood.safetensors"
@@ -110,11 +110,11 @@ def distances(arrays: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray
     return np.median(np.stack(ratios), axis=0)
 
 
-def load_density(folder: Path, record: dict[str, Any]) -> dict[str, np.ndarray]:
+def load_density(folder: Path, record: OodDensity) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    path = Path(folder) / record["file"]
-    if not path.is_file() or sha256_file(path) != record.get("sha256"):
+    path = Path(folder) / record.file
+    if not path.is_file() or sha256_file(path) != record.sha256:
         raise MammaclsError(f"{path} is missing or does not match the sha256 in the model's metadata")
     return load_file(str(path))
 
@@ -122,12 +122,12 @@ def load_density(folder: Path, record: dict[str, Any]) -> dict[str, np.ndarray]:
 def model_density(ref) -> dict[str, np.ndarray] | None:
     """The densities of model ``ref`` (None when it has none), from wherever its file lives:
     beside the weights, or for the read-only shipped model possibly refitted in the cache."""
-    record = ref.metadata.get("ood")
-    return load_density(ref.file(record["file"]).parent, record) if record else None
+    record = ref.card.refusal.ood
+    return load_density(ref.file(record.file).parent, record) if record else None
 
 
 def image_check(gray: np.ndarray, model_input: np.ndarray, colour: float | None,
-                density: dict[str, np.ndarray] | None, record: dict[str, Any] | None) -> str | None:
+                density: dict[str, np.ndarray] | None, record: OodDensity | None) -> str | None:
     """The reason to reject an image before looking at the model's features, or None.
 
     ``gray`` is the decoded image; ``model_input`` its square resize, on which the
@@ -137,9 +137,9 @@ def image_check(gray: np.ndarray, model_input: np.ndarray, colour: float | None,
     if reason or density is None or "image_mean" not in density:
         return reason
     distance = float(image_distances(density, image_statistics(model_input))[0])
-    if distance > record["image_threshold"]:
+    if distance > record.image_threshold:
         return (f"does not look like the training images (image-statistics distance {distance:.1f} > "
-                f"{record['image_threshold']:.1f}): a document, noise, gradient or other non-ultrasound image?")
+                f"{record.image_threshold:.1f}): a document, noise, gradient or other non-ultrasound image?")
     return None
 
 

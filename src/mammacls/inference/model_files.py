@@ -1,31 +1,29 @@
-"""Model files, read without torch: finding a model, its metadata record, its integrity.
+"""Model files, read without torch: finding a model, its card, its sibling files, its integrity.
 
-A model is a folder holding ``model.safetensors`` and ``metadata.json`` (arch,
-classes, input size, normalisation, calibration, refusal thresholds, training
-config, metrics, versions and the weights' sha256). The metadata is also in the
-safetensors header, so a lone ``.safetensors`` file still describes itself; the
-header is parsed here as the JSON it is (8-byte length, then JSON), so reading it
-needs neither torch nor any tensor. Model files are never unpickled.
-Writing and loading weights into networks is ``mammacls.weights`` (torch).
+A model is a folder holding ``model.safetensors`` and ``metadata.json`` (a
+:class:`~mammacls.inference.card.ModelCard`), plus sibling files the card names (history,
+train/validation fingerprints, ONNX export, refusal densities). The card is also in the
+safetensors header, so a lone ``.safetensors`` file still describes itself; the header is parsed
+here as the JSON it is (8-byte length, then JSON), so reading it needs neither torch nor any tensor.
+Model files are never unpickled. Writing weights and loading them into networks is
+``mammacls.weights`` (torch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mammacls import CLASSES
-from mammacls.archs import ARCHS
 from mammacls.errors import MammaclsError
+from mammacls.inference.card import MODEL_FILE, SCHEMA, ModelCard, migrate_v1
 from mammacls.store import atomic_write_json, models_dir
 
-MODEL_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
-FORMAT = "mammacls-model/1"
 HEADER_KEY = "mammacls"
 OVERLAY_FILE = "overlay.json"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -39,25 +37,26 @@ def shipped_weights_dir() -> Path:
     return package.parents[1] / "weights"  # a source checkout: src/mammacls -> the repository
 
 
-def derived_dir(metadata: dict[str, Any]) -> Path:
+def derived_dir(card: ModelCard) -> Path:
     """Cache folder for what is derived from a read-only model, keyed by its weights' sha256."""
     from mammacls.store import cache_dir
 
-    return cache_dir() / "derived" / f"{metadata.get('name') or 'model'}-{str(metadata.get('sha256'))[:16]}"
+    return cache_dir() / "derived" / f"{card.name or 'model'}-{card.weights.sha256[:16]}"
 
 
 def shipped_ref(why: str) -> ModelRef:
     shipped = shipped_model_dir()
     if shipped is None:
         raise MammaclsError("no shipped default model in this installation; run mammacls train")
-    meta = read_metadata(shipped)
-    overlay = derived_dir(meta) / OVERLAY_FILE
+    ref = folder_ref(shipped, "default", "shipped", why)
+    overlay = derived_dir(ref.card) / OVERLAY_FILE
     if overlay.is_file():
         try:
-            meta.update(json.loads(overlay.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
+            sections = json.loads(overlay.read_text(encoding="utf-8"))
+            ref.card = ModelCard.from_record({**ref.card.to_record(), **sections}, overlay)
+        except (OSError, json.JSONDecodeError, MammaclsError) as exc:
             raise MammaclsError(f"cannot read {overlay} ({exc}); delete it to use the shipped files alone") from None
-    return ModelRef("default", shipped / MODEL_FILE, meta, "shipped", why)
+    return ref
 
 
 def shipped_model_dir() -> Path | None:
@@ -69,9 +68,11 @@ def shipped_model_dir() -> Path | None:
 class ModelRef:
     name: str
     weights: Path
-    metadata: dict[str, Any]
+    card: ModelCard
     source: str  # "cache", "file" or "shipped"
     why: str = ""  # how it was chosen, for the one line predict prints
+    # sibling-file contents of a schema-1 model, which kept them inside its one record
+    legacy_sidecars: dict[str, Any] = field(default_factory=dict)
 
     @property
     def read_only(self) -> bool:
@@ -81,31 +82,48 @@ class ModelRef:
     @property
     def files_dir(self) -> Path:
         """Where files derived from this model (ONNX export, refitted densities) are written."""
-        return derived_dir(self.metadata) if self.read_only else self.weights.parent
+        return derived_dir(self.card) if self.read_only else self.weights.parent
 
     def file(self, name: str) -> Path:
         """A file of the model: a derived copy in the cache first (read-only models), else beside the weights."""
         derived = self.files_dir / name
         return derived if self.read_only and derived.is_file() else self.weights.parent / name
 
-    def update_metadata(self, changes: dict[str, Any]) -> None:
-        """Record ``changes``: in metadata.json beside the weights, or for a read-only model in its
-        overlay in the cache, which is merged whenever the model is opened."""
-        target = self.files_dir / (OVERLAY_FILE if self.read_only else METADATA_FILE)
-        current = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
-        current.update(changes)
-        atomic_write_json(target, current)
-        self.metadata.update(changes)
+    def sidecar(self, kind: str) -> Any:
+        """The contents of a sibling file the card names (``history``, ``training_data``), or None."""
+        if kind in self.legacy_sidecars:
+            return self.legacy_sidecars[kind]
+        name = self.card.sidecars.get(kind)
+        path = self.weights.parent / name if name else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MammaclsError(f"cannot read {path}: {exc}") from None
+
+    def update_card(self, **sections: Any) -> None:
+        """Replace whole card sections (``calibration=...``, ``onnx=...``): in metadata.json beside the
+        weights, or for a read-only model in its overlay in the cache, merged whenever it is opened."""
+        card = self.card.replace(**sections)
+        record = card.to_record()
+        if self.read_only:
+            target = self.files_dir / OVERLAY_FILE
+            current = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
+            atomic_write_json(target, {**current, **{name: record[name] for name in sections}})
+        else:
+            atomic_write_json(self.weights.parent / METADATA_FILE, record)
+        self.card = card
 
     def describe(self) -> dict[str, Any]:
-        meta = self.metadata
+        card = self.card
+        pretrained = card.provenance.pretrained
         return {
-            "name": self.name, "source": self.source, "path": str(self.weights), "arch": meta.get("arch"),
-            "img_size": meta.get("img_size"), "classes": meta.get("classes"),
-            "sha256": meta.get("sha256"), "val_metrics": meta.get("val_metrics"),
-            "pretrained": (meta["pretrained"].get("weights") if isinstance(meta.get("pretrained"), dict)
-                           else meta.get("pretrained")),
-            "mask_guided": bool(meta.get("mask_guided")), "members": ensemble_size(meta),
+            "name": self.name, "source": self.source, "path": str(self.weights), "arch": card.arch,
+            "img_size": card.img_size, "classes": list(card.classes), "sha256": card.weights.sha256,
+            "val_metrics": card.training.val_metrics,
+            "pretrained": pretrained.get("weights") if isinstance(pretrained, dict) else pretrained,
+            "mask_guided": card.mask_guided, "members": card.members, "schema": card.schema,
         }
 
 
@@ -116,31 +134,33 @@ def list_cached_models() -> list[ModelRef]:
         for folder in sorted(root.iterdir()):
             if (folder / METADATA_FILE).is_file() and (folder / MODEL_FILE).is_file():
                 try:
-                    refs.append(ModelRef(folder.name, folder / MODEL_FILE, read_metadata(folder), "cache"))
+                    refs.append(folder_ref(folder, folder.name, "cache"))
                 except MammaclsError:
                     continue  # a half-written or foreign folder is not a model
     return refs
 
 
-def read_metadata(model_dir: Path) -> dict[str, Any]:
+def _read_record(model_dir: Path) -> Any:
     path = Path(model_dir) / METADATA_FILE
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MammaclsError(f"cannot read model metadata {path}: {exc}") from None
-    return _validated(meta, path)
 
 
-def _validated(meta: Any, where: Path) -> dict[str, Any]:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MammaclsError(f"{where} is not a mammacls model record")
-    if meta.get("arch") not in ARCHS:
-        raise MammaclsError(f"{where}: unknown architecture {meta.get('arch')!r}")
-    if list(meta.get("classes", [])) != list(CLASSES):
-        raise MammaclsError(f"{where}: classes {meta.get('classes')} are not {list(CLASSES)}")
-    if not isinstance(meta.get("img_size"), int) or meta["img_size"] < 8:
-        raise MammaclsError(f"{where}: bad input size {meta.get('img_size')!r}")
-    return meta
+def read_card(model_dir: Path) -> ModelCard:
+    """The card in ``model_dir/metadata.json``, validated (schema-1 records migrated)."""
+    return ModelCard.from_record(_read_record(model_dir), Path(model_dir) / METADATA_FILE)
+
+
+def folder_ref(folder: Path, name: str, source: str, why: str = "") -> ModelRef:
+    """The model in ``folder``; a schema-1 record's bulky parts are kept in memory as its sidecars."""
+    record = _read_record(folder)
+    legacy: dict[str, Any] = {}
+    if isinstance(record, dict) and "schema" not in record and "format" in record:
+        record, legacy = migrate_v1(record)
+    card = ModelCard.from_record(record, Path(folder) / METADATA_FILE)
+    return ModelRef(name, Path(folder) / card.weights.file, card, source, why, legacy)
 
 
 def safetensors_header(path: Path) -> dict[str, str]:
@@ -157,14 +177,17 @@ def safetensors_header(path: Path) -> dict[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def _header_metadata(path: Path) -> dict[str, Any]:
+def header_card(path: Path) -> ModelCard:
+    """The card a lone ``.safetensors`` file carries in its header."""
     header = safetensors_header(path)
     if HEADER_KEY not in header:
         raise MammaclsError(f"{path} carries no mammacls metadata (and no {METADATA_FILE} beside it)")
     try:
-        return _validated(json.loads(header[HEADER_KEY]), path)
+        record = json.loads(header[HEADER_KEY])
     except json.JSONDecodeError:
         raise MammaclsError(f"{path}: damaged mammacls metadata in the file header") from None
+    card = ModelCard.from_record(record, path)
+    return card.replace(weights=dataclasses.replace(card.weights, file=path.name))
 
 
 def resolve_model(spec: str | None) -> ModelRef:
@@ -189,21 +212,20 @@ def resolve_model(spec: str | None) -> ModelRef:
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
             raise MammaclsError(f"{path} holds no {MODEL_FILE}")
-        return ModelRef(path.name, path / MODEL_FILE, read_metadata(path), "file", "--model")
+        return folder_ref(path, path.name, "file", "--model")
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise MammaclsError(
                 f"{path} is not a .safetensors model: mammacls only loads safetensors (it never unpickles files)"
             )
-        beside = path.parent / METADATA_FILE
-        if beside.is_file():
-            meta = read_metadata(path.parent)
-            if meta.get("weights_file") == path.name:
-                return ModelRef(path.stem, path, meta, "file", "--model")
-        return ModelRef(path.stem, path, _header_metadata(path), "file", "--model")
+        if (path.parent / METADATA_FILE).is_file():
+            ref = folder_ref(path.parent, path.stem, "file", "--model")
+            if ref.weights.name == path.name:
+                return ref
+        return ModelRef(path.stem, path, header_card(path), "file", "--model")
     cached_dir = models_dir() / spec
     if "/" not in spec and (cached_dir / METADATA_FILE).is_file():
-        return ModelRef(spec, cached_dir / MODEL_FILE, read_metadata(cached_dir), "cache", "--model")
+        return folder_ref(cached_dir, spec, "cache", "--model")
     names = [ref.name for ref in list_cached_models()]
     import difflib
 
@@ -212,14 +234,9 @@ def resolve_model(spec: str | None) -> ModelRef:
                         + (f"; did you mean {close[0]}?" if close else f" (cached: {', '.join(names) or 'none'})"))
 
 
-def ensemble_size(metadata: dict[str, Any]) -> int:
-    """How many member networks a model holds (1 for a single network)."""
-    return int((metadata.get("ensemble") or {}).get("members", 1))
-
-
-def metadata_matching(ref: ModelRef, digest: str, seconds: float = 3.0) -> dict[str, Any]:
-    """The metadata that belongs to weights of ``digest``: a training run replaces the weights, then the
-    metadata, so a reader between the two waits briefly for the second; anything else is damage."""
+def card_matching(ref: ModelRef, digest: str, seconds: float = 3.0) -> ModelCard:
+    """The card that belongs to weights of ``digest``: a training run replaces the weights, then the
+    card, so a reader between the two waits briefly for the second; anything else is damage."""
     import time
 
     folder = ref.weights.parent
@@ -227,9 +244,54 @@ def metadata_matching(ref: ModelRef, digest: str, seconds: float = 3.0) -> dict[
     while ref.source == "cache" and (folder / METADATA_FILE).is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
         try:
-            fresh = read_metadata(folder)
+            fresh = read_card(folder)
         except MammaclsError:
             continue  # caught mid-write
-        if fresh.get("sha256") == digest:
+        if fresh.weights.sha256 == digest:
             return fresh
     raise MammaclsError(f"{ref.weights} does not match the sha256 in its metadata: the file is corrupt or was modified")
+
+
+def rewrite_header(path: Path, card: ModelCard) -> None:
+    """Put ``card`` in the header of the safetensors file ``path``, keeping every tensor byte as it is
+    (the header is JSON before the data; tensor offsets count from the data's start)."""
+    from mammacls.store import atomic_path
+
+    raw = Path(path).read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header["__metadata__"] = {HEADER_KEY: json.dumps(header_record(card))}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+
+
+def header_record(card: ModelCard) -> dict[str, Any]:
+    """What a weights file's header carries: the card without the file's own sha256."""
+    record = card.to_record()
+    record["weights"]["sha256"] = ""
+    return record
+
+
+def migrate_model_folder(folder: Path) -> ModelCard:
+    """Rewrite a schema-1 model folder as schema 2: the card in ``metadata.json`` and the weights'
+    header, the bulky parts in sibling files, machine-specific paths dropped. Tensors are untouched."""
+    from mammacls.inference.card import MACHINE_SPECIFIC
+    from mammacls.store import sha256_file
+
+    folder = Path(folder)
+    record = _read_record(folder)
+    if not isinstance(record, dict) or record.get("schema") == SCHEMA:
+        return read_card(folder)
+    migrated, sidecars = migrate_v1(record)
+    card = ModelCard.from_record(migrated, folder / METADATA_FILE)
+    for kind, value in sidecars.items():
+        if kind == "training_data":
+            value = {k: v for k, v in value.items() if k not in MACHINE_SPECIFIC}
+        atomic_write_json(folder / card.sidecars[kind], value)
+    weights = folder / card.weights.file
+    rewrite_header(weights, card)
+    card = card.replace(weights=dataclasses.replace(card.weights, sha256=sha256_file(weights)))
+    atomic_write_json(folder / METADATA_FILE, card.to_record())
+    return card

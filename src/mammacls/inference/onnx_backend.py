@@ -21,11 +21,11 @@ class OnnxBackend:
     def __init__(self, ref: ModelRef) -> None:
         import onnxruntime as ort
 
-        record = ref.metadata["onnx"]
-        path = ref.file(record["file"])
+        record = ref.card.onnx
+        path = ref.file(record.file)
         if not path.is_file():
             raise MammaclsError(f"ONNX export missing: {path} (run mammacls export --model {ref.name})")
-        if sha256_file(path) != record.get("sha256"):
+        if sha256_file(path) != record.sha256:
             raise MammaclsError(f"{path} does not match the sha256 in its metadata: corrupt or modified "
                                 f"(run mammacls export --model {ref.name} to rewrite it)")
         options = ort.SessionOptions()
@@ -34,9 +34,9 @@ class OnnxBackend:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own error types for bad files
             raise MammaclsError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0][:160]}") from None
-        self.input_name = record.get("input", "image")
-        self.outputs = [record.get("output", "logits")] + ([record["features"]] if record.get("features") else [])
-        self.mean, self.std = float(ref.metadata["mean"][0]), float(ref.metadata["std"][0])
+        self.input_name = record.input
+        self.outputs = [record.output] + ([record.features] if record.features else [])
+        self.mean, self.std = ref.card.preprocessing.mean[0], ref.card.preprocessing.std[0]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(self.outputs[:1], {self.input_name: to_network_input(batch, self.mean, self.std)})[0]

@@ -19,6 +19,7 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
+from mammacls.inference.card import OodDensity
 from mammacls.inference.gate import distances, image_check, model_density, status_of
 from mammacls.inference.images import is_dicom, load_grayscale, resize_square, to_grayscale
 from mammacls.inference.pixels import ImageReadError
@@ -92,24 +93,24 @@ class Predictor:
 
     @property
     def temperature(self) -> float:
-        return float(self.ref.metadata.get("temperature") or 1.0) if self.calibrated else 1.0
+        return self.ref.card.temperature if self.calibrated else 1.0
 
     @property
     def min_confidence(self) -> float | None:
-        return self.ref.metadata.get("min_confidence") if self.calibrated else None
+        return self.ref.card.refusal.min_confidence if self.calibrated else None
 
     @property
-    def ood_record(self) -> dict[str, Any] | None:
-        return self.ref.metadata.get("ood")
+    def ood_record(self) -> OodDensity | None:
+        return self.ref.card.refusal.ood
 
     @property
     def img_size(self) -> int:
-        return int(self.ref.metadata["img_size"])
+        return self.ref.card.img_size
 
     def describe(self) -> dict[str, Any]:
         return {**self.ref.describe(), "chosen_by": self.ref.why, "backend": self.backend.name,
                 "temperature": self.temperature, "min_confidence": self.min_confidence,
-                "ood_threshold": self.ood_record["threshold"] if self.ood_record else None}
+                "ood_threshold": self.ood_record.threshold if self.ood_record else None}
 
     # ------------------------------------------------------------------ inputs ---
 
@@ -153,7 +154,7 @@ class Predictor:
                 for k, (item, probs) in enumerate(zip(frames, softmax(logits, self.temperature)))]
 
     def _record(self, item: Frame, probs: np.ndarray, far: float | None) -> dict[str, Any]:
-        status, reason = status_of(item.reason, far, self.ood_record["threshold"] if self.ood_record else None,
+        status, reason = status_of(item.reason, far, self.ood_record.threshold if self.ood_record else None,
                                    float(probs.max()), self.min_confidence)
         record: dict[str, Any] = {"path": item.key}
         if item.frame is not None:

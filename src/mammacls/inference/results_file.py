@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mammacls import CLASSES
-from mammacls.errors import MammaclsError
+from mammacls.errors import MammaclsError, param
 
 FORMATS = (".jsonl", ".csv")
 CSV_COLUMNS = ("path", "file", "frame", "frames", "label", "status", "reason",
@@ -41,16 +41,17 @@ class ResultsFile:
         self.path = Path(path)
         self.format = self.path.suffix.lower()
         if self.format not in FORMATS:
-            raise MammaclsError(f"--output {self.path}: name a .jsonl or .csv file")
+            raise MammaclsError(f"{param('output')} {self.path}: name a .jsonl or .csv file")
         if self.path.is_dir():
-            raise MammaclsError(f"--output {self.path} is a folder")
+            raise MammaclsError(f"{param('output')} {self.path} is a folder")
         if not self.path.parent.is_dir():
-            raise MammaclsError(f"--output {self.path}: folder {self.path.parent} does not exist")
+            raise MammaclsError(f"{param('output')} {self.path}: folder {self.path.parent} does not exist")
         self.done: set[str] = set()
         self.resuming = self.path.exists()
         if self.resuming:
             if not resume:
-                raise MammaclsError(f"--output {self.path} exists: add --resume to continue it, or name a new file")
+                raise MammaclsError(f"{param('output')} {self.path} exists: add {param('resume')} to continue it, "
+                                    "or name a new file")
             self._recover()
         self._handle = open(self.path, "a", encoding="utf-8", newline="")
         self._csv = csv.DictWriter(self._handle, CSV_COLUMNS, extrasaction="ignore") if self.format == ".csv" else None
@@ -93,9 +94,9 @@ class ResultsFile:
                 before = {}
             for key in ("model_sha256", "calibrated", "shard"):
                 if key in before and before[key] != provenance.get(key):
-                    raise MammaclsError(f"--resume: {self.path} was begun with {key.replace('_', ' ')} "
+                    raise MammaclsError(f"{param('resume')}: {self.path} was begun with {key.replace('_', ' ')} "
                                         f"{before[key]!r}, this run has {provenance.get(key)!r}; "
-                                        "use the same settings, or a new --output")
+                                        f"use the same settings, or a new {param('output')}")
             return
         with atomic_path(sidecar) as tmp:
             tmp.write_text(json.dumps(provenance, indent=2), encoding="utf-8")
@@ -116,7 +117,7 @@ class ResultsFile:
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise MammaclsError(f"--resume: cannot read {self.path} ({exc})") from None
+            raise MammaclsError(f"{param('resume')}: cannot read {self.path} ({exc})") from None
         complete = text[:text.rfind("\n") + 1]  # whatever follows the last newline was cut by a kill
         records = self._parse(complete)
         self.done = {f for f in map(answered_file, records) if f is not None}
@@ -133,14 +134,14 @@ class ResultsFile:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
-                    raise MammaclsError(f"--resume: {self.path} line {number} is not JSON; "
+                    raise MammaclsError(f"{param('resume')}: {self.path} line {number} is not JSON; "
                                         "is this a mammacls results file?") from None
             return records
         rows = list(csv.reader(io.StringIO(text)))
         if not rows:
             return []
         if tuple(rows[0]) != CSV_COLUMNS:
-            raise MammaclsError(f"--resume: {self.path} does not have mammacls's columns "
+            raise MammaclsError(f"{param('resume')}: {self.path} does not have mammacls's columns "
                                 f"({', '.join(CSV_COLUMNS[:4])}, …)")
         return [dict(zip(CSV_COLUMNS, row)) for row in rows[1:] if len(row) == len(CSV_COLUMNS)]
 

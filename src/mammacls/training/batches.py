@@ -14,7 +14,7 @@ import numpy as np
 from mammacls import CLASSES
 from mammacls.prepared import PreparedDataset
 from mammacls.distributed import World, sum_over_ranks, wrap_for_training
-from mammacls.errors import MammaclsError
+from mammacls.errors import MammaclsError, param
 from mammacls.inference.images import resize_square
 from mammacls.model import forward_with_lesion, normalise
 from mammacls.training.config import TrainConfig
@@ -175,7 +175,8 @@ class EpochRunner:
                     loss = loss + self.config.mask_weight * lesion_loss(
                         mask_logits, masks.to(self.device), torch.from_numpy(self.known[picked]).to(self.device))
             if not torch.isfinite(loss):
-                raise MammaclsError(f"training diverged at epoch {epoch} (loss {loss.item()}); try a lower --lr")
+                raise MammaclsError(f"training diverged at epoch {epoch} (loss {loss.item()}); "
+                                    f"try a lower {param('lr')}")
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()

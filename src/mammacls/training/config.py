@@ -7,9 +7,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from mammacls.archs import DEFAULT_ARCH
-from mammacls.errors import MammaclsError
-from mammacls.archs import check_arch
+from mammacls.archs import DEFAULT_ARCH, check_arch
+from mammacls.choices import Augmentation, Device, parse_choice
+from mammacls.errors import MammaclsError, param
 
 
 # Ultrasound-appropriate augmentation presets: geometry, brightness/contrast/gamma and
@@ -47,22 +47,21 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.arch = check_arch(self.arch)
-        for name, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
-                                 ("img-size", self.img_size, 32), ("patience", self.patience, 1)):
+        self.device = parse_choice(Device, self.device, "device").value
+        for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
+                                 ("img_size", self.img_size, 32), ("patience", self.patience, 1)):
             if value < low:
-                raise MammaclsError(f"--{name} must be at least {low} (got {value})")
+                raise MammaclsError(f"{param(name)} must be at least {low} (got {value})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise MammaclsError(f"--lr must be a positive number (got {self.lr})")
+            raise MammaclsError(f"{param('lr')} must be a positive number (got {self.lr})")
         if not 0 <= self.label_smoothing < 1:
-            raise MammaclsError("--label-smoothing must be in [0, 1)")
+            raise MammaclsError(f"{param('label_smoothing')} must be in [0, 1)")
         if not (0 <= self.mask_weight and math.isfinite(self.mask_weight)):
-            raise MammaclsError(f"--mask-weight must be a non-negative number (got {self.mask_weight})")
+            raise MammaclsError(f"{param('mask_weight')} must be a non-negative number (got {self.mask_weight})")
 
 
-def augmentation_preset(name: str) -> dict[str, Any]:
-    if name not in AUGMENTATIONS:
-        raise MammaclsError(f"unknown augmentation {name!r}: choose one of {', '.join(AUGMENTATIONS)}")
-    return dict(AUGMENTATIONS[name])
+def augmentation_preset(name: str | Augmentation) -> dict[str, Any]:
+    return dict(AUGMENTATIONS[parse_choice(Augmentation, name, "augmentation").value])
 
 
 class TrainReporter:

@@ -4,13 +4,13 @@ own train and validation images; also for a model trained elsewhere (``mammacls 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
-from mammacls.inference.model_files import METADATA_FILE, ensemble_size
+from mammacls.inference.card import Calibration, ModelCard, OodDensity, Refusal
+from mammacls.inference.model_files import METADATA_FILE
 from mammacls.inference.predictor import softmax
 from mammacls.model import resolve_device
 from mammacls.training.batches import load_rows
@@ -19,7 +19,7 @@ from mammacls.weights import save_model
 
 
 def fit_calibration(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.ndarray, device: str,
-               run_dir: Path, members: int = 1) -> dict[str, Any]:
+                    run_dir: Path, members: int = 1) -> tuple[Calibration, Refusal]:
     """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
     the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
     from mammacls.calibration import fit_temperature
@@ -42,52 +42,51 @@ def fit_calibration(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: 
     density = fit_density(train_features, train_y, val_features, len(CLASSES), members=members)
     image_density = fit_image_density(np.stack([image_statistics(x) for x in train_x]),
                                       np.stack([image_statistics(x) for x in val_x]))
-    return {
-        "ood": save_density(run_dir, density, image_density),
-        "min_confidence": choose_min_confidence(calibrated, val_y),
-        "temperature": temperature,
-        "calibration": {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
-                        "val_before": calibration_metrics(val_y, softmax(logits)),
-                        "val_after": calibration_metrics(val_y, calibrated)},
-        "malignant_threshold_spec90": threshold_at_specificity(val_y, calibrated[:, MALIGNANT], 0.9),
-        "malignant_threshold_spec90_raw": threshold_at_specificity(val_y, softmax(logits)[:, MALIGNANT], 0.9),
-    }
+    calibration = Calibration(
+        temperature=temperature, method="temperature scaling", fitted_on="val",
+        malignant_threshold_spec90=threshold_at_specificity(val_y, calibrated[:, MALIGNANT], 0.9),
+        malignant_threshold_spec90_raw=threshold_at_specificity(val_y, softmax(logits)[:, MALIGNANT], 0.9),
+        val_before=calibration_metrics(val_y, softmax(logits)), val_after=calibration_metrics(val_y, calibrated))
+    ood = save_density(run_dir, density, image_density)
+    ood["member_thresholds"] = tuple(ood["member_thresholds"])
+    return calibration, Refusal(min_confidence=choose_min_confidence(calibrated, val_y), ood=OodDensity(**ood))
 
 
-def recalibrate(ref, device: str = "auto") -> dict[str, Any]:
+def recalibrate(ref, *, device: str = "auto") -> ModelCard:
     """Refit a saved model's temperature, thresholds and out-of-distribution density on its own
     train/validation images (for models trained by an older mammacls, or on another machine).
 
     The prepared dataset must hold the model's train+val images (checked by their pixel hashes, so
     a dataset prepared again elsewhere or moved is accepted). A read-only (shipped) model gets its
-    refitted files in the cache; its own files are never written.
+    refitted files in the cache; its own files are never written. Returns the updated card.
     """
     from mammacls.weights import load_network
 
-    meta = ref.metadata
+    card = ref.card
     if not ref.read_only and not (ref.weights.parent / METADATA_FILE).is_file():
         raise MammaclsError(f"calibrate needs a model folder with {METADATA_FILE}")
     dataset = training_dataset(ref)
-    train_rows, val_rows = model_rows(dataset, meta)
-    size = int(meta["img_size"])
+    train_rows, val_rows = model_rows(dataset, card)
     prints: dict[str, list] = {"sha256": [], "phash": []}
-    train_x, train_y = load_rows(dataset, train_rows, size, prints)
-    val_x, val_y = load_rows(dataset, val_rows, size, prints)
+    train_x, train_y = load_rows(dataset, train_rows, card.img_size, prints)
+    val_x, val_y = load_rows(dataset, val_rows, card.img_size, prints)
     device = resolve_device(device)
     net = load_network(ref, device)
-    changes = fit_calibration(net, meta["arch"], train_x, train_y, val_x, val_y, device, ref.files_dir,
-                         members=ensemble_size(meta))
+    calibration, refusal = fit_calibration(net, card.arch, train_x, train_y, val_x, val_y, device, ref.files_dir,
+                                           members=card.members)
     if ref.read_only:
-        ref.update_metadata(changes)
-        record = ref.metadata
-    else:
-        updated = {k: v for k, v in meta.items() if k not in ("format", "weights_file", "sha256")}
-        updated.update(changes)
-        updated.setdefault("data", {})["train_val_fingerprints"] = prints
-        record = save_model(net, updated, ref.weights.parent)
-        ref.metadata = record
-    if meta.get("onnx"):
+        ref.update_card(calibration=calibration, refusal=refusal)
+    else:  # written again as the current schema, whatever schema it was read as
+        training_data = {**(ref.sidecar("training_data") or {}), "train_val_fingerprints": prints}
+        sidecars = {"training_data": training_data}
+        history = ref.sidecar("history")
+        if history is not None:
+            sidecars["history"] = history
+        ref.card = save_model(net, card.replace(calibration=calibration, refusal=refusal), ref.weights.parent,
+                              sidecars=sidecars)
+        ref.legacy_sidecars = {}
+    if card.onnx is not None:
         from mammacls.export import export_onnx
 
         export_onnx(ref)
-    return record
+    return ref.card

@@ -3,7 +3,6 @@ per process), and their summary."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ import numpy as np
 
 from mammacls.prepared import load_prepared
 from mammacls.distributed import World, barrier, broadcast, world
-from mammacls.errors import MammaclsError
-from mammacls.inference.model_files import CHECKPOINT_FILE, METADATA_FILE
+from mammacls.errors import MammaclsError, param
+from mammacls.inference.card import ModelCard
+from mammacls.inference.model_files import CHECKPOINT_FILE, METADATA_FILE, read_card
 from mammacls.store import models_dir
 from mammacls.training.config import TrainConfig, TrainReporter
 from mammacls.training.loop import new_run_name, train_model
@@ -23,10 +23,10 @@ from mammacls.training.splits import cv_fold_rows
 SUMMARY_KEYS = ("accuracy", "macro_f1", "roc_auc_macro")
 
 
-def summarise_runs(metas: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_runs(cards: list[ModelCard]) -> dict[str, Any]:
     """Per-run validation figures and their mean and standard deviation."""
-    rows = [{"name": m["name"], "best_epoch": m.get("best_epoch"),
-             **{k: m["val_metrics"].get(k) for k in SUMMARY_KEYS}} for m in metas]
+    rows = [{"name": card.name, "best_epoch": card.training.best_epoch,
+             **{k: (card.training.val_metrics or {}).get(k) for k in SUMMARY_KEYS}} for card in cards]
     stats = {}
     for key in SUMMARY_KEYS:
         values = [r[key] for r in rows if r[key] is not None]
@@ -40,36 +40,35 @@ def _complete_or_resumable(name: str) -> str:
     if (folder / CHECKPOINT_FILE).is_file():
         return "resume"
     if (folder / METADATA_FILE).is_file():
-        meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-        if meta.get("status") == "complete":
+        if read_card(folder).training.status == "complete":
             return "done"
         raise MammaclsError(f"model folder {folder} holds an unfinished run without a checkpoint; remove it")
     return "new"
 
 
-def _run_member(config, data_dir, name, reporter, **kwargs) -> dict[str, Any]:
+def _run_member(config, data_dir, name, reporter, **kwargs) -> ModelCard:
     state = _complete_or_resumable(name)
     if state == "done":
         reporter.message(f"{name} is already trained; skipping it")
-        return json.loads((models_dir() / name / METADATA_FILE).read_text(encoding="utf-8"))
+        return read_card(models_dir() / name)
     if state == "resume":
         return train_model(config, resume=True, name=name, reporter=reporter, data_parallel=False)
-    return train_model(config, data_dir, name=name, reporter=reporter, data_parallel=False, **kwargs)
+    return train_model(config, data_dir=data_dir, name=name, reporter=reporter, data_parallel=False, **kwargs)
 
 
 def _run_members(members: list[tuple[str, TrainConfig, dict[str, Any]]], data_dir, reporter,
-                 current: World) -> list[dict[str, Any]]:
+                 current: World) -> list[ModelCard]:
     """Train every member; under torchrun member i on rank i mod N, each on its own device
     (one fold or seed per GPU), and everyone waits for all before the summary."""
     for index, (name, config, kwargs) in enumerate(members):
         if index % current.size == current.rank:
             _run_member(config, data_dir, name, reporter if current.is_main else TrainReporter(), **kwargs)
     barrier(current)
-    return [json.loads((models_dir() / name / METADATA_FILE).read_text(encoding="utf-8")) for name, _, _ in members]
+    return [read_card(models_dir() / name) for name, _, _ in members]
 
 
 def train_cross_validation(
-    config: TrainConfig, folds: int, data_dir: Path | None = None, name: str | None = None,
+    config: TrainConfig, *, folds: int, data_dir: Path | None = None, name: str | None = None,
     reporter: TrainReporter | None = None,
 ) -> dict[str, Any]:
     """K-fold cross-validation over train+val, duplicate groups whole and classes stratified.
@@ -80,7 +79,7 @@ def train_cross_validation(
     reporter = reporter or TrainReporter()
     config.validate()
     if folds < 2:
-        raise MammaclsError("--folds must be at least 2")
+        raise MammaclsError(f"{param('folds')} must be at least 2")
     current = world(config.device)
     dataset = load_prepared(data_dir)
     run = broadcast(name or new_run_name(f"cv{folds}-{config.arch}"), current)
@@ -91,26 +90,26 @@ def train_cross_validation(
                              f"{len(split_rows['val'])} validation images")
         members.append((f"{run}-fold{fold}", config, {
             "split_rows": split_rows,
-            "extra_metadata": {"group": {"kind": "cv", "run": run, "member": fold, "of": folds}}}))
+            "extra_training": {"group": {"kind": "cv", "run": run, "member": fold, "of": folds}}}))
     metas = _run_members(members, dataset.root, reporter, current)
     return {"run": run, "kind": "cv", **summarise_runs(metas)}
 
 
 def train_repeats(
-    config: TrainConfig, repeats: int, data_dir: Path | None = None, name: str | None = None,
+    config: TrainConfig, *, repeats: int, data_dir: Path | None = None, name: str | None = None,
     reporter: TrainReporter | None = None,
 ) -> dict[str, Any]:
     """The same recipe with seeds seed, seed+1, …, to show run-to-run spread."""
     reporter = reporter or TrainReporter()
     config.validate()
     if repeats < 2:
-        raise MammaclsError("--repeat must be at least 2")
+        raise MammaclsError(f"{param('repeats')} must be at least 2")
     current = world(config.device)
     run = broadcast(name or new_run_name(f"rep{repeats}-{config.arch}"), current)
     members = []
     for k in range(repeats):
         seeded = TrainConfig(**{**asdict(config), "seed": config.seed + k})
         members.append((f"{run}-seed{seeded.seed}", seeded, {
-            "extra_metadata": {"group": {"kind": "repeat", "run": run, "member": k + 1, "of": repeats}}}))
+            "extra_training": {"group": {"kind": "repeat", "run": run, "member": k + 1, "of": repeats}}}))
     metas = _run_members(members, data_dir, reporter, current)
     return {"run": run, "kind": "repeat", **summarise_runs(metas)}

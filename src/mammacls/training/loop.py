@@ -10,8 +10,8 @@ always a complete model folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +24,9 @@ from mammacls import CLASSES
 from mammacls.archs import ARCH_SPECS
 from mammacls.prepared import load_prepared
 from mammacls.distributed import SINGLE, World, barrier, broadcast, world
-from mammacls.errors import MammaclsError
-from mammacls.inference.model_files import CHECKPOINT_FILE, METADATA_FILE, MODEL_FILE
+from mammacls.errors import MammaclsError, param
+from mammacls.inference.card import ModelCard, Preprocessing, Provenance, TrainingSummary, WeightsInfo
+from mammacls.inference.model_files import CHECKPOINT_FILE, MODEL_FILE, read_card
 from mammacls.inference.predictor import softmax
 from mammacls.metrics import compute_metrics
 from mammacls.model import (
@@ -54,23 +55,25 @@ def new_run_name(arch: str) -> str:
 
 def train_model(
     config: TrainConfig,
+    *,
     data_dir: Path | None = None,
     resume: bool = False,
     name: str | None = None,
     reporter: TrainReporter | None = None,
     export: bool = True,
     split_rows: dict[str, list[str]] | None = None,
-    extra_metadata: dict[str, Any] | None = None,
+    extra_training: dict[str, Any] | None = None,
     data_parallel: bool = True,
-) -> dict[str, Any]:
-    """Train one model, then export it to ONNX; returns its saved metadata (``resume=True`` is
+) -> ModelCard:
+    """Train one model, then export it to ONNX; returns its saved card (``resume=True`` is
     ``resume_training(name)``: the checkpoint's own settings, data and split win).
 
     The run holds the model's name in the cache (a second run of that name is refused, naming this
     one) and a shared hold on its prepared dataset (``prepare`` cannot replace it meanwhile).
     Under torchrun (``data_parallel``) every process trains on its share of each global batch
     (``config.batch_size`` images split over the processes) with DDP; rank 0 alone reports,
-    saves, calibrates and exports, and every rank returns the saved metadata.
+    saves, calibrates and exports, and every rank returns the saved card.
+    ``extra_training``: more :class:`TrainingSummary` fields (a fold's ``group``).
     """
     if resume:
         return resume_training(name, reporter=reporter, export=export, data_parallel=data_parallel,
@@ -80,13 +83,14 @@ def train_model(
     name = broadcast(check_model_name(name) if name else new_run_name(config.arch), current)
     with _holding(name, current) as hold:  # a run of that name in progress is named first
         if (models_dir() / name).exists():
-            raise MammaclsError(f"a model named {name!r} exists already; choose another --name or use --resume")
-        run = _setup(config, data_dir, name, split_rows, extra_metadata, hold, current, None)
+            raise MammaclsError(f"a model named {name!r} exists already; choose another {param('name')} "
+                                f"or use {param('resume')}")
+        run = _setup(config, data_dir, name, split_rows, extra_training, hold, current, None)
         return _finish(run, reporter if current.is_main else None, export)
 
 
 def resume_training(name: str | None = None, *, reporter: TrainReporter | None = None, export: bool = True,
-                    data_parallel: bool = True, device: str = "auto") -> dict[str, Any]:
+                    data_parallel: bool = True, device: str = "auto") -> ModelCard:
     """Continue the interrupted run ``name`` (default: the latest) from its last checkpoint, with the
     settings, data and split it started with, under any number of processes."""
     current = world(device) if data_parallel else SINGLE
@@ -95,7 +99,7 @@ def resume_training(name: str | None = None, *, reporter: TrainReporter | None =
     config = TrainConfig(**state["config"])
     with _holding(run_dir.name, current) as hold:
         run = _setup(config, Path(state["data_dir"]), run_dir.name, state.get("split_rows"),
-                     state.get("extra_metadata"), hold, current, state)
+                     state.get("extra_training", state.get("extra_metadata")), hold, current, state)
         return _finish(run, reporter if current.is_main else None, export)
 
 
@@ -121,25 +125,26 @@ class _Run:
     criterion: Any
     step: EpochRunner
     data: dict[str, Any]  # train_x, train_y, val_x, val_y, val_masks, val_known
-    base_meta: dict[str, Any]
+    card: ModelCard  # before the first epoch; each saved epoch adds its summary
+    training_data: dict[str, Any]  # the training_data sidecar
     checkpoint_info: dict[str, Any]
     history: list[dict[str, Any]]
     best: dict[str, Any]
 
 
-def _finish(run: _Run, reporter: TrainReporter | None, export: bool) -> dict[str, Any]:
+def _finish(run: _Run, reporter: TrainReporter | None, export: bool) -> ModelCard:
     reporter = reporter or TrainReporter()
     _run_epochs(run, reporter)
     return _finalise(run, reporter, export)
 
 
-def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_metadata, hold, current: World,
+def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_training, hold, current: World,
            state: dict[str, Any] | None) -> _Run:
     """Data, network, optimiser and schedule of a new run, or of a checkpoint (``state``)."""
     import torch
 
     if config.batch_size % current.size:
-        raise MammaclsError(f"--batch-size {config.batch_size} is the global batch: it must divide evenly "
+        raise MammaclsError(f"{param('batch_size')} {config.batch_size} is the global batch: it must divide evenly "
                             f"over the {current.size} processes")
     device = resolve_device(config.device)  # under torchrun "cuda" is this process's own GPU
     dataset = load_prepared(data_dir, hold, f"mammacls train --name {name}")
@@ -169,13 +174,13 @@ def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_metadata,
         history, best = state["history"], state["best"]
     if current.distributed:  # each process its own augmentation stream
         torch.manual_seed(config.seed + 1_000_003 * current.rank + len(history))
-    base_meta = _base_metadata(config, name, device, current, dataset, imagenet_record, (train_rows, val_rows),
-                               class_weights, fingerprints, extra_metadata)
+    rows = (train_rows, val_rows)
+    card = _base_card(config, name, device, current, dataset, imagenet_record, rows, class_weights, extra_training)
     checkpoint_info = {"config": asdict(config), "data_dir": str(dataset.root.resolve()),
                        "manifest_sha256": dataset.manifest_sha256, "split_rows": split_rows,
-                       "extra_metadata": extra_metadata, "imagenet": imagenet_record}
+                       "extra_training": extra_training, "imagenet": imagenet_record}
     return _Run(config, name, models_dir() / name, device, current, net, optimizer, scheduler, criterion, step, data,
-                base_meta, checkpoint_info, history, best)
+                card, _training_data(dataset, rows, fingerprints), checkpoint_info, history, best)
 
 
 def _network(config: TrainConfig, state: dict[str, Any] | None):
@@ -199,7 +204,7 @@ def _load_data(dataset, config: TrainConfig, train_rows, val_rows, fingerprints)
         data["train_masks"], data["train_known"] = load_masks(dataset, train_rows, config.img_size)
         data["val_masks"], data["val_known"] = load_masks(dataset, val_rows, config.img_size)
         if data["train_known"][train_y != CLASSES.index("normal")].sum() == 0:
-            raise MammaclsError("--mask-guided: no benign or malignant training image has a lesion mask "
+            raise MammaclsError(f"{param('mask_guided')}: no benign or malignant training image has a lesion mask "
                                 "(BUSI layout: NAME_mask.png beside NAME.png)")
     return data
 
@@ -212,28 +217,33 @@ def _class_weights(train_y: np.ndarray) -> np.ndarray:
     return counts.sum() / (len(CLASSES) * counts)
 
 
-def _base_metadata(config, name, device, current, dataset, imagenet_record, rows, class_weights, fingerprints,
-                   extra_metadata) -> dict[str, Any]:
+def _base_card(config, name, device, current, dataset, imagenet_record, rows, class_weights,
+               extra_training: dict[str, Any] | None) -> ModelCard:
+    """The card of a run before its first epoch: what it is, how to feed it, where it came from."""
     train_rows, val_rows = rows
-    return {
-        "name": name, "arch": config.arch, "classes": list(CLASSES), "num_classes": len(CLASSES),
-        "in_chans": 1, "img_size": config.img_size, "input_size": [1, config.img_size, config.img_size],
-        "interpolation": "area (shrink) / bilinear (enlarge), square resize",
-        "mean": [GRAY_MEAN], "std": [GRAY_STD], "input_range": "grayscale uint8 / 255",
-        "pretrained": imagenet_record,
-        "config": asdict(config), "seed": config.seed, "device": device,
-        "mask_guided": config.mask_guided,
-        "data": {"prepared_dir": str(dataset.root.resolve()), "manifest_sha256": dataset.manifest_sha256,
-                 "train_images": len(train_rows), "val_images": len(val_rows),
-                 "sources": source_counts(train_rows, val_rows),
-                 "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist())),
-                 "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
-                 "train_val_fingerprints": fingerprints},
-        "selection": "best validation macro-F1 (ties: lower validation loss); test split never used",
-        "training_processes": {"world_size": current.size, "backend": current.backend},
-        "versions": library_versions(),
-        **(extra_metadata or {}),
-    }
+    return ModelCard(
+        name=name, arch=config.arch,
+        preprocessing=Preprocessing(img_size=config.img_size, mean=(GRAY_MEAN,), std=(GRAY_STD,)),
+        weights=WeightsInfo(lesion_decoder=config.mask_guided),
+        provenance=Provenance(
+            pretrained=imagenet_record, device=device, versions=library_versions(),
+            processes={"world_size": current.size, "backend": current.backend},
+            data={"manifest_sha256": dataset.manifest_sha256, "train_images": len(train_rows),
+                  "val_images": len(val_rows), "sources": source_counts(train_rows, val_rows),
+                  "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist()))}),
+        training=TrainingSummary(config=asdict(config),
+                                 selection="best validation macro-F1 (ties: lower validation loss); "
+                                           "test split never used", **(extra_training or {})),
+    )
+
+
+def _training_data(dataset, rows, fingerprints) -> dict[str, Any]:
+    """The ``training_data`` sidecar: which groups and pixels the model saw (evaluate's overlap guard),
+    and where the prepared dataset was on this machine (a hint for calibrate; dropped when shipped)."""
+    train_rows, val_rows = rows
+    return {"prepared_dir": str(dataset.root.resolve()),
+            "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
+            "train_val_fingerprints": fingerprints}
 
 
 def _run_epochs(run: _Run, reporter: TrainReporter) -> None:
@@ -276,8 +286,9 @@ def _validate_and_save(run: _Run, epoch: int, train_loss: float, train_seconds: 
                 or (metrics["macro_f1"] == best["macro_f1"] and val_loss < best["val_loss"]))
     if improved:
         run.best = {"epoch": epoch, "macro_f1": metrics["macro_f1"], "val_loss": val_loss, "metrics": metrics}
-        save_model(run.net, {**run.base_meta, "status": "training", "best_epoch": epoch,
-                             "val_metrics": metrics, "history": run.history}, run.run_dir)
+        summary = dataclasses.replace(run.card.training, status="training", best_epoch=epoch, val_metrics=metrics)
+        save_model(run.net, run.card.replace(training=summary), run.run_dir,
+                   sidecars={"history": run.history, "training_data": run.training_data})
     write_checkpoint(run.run_dir / CHECKPOINT_FILE, run.net, run.optimizer, run.scheduler,
                      {**run.checkpoint_info, "history": run.history, "best": run.best})
     reporter.epoch_done(record, improved)
@@ -305,24 +316,29 @@ def _validate(run: _Run):
     return record, metrics, val_loss
 
 
-def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> dict[str, Any]:
+def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> ModelCard:
     """The selected epoch's weights, calibrated, with the refusal gate fitted, exported to ONNX."""
     from safetensors.torch import load_file
 
     if not run.current.is_main:  # rank 0 calibrates and exports; the result is read back from its files
         barrier(run.current)
-        return json.loads((run.run_dir / METADATA_FILE).read_text(encoding="utf-8"))
+        return read_card(run.run_dir)
     reporter.stage("calibrating on validation, fitting the refusal densities")
-    final = json.loads((run.run_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    saved = read_card(run.run_dir)
+    val_metrics = dict(saved.training.val_metrics or {})
     if run.config.mask_guided:
-        final["val_lesion_dice"] = run.history[final["best_epoch"] - 1].get("val_lesion_dice")
-    final.update(status="complete", history=run.history, epochs_run=len(run.history),
-                 finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        val_metrics["lesion_dice"] = run.history[saved.training.best_epoch - 1].get("val_lesion_dice")
+    summary = dataclasses.replace(saved.training, status="complete", epochs_run=len(run.history),
+                                  val_metrics=val_metrics)
+    finished = dataclasses.replace(saved.provenance,
+                                   finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     run.net.load_state_dict(load_file(str(run.run_dir / MODEL_FILE), device=run.device))  # the selected epoch
     data = run.data
-    final.update(fit_calibration(run.net, run.config.arch, data["train_x"], data["train_y"], data["val_x"],
-                                 data["val_y"], run.device, run.run_dir))
-    final = save_model(run.net, final, run.run_dir)
+    calibration, refusal = fit_calibration(run.net, run.config.arch, data["train_x"], data["train_y"], data["val_x"],
+                                           data["val_y"], run.device, run.run_dir)
+    final = save_model(run.net, saved.replace(training=summary, provenance=finished, calibration=calibration,
+                                              refusal=refusal), run.run_dir,
+                       sidecars={"history": run.history, "training_data": run.training_data})
     (run.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     if export:
         from mammacls.export import export_onnx
@@ -330,7 +346,7 @@ def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> dict[str, Any
 
         reporter.stage("exporting to ONNX")
         try:
-            export_onnx(ModelRef(run.name, run.run_dir / MODEL_FILE, final, "cache"))
+            final = export_onnx(ModelRef(run.name, run.run_dir / MODEL_FILE, final, "cache"))
         except MammaclsError as exc:  # the model itself is saved; only the fast predict path is missing
             reporter.message(f"warning: {exc}; predict will use PyTorch for this model")
     barrier(run.current)

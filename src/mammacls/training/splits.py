@@ -4,12 +4,13 @@ the dataset a saved model was trained on."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from mammacls.errors import MammaclsError, param
+from mammacls.inference.card import ModelCard
 from mammacls.prepared import PreparedDataset, load_prepared
-from mammacls.errors import MammaclsError
+
 
 def rows_for(dataset: PreparedDataset, split_rows: dict[str, list[str]] | None):
     """Train and val rows: the prepared split, or explicit paths (one cross-validation fold)."""
@@ -34,17 +35,17 @@ def cv_fold_rows(dataset: PreparedDataset, folds: int, seed: int) -> list[dict[s
     labels = [f"{row['source']}/{row['label']}" if several else row["label"] for row in rows]
     groups = [row["group_id"] for row in rows]
     if len(set(groups)) < folds:
-        raise MammaclsError(f"--folds {folds}: only {len(set(groups))} duplicate groups to share out")
+        raise MammaclsError(f"{param('folds')} {folds}: only {len(set(groups))} duplicate groups to share out")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [{"train": [rows[i]["path"] for i in train_idx], "val": [rows[i]["path"] for i in val_idx]}
             for train_idx, val_idx in splitter.split(np.zeros(len(rows)), labels, groups)]
 
 
-def model_rows(dataset: PreparedDataset, meta: dict[str, Any]):
+def model_rows(dataset: PreparedDataset, card: ModelCard):
     """The train and val rows a model was trained and selected on: its cross-validation fold's, or
     the prepared split."""
-    group = meta.get("group") or {}
-    split_rows = (cv_fold_rows(dataset, group["of"], meta["config"]["seed"])[group["member"] - 1]
+    group = card.training.group or {}
+    split_rows = (cv_fold_rows(dataset, group["of"], card.training.config["seed"])[group["member"] - 1]
                   if group.get("kind") == "cv" else None)
     return rows_for(dataset, split_rows)
 
@@ -52,16 +53,17 @@ def model_rows(dataset: PreparedDataset, meta: dict[str, Any]):
 def training_dataset(ref) -> PreparedDataset:
     """The prepared dataset ``ref`` was trained on: its own folder if still there, else the latest,
     accepted when its train+val images are the model's (pixel hashes; paths may differ)."""
-    data = ref.metadata.get("data") or {}
-    prepared = data.get("prepared_dir")
+    training_data = ref.sidecar("training_data") or {}
+    prepared = training_data.get("prepared_dir")  # where it was on the machine that trained it
     try:
         dataset = load_prepared(Path(prepared) if prepared and Path(prepared).is_dir() else None)
     except MammaclsError:
         raise MammaclsError(f"the prepared dataset {ref.name} was trained on is not here; "
                             "run mammacls prepare") from None
-    known = sorted((data.get("train_val_fingerprints") or {}).get("sha256") or [])
+    known = sorted((training_data.get("train_val_fingerprints") or {}).get("sha256") or [])
     here = sorted(row["sha256"] for row in dataset.split("train") + dataset.split("val"))
-    same = here == known if known else dataset.manifest_sha256 == data.get("manifest_sha256")
+    same = (here == known if known
+            else dataset.manifest_sha256 == ref.card.provenance.data.get("manifest_sha256"))
     if not same:
         raise MammaclsError(f"the prepared dataset at {dataset.root} does not hold the train/validation images "
                             f"{ref.name} was trained on (prepare the same sources with the same --seed)")

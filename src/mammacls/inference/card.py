@@ -1,0 +1,285 @@
+"""The model card: one typed, versioned record of what a model is and how to feed it.
+
+``metadata.json`` beside the weights holds a :class:`ModelCard` (schema ``mammacls-model/2``), parsed
+and validated once when a model is opened; code reads attributes, never string keys. Bulky data live
+in sibling files named in ``card.sidecars``: the per-epoch history (``history.json``) and the
+train/validation fingerprints (``training_data.json``, which evaluate's overlap guard and
+``calibrate`` read). Records of schema 1 (mammacls 0.1 and 0.2) are migrated when read.
+Shaped after timm's ``PretrainedCfg``, torchvision's ``Weights`` and MONAI's bundle metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mammacls import CLASSES
+from mammacls.archs import ARCHS
+from mammacls.errors import MammaclsError
+
+SCHEMA_VERSION = 2
+SCHEMA = f"mammacls-model/{SCHEMA_VERSION}"
+LEGACY_SCHEMAS = ("mammacls-model/1",)
+MODEL_FILE = "model.safetensors"
+HISTORY_FILE = "history.json"
+TRAINING_DATA_FILE = "training_data.json"
+# Why a model may not be shipped as it is: keys that only make sense on the machine that trained it.
+MACHINE_SPECIFIC = ("prepared_dir",)
+INTENDED_USE = ("research: classify a 2-D B-mode breast ultrasound image as benign, malignant or normal, "
+                "with refusals for what the model cannot judge; not a medical device")
+Status = Literal["training", "complete"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input: grayscale, square resize, then (x/255 - mean) / std."""
+
+    img_size: int
+    in_chans: int = 1
+    mean: tuple[float, ...] = (0.449,)
+    std: tuple[float, ...] = (0.226,)
+    resize: str = "area (shrink) / bilinear (enlarge), square resize"
+    input_range: str = "grayscale uint8 / 255"
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.img_size, self.img_size)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    file: str = MODEL_FILE
+    sha256: str = ""  # filled in when the file is written
+    storage_dtype: str = "float32"
+    members: int = 1  # networks averaged (an ensemble) or 1
+    lesion_decoder: bool = False  # mask-guided training kept each member's lesion decoder
+
+
+@dataclass(frozen=True)
+class Calibration:
+    temperature: float = 1.0
+    malignant_threshold_spec90: float | None = None  # on calibrated probabilities
+    malignant_threshold_spec90_raw: float | None = None
+    method: str = "temperature scaling"
+    fitted_on: str = "val"
+    val_before: dict[str, float] | None = None
+    val_after: dict[str, float] | None = None
+
+    def malignant_threshold(self, calibrated: bool) -> float | None:
+        return self.malignant_threshold_spec90 if calibrated else self.malignant_threshold_spec90_raw
+
+
+@dataclass(frozen=True)
+class OodDensity:
+    """The out-of-distribution densities file and its thresholds (``mammacls.ood`` fits them)."""
+
+    file: str
+    sha256: str
+    threshold: float
+    image_threshold: float | None = None
+    member_thresholds: tuple[float, ...] | None = None
+    spread: float | None = None
+    dims: int | None = None
+    members: int | None = None
+    method: str | None = None
+    colour_limit: float | None = None
+    min_side: int | None = None
+    min_std: float | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """When predict answers ``uncertain`` (confidence below ``min_confidence``) or ``rejected`` (``ood``)."""
+
+    min_confidence: float | None = None
+    ood: OodDensity | None = None
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    file: str
+    sha256: str
+    opset: int
+    input: str = "image"
+    output: str = "logits"
+    features: str | None = None  # penultimate features, for the refusal gate
+    exported_with: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model came from: ImageNet start, data summary (no paths), library versions."""
+
+    pretrained: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # manifest sha256, image counts per source and class
+    versions: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+    processes: dict[str, Any] | None = None
+    finished: str | None = None
+    intended_use: str = INTENDED_USE
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    status: Status = "training"
+    config: dict[str, Any] = field(default_factory=dict)  # TrainConfig as a dict
+    selection: str = ""
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    val_metrics: dict[str, Any] | None = None
+    group: dict[str, Any] | None = None  # a cross-validation fold or seed repeat: kind, run, member, of
+    ensemble: dict[str, Any] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # anything else a builder recorded (recipe search, ...)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    arch: str
+    preprocessing: Preprocessing
+    weights: WeightsInfo = field(default_factory=WeightsInfo)
+    classes: tuple[str, ...] = CLASSES
+    calibration: Calibration | None = None
+    refusal: Refusal = field(default_factory=Refusal)
+    onnx: OnnxExport | None = None
+    provenance: Provenance = field(default_factory=Provenance)
+    training: TrainingSummary = field(default_factory=TrainingSummary)
+    sidecars: dict[str, str] = field(default_factory=dict)  # kind -> file name beside metadata.json
+    schema: str = SCHEMA
+
+    @property
+    def img_size(self) -> int:
+        return self.preprocessing.img_size
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature if self.calibration else 1.0
+
+    @property
+    def mask_guided(self) -> bool:
+        return self.weights.lesion_decoder
+
+    @property
+    def members(self) -> int:
+        return self.weights.members
+
+    def replace(self, **changes: Any) -> ModelCard:
+        return dataclasses.replace(self, **changes)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form written to ``metadata.json`` (and, without ``sha256``, the weights' header)."""
+        record = dataclasses.asdict(self)
+        return {"schema": record.pop("schema"), **record}
+
+    @classmethod
+    def from_record(cls, record: Any, where: Path | str) -> ModelCard:
+        """Parse and validate a record of any known schema; one clear line for anything else."""
+        if isinstance(record, dict) and record.get("format") in LEGACY_SCHEMAS:
+            record, _ = migrate_v1(record)
+        if not isinstance(record, dict) or "schema" not in record:
+            raise MammaclsError(f"{where} is not a mammacls model record")
+        if record["schema"] != SCHEMA:
+            raise MammaclsError(f"{where}: model schema {record['schema']!r} is not one this mammacls reads "
+                                f"({SCHEMA}); upgrade mammacls")
+        try:
+            card = _build(cls, record)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise MammaclsError(f"{where}: damaged model record ({str(exc)[:120]})") from None
+        _check(card, where)
+        return card
+
+
+def _build(cls, values: dict[str, Any]):
+    """A dataclass from its JSON form, nested dataclasses and tuples included (unknown keys refused)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        nested = next((arg for arg in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(arg)), None)
+        if nested is not None and isinstance(value, dict):
+            value = _build(nested, value)
+        elif isinstance(value, list) and "tuple" in str(hint):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check(card: ModelCard, where: Path | str) -> None:
+    if card.arch not in ARCHS:
+        raise MammaclsError(f"{where}: unknown architecture {card.arch!r}")
+    if tuple(card.classes) != CLASSES:
+        raise MammaclsError(f"{where}: classes {list(card.classes)} are not {list(CLASSES)}")
+    size = card.preprocessing.img_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise MammaclsError(f"{where}: bad input size {size!r}")
+    if card.preprocessing.in_chans != 1 or len(card.preprocessing.mean) != 1 or len(card.preprocessing.std) != 1:
+        raise MammaclsError(f"{where}: mammacls models take one grayscale channel")
+    if not isinstance(card.weights.members, int) or card.weights.members < 1:
+        raise MammaclsError(f"{where}: bad member count {card.weights.members!r}")
+    if card.calibration is not None and not card.calibration.temperature > 0:
+        raise MammaclsError(f"{where}: bad temperature {card.calibration.temperature!r}")
+
+
+# ------------------------------------------------------------------ schema 1 ---
+_V1_PREPROCESSING = {"img_size": "img_size", "in_chans": "in_chans", "mean": "mean", "std": "std",
+                     "interpolation": "resize", "input_range": "input_range"}
+_V1_CALIBRATION = ("malignant_threshold_spec90", "malignant_threshold_spec90_raw")
+_V1_DROPPED = ("format", "num_classes", "input_size", "temperature")  # derivable or duplicated
+
+
+def migrate_v1(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A schema-1 record (one flat dict, mammacls 0.1-0.2) as a schema-2 record, and the bulky parts
+    that now live in sibling files: ``{"history": [...], "training_data": {...}}``."""
+    old = dict(record)
+    data = dict(old.pop("data", None) or {})
+    sidecars: dict[str, Any] = {}
+    if "history" in old:
+        sidecars["history"] = old.pop("history")
+    bulky = {key: data.pop(key) for key in ("train_val_groups", "train_val_fingerprints", *MACHINE_SPECIFIC)
+             if key in data}
+    if bulky:
+        sidecars["training_data"] = bulky
+    calibration = dict(old.pop("calibration", None) or {})
+    for key in _V1_CALIBRATION:
+        if old.get(key) is not None:
+            calibration[key] = old[key]
+        old.pop(key, None)
+    if "temperature" in old and old["temperature"] is not None:
+        calibration.setdefault("temperature", old["temperature"])
+    ensemble = old.pop("ensemble", None)
+    new = {
+        "schema": SCHEMA, "name": old.pop("name", None) or "model", "arch": old.pop("arch", None),
+        "classes": old.pop("classes", list(CLASSES)),
+        "preprocessing": {new_key: old.pop(key) for key, new_key in _V1_PREPROCESSING.items() if key in old},
+        "weights": {"file": old.pop("weights_file", MODEL_FILE), "sha256": old.pop("sha256", ""),
+                    "storage_dtype": old.pop("storage_dtype", "float32"),
+                    "members": int((ensemble or {}).get("members", 1)),
+                    "lesion_decoder": bool(old.pop("mask_guided", False))},
+        "calibration": calibration or None,
+        "refusal": {"min_confidence": old.pop("min_confidence", None), "ood": old.pop("ood", None)},
+        "onnx": old.pop("onnx", None),
+        "provenance": {"pretrained": old.pop("pretrained", None), "data": data,
+                       "versions": old.pop("versions", {}), "device": old.pop("device", None),
+                       "processes": old.pop("training_processes", None), "finished": old.pop("finished", None)},
+        "training": {"status": old.pop("status", "complete"), "config": old.pop("config", {}),
+                     "selection": old.pop("selection", ""), "best_epoch": old.pop("best_epoch", None),
+                     "epochs_run": old.pop("epochs_run", None), "val_metrics": old.pop("val_metrics", None),
+                     "group": old.pop("group", None), "ensemble": ensemble},
+        "sidecars": {"history": HISTORY_FILE} if "history" in sidecars else {},
+    }
+    if "training_data" in sidecars:
+        new["sidecars"]["training_data"] = TRAINING_DATA_FILE
+    for key in _V1_DROPPED:
+        old.pop(key, None)
+    if old.get("seed") == new["training"]["config"].get("seed"):
+        del old["seed"]  # a copy of the config's; an ensemble's list of member seeds stays
+    new["training"]["notes"] = old  # whatever else a builder wrote (recipe search, ranking, ...)
+    return new, sidecars
