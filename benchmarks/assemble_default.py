@@ -25,14 +25,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from mammacls.prepared import load_prepared
-from mammacls.ensemble import assemble_ensemble
+from mammacls.data.prepared import load_prepared
+from mammacls.training.ensemble import assemble_ensemble
 from mammacls.errors import MammaclsError
-from mammacls.imagenet import load_imagenet_state_dict
+from mammacls.nets.imagenet import load_imagenet_state_dict
 from mammacls.store import models_dir
 from mammacls.inference.card import Provenance, TrainingSummary
 from mammacls.inference.model_files import MODEL_FILE, ModelRef, read_card
-from mammacls.weights import publish_model
+from mammacls.nets.weights import publish_model
 
 
 def member_states(run: Path, recipe: str, count: int) -> list[dict]:
@@ -119,7 +119,7 @@ def main() -> None:
         # the members came from the GPU as float16 (benchmarks/recipe_search.py), so float16 loses nothing
         published = publish_model(ModelRef(args.name, built / MODEL_FILE, card, "cache"), args.out,
                                   name=args.name, half_min_elements=0)
-    from mammacls.export import export_onnx
+    from mammacls.nets.export import export_onnx
 
     export_onnx(ModelRef(args.name, args.out / MODEL_FILE, published, "file"))
     final = read_card(args.out)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mammacls.prepared import load_prepared
+from mammacls.data.prepared import load_prepared
 from mammacls.inference.images import resize_square
 
 JPEG_QUALITY = 92
@@ -59,7 +59,7 @@ def main() -> None:
 def _imagenet_fp16(target: Path) -> None:
     from safetensors.torch import save_file
 
-    from mammacls.imagenet import load_imagenet_state_dict
+    from mammacls.nets.imagenet import load_imagenet_state_dict
 
     state, _record = load_imagenet_state_dict("mobilenet_v2", "IMAGENET1K_V1")
     save_file({k: v.half().contiguous() for k, v in state.items()}, str(target))

@@ -47,7 +47,7 @@ def _rendered(kind: str, rng) -> np.ndarray:
         ax = figure.add_subplot()
         ax.bar(range(8), rng.uniform(1, 10, size=8))
         ax.set_title("Quarterly figures")
-    from mammacls.plots import figure_png_bytes
+    from mammacls.reporting.plots import figure_png_bytes
 
     import io
 
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="write the OOD set here and keep it")
     args = parser.parse_args()
 
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
     from mammacls.predict import predict_paths
 
     rows = load_prepared().split("test")

@@ -62,7 +62,7 @@ def main() -> None:
 
     import numpy as np
 
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
     from mammacls.inference.images import load_grayscale, resize_square
     from mammacls.predict import predict_paths
     from mammacls.inference.onnx_backend import OnnxBackend, to_network_input

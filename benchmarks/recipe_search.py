@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from mammacls import CLASSES
-from mammacls.augment import geometric, scanner_photometric, standard_photometric
+from mammacls.training.augment import geometric, scanner_photometric, standard_photometric
 from mammacls.inference.predictor import softmax
-from mammacls.model import GRAY_MEAN, GRAY_STD
+from mammacls.nets.networks import GRAY_MEAN, GRAY_STD
 from mammacls.training.batches import lesion_loss
 
 FOLDS = 5
@@ -103,7 +103,7 @@ def fold_assignment(index: list[dict], seed: int = 0) -> np.ndarray:
 def build_net(recipe, imagenet_path: Path):
     from safetensors.torch import load_file
 
-    from mammacls.model import _adapted, attach_lesion_decoder
+    from mammacls.nets.networks import _adapted, attach_lesion_decoder
 
     state = None
     if recipe["imagenet"]:
@@ -119,7 +119,7 @@ def train_one(job, data, device):
     import torch
     from torch.nn import functional as F
 
-    from mammacls.model import forward_with_lesion
+    from mammacls.nets.networks import forward_with_lesion
 
     recipe_name, fold, repeat = job
     recipe = RECIPES[recipe_name]

@@ -43,7 +43,7 @@ def bare_rate(arch: str, device: str, batch: int, size: int, steps: int) -> floa
     """Images/s of forward + backward + AdamW step on a fixed batch already on ``device``."""
     import torch
 
-    from mammacls.model import build_model
+    from mammacls.nets.networks import build_model
 
     net = build_model(arch, 3).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -102,14 +102,14 @@ def main() -> None:
     parser.add_argument("--bare-steps", type=int, default=30)
     args = parser.parse_args()
 
-    from mammacls.model import resolve_device
+    from mammacls.nets.networks import resolve_device
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="mammacls-throughput-") as tmp:
         os.environ["MAMMACLS_CACHE_DIR"] = str(Path(tmp) / "cache")
         data = args.data
         if data is None:
-            from mammacls.data import prepare_dataset
+            from mammacls.data.prepare import prepare_dataset
 
             source = synthetic_dataset(Path(tmp) / "synthetic", args.images, max(args.img_size, 64))
             data = Path(prepare_dataset(source)["prepared_dir"])

@@ -92,7 +92,7 @@ def session_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(busi_dir, session_cache) -> tuple[Path, dict]:
     """The synthetic dataset prepared once (read-only for tests)."""
-    from mammacls.data import prepare_dataset
+    from mammacls.data.prepare import prepare_dataset
 
     old = os.environ.get("MAMMACLS_CACHE_DIR")
     os.environ["MAMMACLS_CACHE_DIR"] = str(session_cache)

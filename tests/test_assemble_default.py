@@ -26,7 +26,7 @@ def _fake_search(run: Path, dataset, img_size: int = 32) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from mammacls.model import attach_lesion_decoder, build_model
+    from mammacls.nets.networks import attach_lesion_decoder, build_model
 
     rows = [r for r in dataset.rows if r["split"] in ("train", "val")]
     folds = [(k % 5) if r["split"] == "train" else -1 for k, r in enumerate(rows)]
@@ -49,7 +49,7 @@ def _fake_search(run: Path, dataset, img_size: int = 32) -> None:
 
 
 def test_members_become_one_calibrated_exported_model(assemble, prepared, cache, tmp_path, monkeypatch):
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
     from mammacls.inference.onnx_backend import OnnxBackend
     from mammacls.inference.model_files import resolve_model
 
@@ -72,7 +72,7 @@ def test_members_become_one_calibrated_exported_model(assemble, prepared, cache,
 
 
 def test_another_dataset_is_refused(assemble, prepared, tmp_path, monkeypatch):
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
 
     dataset = load_prepared(prepared[0])
     _fake_search(tmp_path / "run", dataset)

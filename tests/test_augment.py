@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from mammacls.augment import geometric, scanner_photometric
+from mammacls.training.augment import geometric, scanner_photometric
 
 
 def test_masks_follow_the_geometry_exactly():

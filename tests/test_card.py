@@ -10,8 +10,8 @@ from safetensors.numpy import load_file
 from mammacls.errors import MammaclsError
 from mammacls.inference.card import SCHEMA, ModelCard, Preprocessing, migrate_v1
 from mammacls.inference.model_files import migrate_model_folder, resolve_model, safetensors_header
-from mammacls.model import build_model, predict_proba
-from mammacls.weights import load_network, save_model
+from mammacls.nets.networks import build_model, predict_proba
+from mammacls.nets.weights import load_network, save_model
 
 
 def _v1_record(weights_sha256: str) -> dict:

@@ -124,8 +124,8 @@ def test_predict_reads_dicom_frames_and_reports_bad_files_one_line_each(tmp_path
 
 
 def test_dicom_csv_source_prepares_with_patients_grouped_and_nothing_identifying(tmp_path, cache, busi_dir):
-    from mammacls.data import prepare_dataset
-    from mammacls.evaluate import load_eval_set
+    from mammacls.data.prepare import prepare_dataset
+    from mammacls.evaluation.evaluate import load_eval_set
 
     root, _ = busi_dir
     folder = tmp_path / "dicoms"

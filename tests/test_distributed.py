@@ -69,7 +69,7 @@ def _one_epoch(rank: int, size: int, port: int, out: str) -> None:
     """One epoch of a BN-free net on fixed data without augmentation, on ``size`` gloo processes."""
     import torch.distributed as dist
 
-    from mammacls.distributed import SINGLE, world
+    from mammacls.training.distributed import SINGLE, world
 
     if size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),

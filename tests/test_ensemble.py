@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
 from mammacls.inference.gate import distances
-from mammacls.ood import fit_density, robust_threshold
+from mammacls.training.refusal import fit_density, robust_threshold
 
 runner = CliRunner()
 
@@ -24,9 +24,9 @@ def duo(prepared, session_cache, tmp_path_factory):
 
     import torch
 
-    from mammacls.prepared import load_prepared
-    from mammacls.ensemble import assemble_ensemble
-    from mammacls.model import attach_lesion_decoder, build_model
+    from mammacls.data.prepared import load_prepared
+    from mammacls.training.ensemble import assemble_ensemble
+    from mammacls.nets.networks import attach_lesion_decoder, build_model
 
     torch.manual_seed(0)
     members = [attach_lesion_decoder("mobilenet_v2", build_model("mobilenet_v2")).eval() for _ in range(2)]
@@ -46,11 +46,11 @@ def duo(prepared, session_cache, tmp_path_factory):
 
 
 def test_ensemble_averages_its_members_and_both_backends_agree(duo):
-    from mammacls.model import predict_logits
+    from mammacls.nets.networks import predict_logits
     from mammacls.inference.onnx_backend import OnnxBackend
     from mammacls.runtime import TorchBackend
     from mammacls.inference.model_files import resolve_model
-    from mammacls.weights import load_network
+    from mammacls.nets.weights import load_network
 
     record = duo["record"]
     assert record.members == 2 and record.training.ensemble["members"] == 2 and record.mask_guided
@@ -83,9 +83,9 @@ def test_predict_explains_and_maps_lesions_with_an_ensemble(duo, busi_dir, tmp_p
 def test_members_that_saw_the_validation_images_are_refused(prepared, cache, tmp_path):
     import torch
 
-    from mammacls.prepared import load_prepared
-    from mammacls.ensemble import assemble_ensemble
-    from mammacls.model import build_model
+    from mammacls.data.prepared import load_prepared
+    from mammacls.training.ensemble import assemble_ensemble
+    from mammacls.nets.networks import build_model
 
     dataset = load_prepared(prepared[0])
     seen = {dataset.split("val")[0]["sha256"]}
@@ -96,7 +96,7 @@ def test_members_that_saw_the_validation_images_are_refused(prepared, cache, tmp
                           trained_on=[set(), seen])
     assert not (tmp_path / "x").exists()
     with pytest.raises(MammaclsError, match="at least 2 members"):
-        from mammacls.ensemble import stack_member_states
+        from mammacls.training.ensemble import stack_member_states
 
         stack_member_states(states[:1])
 

@@ -9,8 +9,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mammacls.cli import app
-from mammacls.explain import grad_cam
-from mammacls.model import GRAY_MEAN, GRAY_STD, build_model
+from mammacls.nets.gradcam import grad_cam
+from mammacls.nets.networks import GRAY_MEAN, GRAY_STD, build_model
 from mammacls.inference.onnx_backend import to_network_input
 
 SIZE = 64

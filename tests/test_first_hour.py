@@ -240,7 +240,7 @@ def test_readme_quickstart_walkthrough(synthetic, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mammacls.cli import _report_option_value, app
-    from mammacls.imagenet import hub_checkpoint_path, imagenet_weights
+    from mammacls.nets.imagenet import hub_checkpoint_path, imagenet_weights
 
     commands = _quickstart_commands()
     assert any("prepare" in c and "BUS-BRA" in c for c in commands) and any("--lesion-map" in c for c in commands)
@@ -275,7 +275,7 @@ def test_calibrate_accepts_a_dataset_prepared_again_and_never_writes_a_read_only
     seed) is the model's; for the read-only shipped model the refit goes to the cache."""
     import shutil
 
-    from mammacls.data import prepare_dataset
+    from mammacls.data.prepare import prepare_dataset
 
     from mammacls.store import record_latest_dataset
 

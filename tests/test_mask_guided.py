@@ -9,13 +9,13 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from mammacls.cli import app
-from mammacls.prepared import load_prepared
+from mammacls.data.prepared import load_prepared
 from mammacls.archs import ARCHS
-from mammacls.model import attach_lesion_decoder, build_model, forward_with_lesion
+from mammacls.nets.networks import attach_lesion_decoder, build_model, forward_with_lesion
 from mammacls.training import TrainConfig, augmentation_preset, train_model
 from mammacls.training.batches import augment_batch, augmenter, lesion_loss, load_masks, photometric
 from mammacls.inference.model_files import resolve_model
-from mammacls.weights import load_network
+from mammacls.nets.weights import load_network
 
 runner = CliRunner()
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
-from mammacls.metrics import compute_metrics
+from mammacls.evaluation.metrics import compute_metrics
 
 
 def test_metrics_match_scikit_learn():

@@ -9,8 +9,8 @@ from torchvision import models
 from mammacls.errors import MammaclsError
 from mammacls.archs import ARCH_SPECS
 from mammacls.archs import ARCHS
-from mammacls.imagenet import imagenet_weights
-from mammacls.model import GRAY_MEAN, GRAY_STD, _replace, build_model, fold_to_one_channel, predict_proba
+from mammacls.nets.imagenet import imagenet_weights
+from mammacls.nets.networks import GRAY_MEAN, GRAY_STD, _replace, build_model, fold_to_one_channel, predict_proba
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -67,7 +67,7 @@ def hub_dir(tmp_path):
 
 def _plant(hub_dir, weights, monkeypatch, net) -> Path:
     """Save ``net``'s weights where ``weights`` lives in the hub cache and accept its digest as that file's."""
-    from mammacls import imagenet as imagenet_module
+    from mammacls.nets import imagenet as imagenet_module
     from mammacls.store import sha256_file
 
     target = hub_dir / "checkpoints" / weights.url.rsplit("/", 1)[-1]
@@ -81,7 +81,7 @@ def _plant(hub_dir, weights, monkeypatch, net) -> Path:
 
 
 def test_pretrained_weights_come_from_the_hub_cache_and_are_folded(hub_dir, monkeypatch):
-    from mammacls.model import build_pretrained_model
+    from mammacls.nets.networks import build_pretrained_model
 
     weights = imagenet_weights("resnet18")
     reference = models.resnet18(weights=None)
@@ -94,7 +94,7 @@ def test_pretrained_weights_come_from_the_hub_cache_and_are_folded(hub_dir, monk
 
 def test_auto_takes_a_cached_variant_offline_and_a_variant_can_be_named(hub_dir, monkeypatch):
     """Offline, with only IMAGENET1K_V1 in the cache (as for MobileNetV2 here), auto uses it."""
-    from mammacls.model import build_pretrained_model
+    from mammacls.nets.networks import build_pretrained_model
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -115,7 +115,7 @@ def test_auto_takes_a_cached_variant_offline_and_a_variant_can_be_named(hub_dir,
 
 
 def test_a_local_weights_file_is_recognised_by_its_sha256(hub_dir, monkeypatch, tmp_path):
-    from mammacls.model import build_pretrained_model
+    from mammacls.nets.networks import build_pretrained_model
 
     v1 = imagenet_weights("mobilenet_v2", "IMAGENET1K_V1")
     planted = _plant(hub_dir, v1, monkeypatch, models.mobilenet_v2(weights=None))
@@ -135,8 +135,8 @@ def test_a_local_weights_file_is_recognised_by_its_sha256(hub_dir, monkeypatch, 
 
 def test_real_imagenet1k_v1_file_when_present():
     """The real MobileNetV2 IMAGENET1K_V1 file (see ../shared/pretrained/README.md), offline."""
-    from mammacls.imagenet import hub_checkpoint_path
-    from mammacls.model import build_pretrained_model
+    from mammacls.nets.imagenet import hub_checkpoint_path
+    from mammacls.nets.networks import build_pretrained_model
 
     v1 = imagenet_weights("mobilenet_v2", "IMAGENET1K_V1")
     if not hub_checkpoint_path(v1).is_file():

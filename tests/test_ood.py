@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mammacls.cli import app
 from mammacls.inference.card import OodDensity
 from mammacls.inference.gate import distances, image_check, image_reason, image_statistics, status_of
-from mammacls.ood import choose_min_confidence, fit_density, fit_image_density
+from mammacls.training.refusal import choose_min_confidence, fit_density, fit_image_density
 from tests.conftest import textured_image
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
 from mammacls.inference.model_files import resolve_model
-from mammacls.weights import HALF_PRECISION_MIN_ELEMENTS, load_network, publish_model
+from mammacls.nets.weights import HALF_PRECISION_MIN_ELEMENTS, load_network, publish_model
 from tests.conftest import real_busi_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_default_model_predicts_without_importing_torch(cache):
 def test_publish_keeps_small_tensors_float32_and_predictions_close(tiny_model, use_session_cache, tmp_path):
     from safetensors import safe_open
 
-    from mammacls.model import predict_proba
+    from mammacls.nets.networks import predict_proba
 
     ref = resolve_model("tiny")
     record = publish_model(ref, tmp_path / "shipped")
@@ -90,7 +90,7 @@ def test_evaluate_default_reproduces_the_model_card(cache):
     card = json.loads((SHIPPED / "card_figures.json").read_text())
     prepared = runner.invoke(app, ["prepare", str(busi), "--json"])
     assert prepared.exit_code == 0, prepared.stderr
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
 
     rows = load_prepared(Path(json.loads(prepared.stdout)["prepared_dir"])).rows
     test = sorted(Path(r["path"]).relative_to(busi.resolve()).as_posix() for r in rows if r["split"] == "test")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mammacls.data import PrepareOptions, prepare_dataset
+from mammacls.data.prepare import PrepareOptions, prepare_dataset
 
-from mammacls.prepared import load_prepared
+from mammacls.data.prepared import load_prepared
 from mammacls.errors import MammaclsError
-from mammacls.sources import open_source, parse_source_spec, scan_source
+from mammacls.data.sources import open_source, parse_source_spec, scan_source
 from tests.conftest import build_busbra_fixture, real_busbra_or_skip, real_busi_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def test_real_two_source_prepare_and_per_source_evaluation_of_the_shipped_model(
 
 
 def test_subset_metrics_score_only_the_classes_present():
-    from mammacls.metrics import compute_metrics, subset_metrics
+    from mammacls.evaluation.metrics import compute_metrics, subset_metrics
 
     rng = np.random.default_rng(0)
     y = np.array([0] * 60 + [1] * 30)  # benign and malignant only

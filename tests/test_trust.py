@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mammacls.calibration import fit_temperature, nll
+from mammacls.training.calibration import fit_temperature, nll
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
 from mammacls.inference.predictor import softmax
-from mammacls.metrics import (
+from mammacls.evaluation.metrics import (
     bootstrap_ci, brier_score, expected_calibration_error, malignant_metrics, threshold_at_specificity,
 )
 from mammacls.training import TrainConfig, train_cross_validation, train_repeats
@@ -115,7 +115,7 @@ def test_cross_validation_saves_every_fold_and_summarises(cv_run, prepared):
     assert [r["name"] for r in summary["runs"]] == ["cv-fold1", "cv-fold2", "cv-fold3"]
     assert set(summary["summary"]) == {"accuracy", "macro_f1", "roc_auc_macro"}
     assert again["runs"] == summary["runs"]
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
 
     test_hashes = {r["sha256"] for r in load_prepared(prepared[0]).split("test")}
     assert test_hashes
@@ -129,7 +129,7 @@ def test_cross_validation_saves_every_fold_and_summarises(cv_run, prepared):
 
 
 def test_fold_splitter_keeps_groups_whole_and_classes_stratified(prepared):
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
     from mammacls.training import cv_fold_rows
 
     dataset = load_prepared(prepared[0])
@@ -219,7 +219,7 @@ def test_overlap_refusal_counts_identical_and_near_duplicates(tiny_model, use_se
     """A folder holding copies (and a slightly altered copy) of training images is refused."""
     from PIL import Image
 
-    from mammacls.prepared import load_prepared
+    from mammacls.data.prepared import load_prepared
 
     dataset = load_prepared(prepared[0])
     folder = tmp_path / "leaky"

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 from mammacls.inference.card import ModelCard, Preprocessing, TrainingSummary
-from mammacls.model import build_model, predict_proba
+from mammacls.nets.networks import build_model, predict_proba
 from mammacls.training import TrainConfig, TrainReporter, train_model
 from mammacls.inference.model_files import CHECKPOINT_FILE, list_cached_models, resolve_model
-from mammacls.weights import load_network, save_model
+from mammacls.nets.weights import load_network, save_model
 
 
 def _meta(arch="mobilenet_v2", size=32):

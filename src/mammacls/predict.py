@@ -152,7 +152,7 @@ class _Overlays:
         return records
 
     def _draw(self, item: Frame, kind: str, heat: np.ndarray, record: dict[str, Any]) -> Path:
-        from mammacls.explain import lesion_overlay_png, overlay_png
+        from mammacls.nets.gradcam import lesion_overlay_png, overlay_png
 
         caption = f"{record['label']} {max(record['probabilities'].values()):.2f}"
         if kind == "lesion" and record["label"] == "normal":

@@ -21,7 +21,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, ref: ModelRef, device: str) -> None:
-        from mammacls.weights import load_network
+        from mammacls.nets.weights import load_network
 
         self.device = device
         self.arch = ref.card.arch
@@ -29,24 +29,24 @@ class TorchBackend:
         self.mean, self.std = ref.card.preprocessing.mean[0], ref.card.preprocessing.std[0]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        from mammacls.model import predict_logits
+        from mammacls.nets.networks import predict_logits
 
         return predict_logits(self.net, batch, self.device, batch_size=len(batch))
 
     def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from mammacls.model import predict_logits_and_features
+        from mammacls.nets.networks import predict_logits_and_features
 
         return predict_logits_and_features(self.net, self.arch, batch, self.device, batch_size=len(batch))
 
     def lesion_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits, lesion probability maps and penultimate features (mask-guided models)."""
-        from mammacls.model import predict_lesion_maps
+        from mammacls.nets.networks import predict_lesion_maps
 
         return predict_lesion_maps(self.net, self.arch, batch, self.device, batch_size=len(batch))
 
     def explain(self, batch: np.ndarray, arch: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits, Grad-CAM heatmaps of the predicted classes and penultimate features."""
-        from mammacls.explain import grad_cam
+        from mammacls.nets.gradcam import grad_cam
 
         return grad_cam(self.net, arch, batch, self.mean, self.std, self.device)
 
@@ -69,7 +69,7 @@ def open_backend(ref: ModelRef, device: str | Device = "auto",
         return OnnxBackend(ref), None
     if backend == "auto" and device != "cuda" and has_onnx:
         return OnnxBackend(ref), None
-    from mammacls.model import resolve_device
+    from mammacls.nets.networks import resolve_device
 
     hint = None
     if backend == "auto" and device != "cuda":

@@ -36,7 +36,7 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Score models on held-out data, with 95% bootstrap intervals, calibration and malignant operating points."""
-    from mammacls.evaluate import evaluate_models, load_eval_set, models_to_evaluate, results_json
+    from mammacls.evaluation.evaluate import evaluate_models, load_eval_set, models_to_evaluate, results_json
 
     with _errors():
         if bootstrap < 100:
@@ -48,7 +48,7 @@ def evaluate(
         document = results_json(results, eval_set, calibration)
         html_path = None
         if report or report_dir is not None:
-            from mammacls.report import write_report
+            from mammacls.reporting.html import write_report
 
             html_path = write_report(results, eval_set, report_dir or Path("mammacls-report"), document)
             document["report"] = str(html_path.resolve())
@@ -61,7 +61,7 @@ def evaluate(
 
 
 def _ci(value: Any, interval: Any) -> str:
-    from mammacls.evaluate import format_ci
+    from mammacls.reporting.text import format_ci
 
     return format_ci(value, interval)
 
@@ -100,7 +100,9 @@ def _print_sources(document: dict, console) -> None:
     """Per source: only the classes it holds; malignant vs the other classes present, with intervals."""
     from rich.table import Table
 
-    from mammacls.evaluate import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, show_sources, source_rows
+    from mammacls.reporting.text import (
+        SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, show_sources, source_rows,
+    )
 
     if not show_sources(document):
         return
@@ -136,7 +138,7 @@ def _print_model_detail(entry: dict, console) -> None:
     for c, row in zip(CLASSES, m["confusion_matrix"]):
         confusion.add_row(c, *map(str, row))
     console.print(confusion)
-    from mammacls.evaluate import describe_malignant
+    from mammacls.reporting.text import describe_malignant
 
     cal = m["calibration"]
     console.print(describe_malignant(m["malignant"]), soft_wrap=True, markup=False)

@@ -17,7 +17,7 @@ def export(
     ] = None,
 ) -> None:
     """Write an ONNX copy of a model beside its weights, for the fast torch-free predict path."""
-    from mammacls.export import export_onnx
+    from mammacls.nets.export import export_onnx
     from mammacls.inference.model_files import list_cached_models, resolve_model
 
     console = _console()
@@ -60,7 +60,7 @@ def ensemble(
 ) -> None:
     """Combine trained models (e.g. train --repeat N) into one model that averages them, calibrated,
     gated and exported like the shipped default."""
-    from mammacls.ensemble import ensemble_from_models
+    from mammacls.training.ensemble import ensemble_from_models
 
     console = _console()
     with _errors():

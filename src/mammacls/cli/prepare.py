@@ -30,7 +30,7 @@ def prepare(
     """Validate, de-duplicate and split one or more sources (train / val / test), patients and duplicates whole."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mammacls.data import PrepareOptions, prepare_dataset
+    from mammacls.data.prepare import PrepareOptions, prepare_dataset
 
     options = PrepareOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                              keep_conflicts=keep_conflicts, groups_csv=groups)

@@ -109,7 +109,7 @@ def train(
 
     Several GPUs or machines: torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m mammacls train …
     """
-    from mammacls import distributed
+    from mammacls.training import distributed
 
     if nproc_per_node != 1:
         _launch(nproc_per_node, batch_size, folds, repeat)
@@ -138,7 +138,7 @@ def train(
 
 def _launch(nproc_per_node: int, batch_size: int, folds: int, repeat: int) -> None:
     """``--nproc-per-node N``: this very command line, minus that option, under torch's launcher."""
-    from mammacls import distributed
+    from mammacls.training import distributed
 
     with _errors():
         if nproc_per_node > 1 and not (folds or repeat > 1) and batch_size % nproc_per_node:

@@ -73,7 +73,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class OodDensity:
-    """The out-of-distribution densities file and its thresholds (``mammacls.ood`` fits them)."""
+    """The out-of-distribution densities file and its thresholds (``mammacls.training.refusal`` fits them)."""
 
     file: str
     sha256: str

@@ -9,7 +9,7 @@ far from every class of the training set (class-conditional Gaussians with a
 shared covariance in a PCA subspace: Lee et al. 2018's Mahalanobis score). An
 ensemble has one density per member and an image's score is the median of the
 members' distance / threshold. numpy only; the densities are fitted by
-``mammacls.ood`` at the end of training.
+``mammacls.training.refusal`` at the end of training.
 """
 
 from __future__ import annotations

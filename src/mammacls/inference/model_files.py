@@ -6,7 +6,7 @@ train/validation fingerprints, ONNX export, refusal densities). The card is also
 safetensors header, so a lone ``.safetensors`` file still describes itself; the header is parsed
 here as the JSON it is (8-byte length, then JSON), so reading it needs neither torch nor any tensor.
 Model files are never unpickled. Writing weights and loading them into networks is
-``mammacls.weights`` (torch).
+``mammacls.nets.weights`` (torch).
 """
 
 from __future__ import annotations

@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 
 from mammacls import CLASSES
-from mammacls.prepared import PreparedDataset
-from mammacls.distributed import World, sum_over_ranks, wrap_for_training
+from mammacls.data.prepared import PreparedDataset
+from mammacls.training.distributed import World, sum_over_ranks, wrap_for_training
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.images import resize_square
-from mammacls.model import forward_with_lesion, normalise
+from mammacls.nets.networks import forward_with_lesion, normalise
 from mammacls.training.config import TrainConfig
 
 
 def load_rows(dataset: PreparedDataset, rows: list[dict[str, str]], size: int, fingerprints: dict[str, list]):
     """Resized images and labels of ``rows``; records each image's content fingerprint."""
-    from mammacls.data import perceptual_hash, phash_to_hex
+    from mammacls.data.prepare import perceptual_hash, phash_to_hex
 
     images = []
     for row in rows:
@@ -82,7 +82,7 @@ def scanner_batch(images: np.ndarray, masks: np.ndarray | None, aug: dict[str, A
     """Network input and masks of the "scanner" preset, transformed as whole batches on ``device``."""
     import torch
 
-    from mammacls.augment import geometric, scanner_photometric
+    from mammacls.training.augment import geometric, scanner_photometric
 
     x = torch.from_numpy(images).to(device).float().unsqueeze(1) / 255.0
     m = None if masks is None else torch.from_numpy(masks).to(device).float().unsqueeze(1)

@@ -31,7 +31,7 @@ def write_checkpoint(path: Path, net, optimizer, scheduler, info: dict[str, Any]
     import torch
     from safetensors.torch import save_file
 
-    from mammacls.weights import state_dict_cpu
+    from mammacls.nets.weights import state_dict_cpu
 
     tensors = {f"model/{k}": v for k, v in state_dict_cpu(net).items()}
     opt_state = optimizer.state_dict()

@@ -21,7 +21,7 @@ AUGMENTATIONS: dict[str, dict[str, Any]] = {
                  "brightness": 0.2, "contrast": 0.2, "gamma": 0.0, "speckle": 0.0},
     "strong": {"random_resized_crop_scale": [0.6, 1.0], "horizontal_flip": 0.5, "rotation_degrees": 15,
                "brightness": 0.25, "contrast": 0.25, "gamma": 0.3, "speckle": 0.15},
-    # the shipped default's: batches transformed on the training device (mammacls.augment)
+    # the shipped default's: batches transformed on the training device (mammacls.training.augment)
     "scanner": {"random_resized_crop_scale": [0.45, 1.35], "horizontal_flip": 0.5, "rotation_degrees": 15,
                 "scanner": True},
 }

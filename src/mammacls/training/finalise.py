@@ -12,21 +12,21 @@ from mammacls.errors import MammaclsError
 from mammacls.inference.card import Calibration, ModelCard, OodDensity, Refusal
 from mammacls.inference.model_files import METADATA_FILE
 from mammacls.inference.predictor import softmax
-from mammacls.model import resolve_device
+from mammacls.nets.networks import resolve_device
 from mammacls.training.batches import load_rows
 from mammacls.training.splits import model_rows, training_dataset
-from mammacls.weights import save_model
+from mammacls.nets.weights import save_model
 
 
 def fit_calibration(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.ndarray, device: str,
                     run_dir: Path, members: int = 1) -> tuple[Calibration, Refusal]:
     """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
     the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
-    from mammacls.calibration import fit_temperature
-    from mammacls.metrics import MALIGNANT, calibration_metrics, threshold_at_specificity
-    from mammacls.model import predict_logits_and_features
+    from mammacls.training.calibration import fit_temperature
+    from mammacls.evaluation.metrics import MALIGNANT, calibration_metrics, threshold_at_specificity
+    from mammacls.nets.networks import predict_logits_and_features
     from mammacls.inference.gate import image_statistics
-    from mammacls.ood import choose_min_confidence, fit_density, fit_image_density, save_density
+    from mammacls.training.refusal import choose_min_confidence, fit_density, fit_image_density, save_density
 
     import torch
 
@@ -60,7 +60,7 @@ def recalibrate(ref, *, device: str = "auto") -> ModelCard:
     a dataset prepared again elsewhere or moved is accepted). A read-only (shipped) model gets its
     refitted files in the cache; its own files are never written. Returns the updated card.
     """
-    from mammacls.weights import load_network
+    from mammacls.nets.weights import load_network
 
     card = ref.card
     if not ref.read_only and not (ref.weights.parent / METADATA_FILE).is_file():
@@ -86,7 +86,7 @@ def recalibrate(ref, *, device: str = "auto") -> ModelCard:
                               sidecars=sidecars)
         ref.legacy_sidecars = {}
     if card.onnx is not None:
-        from mammacls.export import export_onnx
+        from mammacls.nets.export import export_onnx
 
         export_onnx(ref)
     return ref.card

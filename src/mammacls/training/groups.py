@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from mammacls.prepared import load_prepared
-from mammacls.distributed import World, barrier, broadcast, world
+from mammacls.data.prepared import load_prepared
+from mammacls.training.distributed import World, barrier, broadcast, world
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import CHECKPOINT_FILE, METADATA_FILE, read_card

@@ -22,14 +22,14 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.archs import ARCH_SPECS
-from mammacls.prepared import load_prepared
-from mammacls.distributed import SINGLE, World, barrier, broadcast, world
+from mammacls.data.prepared import load_prepared
+from mammacls.training.distributed import SINGLE, World, barrier, broadcast, world
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import ModelCard, Preprocessing, Provenance, TrainingSummary, WeightsInfo
 from mammacls.inference.model_files import CHECKPOINT_FILE, MODEL_FILE, read_card
 from mammacls.inference.predictor import softmax
-from mammacls.metrics import compute_metrics
-from mammacls.model import (
+from mammacls.evaluation.metrics import compute_metrics
+from mammacls.nets.networks import (
     GRAY_MEAN, GRAY_STD, attach_lesion_decoder, build_model, build_pretrained_model, normalise, predict_lesion_maps,
     predict_proba, resolve_device,
 )
@@ -39,7 +39,7 @@ from mammacls.training.checkpoint import find_resumable, read_checkpoint, write_
 from mammacls.training.config import TrainConfig, TrainReporter
 from mammacls.training.finalise import fit_calibration
 from mammacls.training.splits import rows_for, source_counts
-from mammacls.weights import library_versions, save_model
+from mammacls.nets.weights import library_versions, save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
 SLOW_EPOCH_SECONDS = 60
@@ -341,7 +341,7 @@ def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> ModelCard:
                        sidecars={"history": run.history, "training_data": run.training_data})
     (run.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     if export:
-        from mammacls.export import export_onnx
+        from mammacls.nets.export import export_onnx
         from mammacls.inference.model_files import ModelRef
 
         reporter.stage("exporting to ONNX")

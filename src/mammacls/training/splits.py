@@ -9,7 +9,7 @@ import numpy as np
 
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import ModelCard
-from mammacls.prepared import PreparedDataset, load_prepared
+from mammacls.data.prepared import PreparedDataset, load_prepared
 
 
 def rows_for(dataset: PreparedDataset, split_rows: dict[str, list[str]] | None):

@@ -11,10 +11,10 @@ from typing import Any
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
-from mammacls.evaluate import (
+from mammacls.reporting.text import (
     SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, describe_malignant, show_sources, source_rows,
 )
-from mammacls.plots import (
+from mammacls.reporting.plots import (
     confusion_matrix_figure, figure_png_bytes, precision_recall_figure, reliability_figure, roc_figure,
     thumbnail_png,
 )

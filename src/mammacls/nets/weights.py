@@ -84,7 +84,7 @@ def load_network(ref: ModelRef, device: str = "cpu"):
 def build_network(arch: str, count: int, state: dict):
     """The untrained network that ``state`` (a model's weights) fits: one architecture, or an
     ensemble of its members (keys ``members.K.``), each with a lesion decoder when ``state`` has one."""
-    from mammacls.model import LESION_DECODER, attach_lesion_decoder, build_ensemble, build_model
+    from mammacls.nets.networks import LESION_DECODER, attach_lesion_decoder, build_ensemble, build_model
 
     members = [build_model(arch, len(CLASSES), pretrained=False) for _ in range(count)]
     prefix = "members.0." if count > 1 else ""

@@ -33,7 +33,7 @@ def grad_cam(net, arch: str, images: np.ndarray, mean: float, std: float, device
     """
     import torch
 
-    from mammacls.model import capture_features, members_of
+    from mammacls.nets.networks import capture_features, members_of
     from mammacls.inference.onnx_backend import to_network_input
 
     captured: list[torch.Tensor] = []

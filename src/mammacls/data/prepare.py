@@ -29,14 +29,14 @@ from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.images import load_grayscale, load_mask_union
 from mammacls.inference.pixels import ImageReadError
-from mammacls.dedup import (  # noqa: F401  (re-exported: the fingerprints are part of data's API)
+from mammacls.data.dedup import (  # noqa: F401  (re-exported: the fingerprints are part of data's API)
     PHASH_MAX_DISTANCE, assign_groups, hamming_distances, merge_across_sources, near_duplicate_pairs,
     perceptual_hash, phash_from_hex, phash_to_hex, pixel_sha256, read_groups_csv, thumbnail_vector,
 )
-from mammacls.sources import (  # noqa: F401  (scan_dataset re-exported)
+from mammacls.data.sources import (  # noqa: F401  (scan_dataset re-exported)
     ImageRecord, ScanResult, Source, absent_classes, open_source, relative_or_absolute, scan_dataset, scan_source,
 )
-from mammacls.prepared import MANIFEST_NAME, SPLITS, SUMMARY_NAME, dataset_lock_key
+from mammacls.data.prepared import MANIFEST_NAME, SPLITS, SUMMARY_NAME, dataset_lock_key
 from mammacls.store import atomic_write_json, cache_lock, datasets_dir, record_latest_dataset, sha256_file
 
 OVERVIEW_NAME = "overview.png"
@@ -333,7 +333,7 @@ def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, pro
         "missing_classes": absent_classes(kept),
     }
     atomic_write_json(work / SUMMARY_NAME, summary)
-    from mammacls.plots import dataset_overview_figure
+    from mammacls.reporting.plots import dataset_overview_figure
 
     figure = dataset_overview_figure(kept, summary["counts"],
                                      lambda r: np.load(decoded_dir / f"{cache_names[id(r)]}.npy"))

@@ -42,13 +42,13 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     checked against ``dataset``'s validation split, on which everything is fitted. ``training`` and
     ``provenance`` describe the members (recipe, selection, ImageNet start); the rest is filled here.
     """
-    from mammacls.export import export_onnx
-    from mammacls.model import GRAY_MEAN, GRAY_STD, LESION_DECODER
+    from mammacls.nets.export import export_onnx
+    from mammacls.nets.networks import GRAY_MEAN, GRAY_STD, LESION_DECODER
     from mammacls.training.finalise import fit_calibration
     from mammacls.training.batches import load_rows
     from mammacls.training.splits import source_counts
     from mammacls.inference.model_files import MODEL_FILE, ModelRef
-    from mammacls.weights import build_network, library_versions, save_model
+    from mammacls.nets.weights import build_network, library_versions, save_model
 
     say = reporter or (lambda text: None)
     train_rows, val_rows = dataset.split("train"), dataset.split("val")
@@ -109,7 +109,7 @@ def ensemble_from_models(specs: list[str], *, name: str, reporter=None) -> Model
     from mammacls.training import model_rows
     from mammacls.training.splits import training_dataset
     from mammacls.inference.model_files import resolve_model
-    from mammacls.weights import load_network
+    from mammacls.nets.weights import load_network
 
     check_model_name(name)
     refs = [resolve_model(spec) for spec in specs]

@@ -8,7 +8,7 @@ from mammacls import CLASSES
 from mammacls.choices import Device, parse_choice
 from mammacls.errors import MammaclsError, param
 from mammacls.archs import ARCH_SPECS, check_arch
-from mammacls.imagenet import load_imagenet_state_dict
+from mammacls.nets.imagenet import load_imagenet_state_dict
 
 
 # One grey channel normalised with the mean of ImageNet's per-channel statistics.

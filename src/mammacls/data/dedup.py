@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mammacls.errors import MammaclsError
-from mammacls.sources import ImageRecord
+from mammacls.data.sources import ImageRecord
 
 # Near-duplicate rule, tuned on BUSI against Pawłowska et al. 2023's published
 # grouping: 64-bit DCT perceptual hash within 8 bits, or 32x32 thumbnails with

@@ -14,7 +14,7 @@ from mammacls.errors import MammaclsError
 from mammacls.inference.card import ModelCard, OnnxExport
 from mammacls.store import atomic_path, sha256_file
 from mammacls.inference.model_files import METADATA_FILE, ModelRef
-from mammacls.weights import load_network
+from mammacls.nets.weights import load_network
 
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 17
@@ -31,7 +31,7 @@ def export_onnx(ref: ModelRef) -> ModelCard:
     folder = ref.files_dir
     if not ref.read_only and not (folder / METADATA_FILE).is_file():
         raise MammaclsError(f"export needs a model folder with {METADATA_FILE}; {ref.weights} has none beside it")
-    from mammacls.model import with_features
+    from mammacls.nets.networks import with_features
 
     net = with_features(ref.card.arch, load_network(ref, "cpu"))
     size = ref.card.img_size

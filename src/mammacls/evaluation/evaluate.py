@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from mammacls import CLASSES
-from mammacls.prepared import is_prepared_dir, load_prepared
+from mammacls.data.prepared import is_prepared_dir, load_prepared
 from mammacls.errors import MammaclsError
 from mammacls.inference.images import load_grayscale, resize_square
 from mammacls.inference.pixels import ImageReadError
-from mammacls.metrics import compute_metrics
+from mammacls.evaluation.metrics import compute_metrics
 from mammacls.choices import Device
 from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import ModelRef, list_cached_models, resolve_model
@@ -36,14 +36,14 @@ class EvalSet:
 
     def phashes(self) -> np.ndarray:
         if self._phashes is None:
-            from mammacls.data import perceptual_hash
+            from mammacls.data.prepare import perceptual_hash
 
             self._phashes = np.stack([perceptual_hash(img) for img in self.images])
         return self._phashes
 
     def content_hashes(self) -> list[str]:
         if not self.sha256:
-            from mammacls.data import pixel_sha256
+            from mammacls.data.prepare import pixel_sha256
 
             self.sha256 = [pixel_sha256(img) for img in self.images]
         return self.sha256
@@ -77,7 +77,7 @@ def load_eval_set(data: Path | None = None, split: str = "test") -> EvalSet:
             sha256=[row["sha256"] for row in rows],
             sources=[row["source"] for row in rows],
         )
-    from mammacls.sources import open_source, scan_source
+    from mammacls.data.sources import open_source, scan_source
 
     scan = scan_source(open_source(data))
     images, labels, paths, skipped = [], [], [], list(scan.skipped)
@@ -114,7 +114,7 @@ def evaluate_models(
     are in the evaluation set is refused unless ``allow_overlap``; then the
     overlap is reported with its results.
     """
-    from mammacls.model import resolve_device
+    from mammacls.nets.networks import resolve_device
 
     device = resolve_device(device)
     overlaps = {ref.name: training_overlap(ref, eval_set) for ref in refs}
@@ -193,7 +193,7 @@ def source_breakdown(eval_set: EvalSet, probabilities: np.ndarray, val_threshold
 
     Empty for one source that holds every class: the whole-set figures are that source's.
     """
-    from mammacls.metrics import subset_metrics
+    from mammacls.evaluation.metrics import subset_metrics
 
     names = list(dict.fromkeys(eval_set.sources)) or ["data"]
     if len(names) == 1 and len(np.unique(eval_set.labels)) == len(CLASSES):
@@ -263,7 +263,7 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, logits: np.ndarray, feat
 
 def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
     """How many evaluation images the model saw in training or validation (same pixels or near-duplicate)."""
-    from mammacls.data import PHASH_MAX_DISTANCE, hamming_distances, phash_from_hex
+    from mammacls.data.prepare import PHASH_MAX_DISTANCE, hamming_distances, phash_from_hex
 
     prints = (ref.sidecar("training_data") or {}).get("train_val_fingerprints")
     if not prints or not prints.get("sha256"):
@@ -288,7 +288,7 @@ def score(name: str, description: dict[str, Any], logits: np.ndarray, card: Mode
     """Metrics with bootstrap intervals, malignant operating points and calibration figures
     (``card`` None: averaged probabilities, nothing calibrated)."""
     from mammacls.inference.predictor import softmax
-    from mammacls.metrics import bootstrap_ci, calibration_metrics, malignant_metrics, reliability_bins
+    from mammacls.evaluation.metrics import bootstrap_ci, calibration_metrics, malignant_metrics, reliability_bins
 
     temperature = card.temperature if card else 1.0
     raw = softmax(logits) if probabilities is None else probabilities
@@ -327,50 +327,3 @@ def results_json(results: list[dict[str, Any]], eval_set: EvalSet, calibrated: b
         "groups": group_summaries(results),
         "calibrated": calibrated,
     }
-
-
-def format_ci(value: float | None, interval: list[float] | None) -> str:
-    """``0.874 [0.82–0.92]``, or the bare value when there is no interval."""
-    if value is None:
-        return "–"
-    return f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else f"{value:.3f}"
-
-
-SOURCE_COLUMNS = ("source", "n", "accuracy", "macro F1", "mal. AUC", "sens @ val thr.", "sens @ spec 90%", "called")
-SOURCE_COLUMNS_NOTE = ("sens @ val thr.: malignant sensitivity at the model's own threshold for 90% specificity on its "
-                       "validation set; sens @ spec 90%: the ROC point of 90% specificity on these images (threshold "
-                       "chosen on them, optimistic); called: how often the model named a class the source does not "
-                       "hold; macro F1 over the classes the source holds")
-
-
-def source_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
-    """One formatted row per source of a model's result (``SOURCE_COLUMNS``), for the CLI and the report."""
-    rows = []
-    for name, m in (entry["metrics"].get("sources") or {}).items():
-        ci = m["ci95"]
-        called = ", ".join(f"{c} {share:.1%}" for c, share in m["predicted_absent"].items()) or "–"
-        rows.append((name, str(m["n"]), *(format_ci(m.get(k), ci.get(k)) for k in (
-            "accuracy", "macro_f1", "malignant_auc", "malignant_sensitivity_at_val_threshold",
-            "malignant_sensitivity_at_set_spec90")), called))
-    return rows
-
-
-def absent_classes_note(absent: list[str]) -> str:
-    return f"classes absent from this set: {', '.join(absent)} — no recall, F1 or AUC is reported for them"
-
-
-def show_sources(document: dict[str, Any]) -> bool:
-    """Per-source figures matter when there are several sources or the set lacks a class."""
-    data = document["data"]
-    return len(data.get("sources", {})) > 1 or bool(data.get("classes_absent"))
-
-
-def describe_malignant(mal: dict[str, Any]) -> str:
-    """One sentence on the malignant-vs-rest operating points, with intervals."""
-    text = (f"malignant vs rest: sensitivity {format_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
-            f"specificity {format_ci(mal['specificity'], mal.get('specificity_ci95'))}")
-    if "sensitivity_at_spec90" in mal:
-        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal['threshold_spec90']:.3f}): "
-                 f"sensitivity {format_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
-                 f"specificity {format_ci(mal['specificity_at_spec90'], None)}")
-    return text

@@ -1,0 +1,1 @@
+"""Scoring models on a labelled set: metrics with intervals, calibration figures, the overlap guard."""

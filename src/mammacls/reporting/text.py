@@ -1,0 +1,53 @@
+"""Text shared by evaluate's tables on the terminal and its HTML report: intervals, per-source rows,
+the malignant operating points in a sentence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_ci(value: float | None, interval: list[float] | None) -> str:
+    """``0.874 [0.82–0.92]``, or the bare value when there is no interval."""
+    if value is None:
+        return "–"
+    return f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else f"{value:.3f}"
+
+
+SOURCE_COLUMNS = ("source", "n", "accuracy", "macro F1", "mal. AUC", "sens @ val thr.", "sens @ spec 90%", "called")
+SOURCE_COLUMNS_NOTE = ("sens @ val thr.: malignant sensitivity at the model's own threshold for 90% specificity on its "
+                       "validation set; sens @ spec 90%: the ROC point of 90% specificity on these images (threshold "
+                       "chosen on them, optimistic); called: how often the model named a class the source does not "
+                       "hold; macro F1 over the classes the source holds")
+
+
+def source_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One formatted row per source of a model's result (``SOURCE_COLUMNS``), for the CLI and the report."""
+    rows = []
+    for name, m in (entry["metrics"].get("sources") or {}).items():
+        ci = m["ci95"]
+        called = ", ".join(f"{c} {share:.1%}" for c, share in m["predicted_absent"].items()) or "–"
+        rows.append((name, str(m["n"]), *(format_ci(m.get(k), ci.get(k)) for k in (
+            "accuracy", "macro_f1", "malignant_auc", "malignant_sensitivity_at_val_threshold",
+            "malignant_sensitivity_at_set_spec90")), called))
+    return rows
+
+
+def absent_classes_note(absent: list[str]) -> str:
+    return f"classes absent from this set: {', '.join(absent)} — no recall, F1 or AUC is reported for them"
+
+
+def show_sources(document: dict[str, Any]) -> bool:
+    """Per-source figures matter when there are several sources or the set lacks a class."""
+    data = document["data"]
+    return len(data.get("sources", {})) > 1 or bool(data.get("classes_absent"))
+
+
+def describe_malignant(mal: dict[str, Any]) -> str:
+    """One sentence on the malignant-vs-rest operating points, with intervals."""
+    text = (f"malignant vs rest: sensitivity {format_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
+            f"specificity {format_ci(mal['specificity'], mal.get('specificity_ci95'))}")
+    if "sensitivity_at_spec90" in mal:
+        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal['threshold_spec90']:.3f}): "
+                 f"sensitivity {format_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
+                 f"specificity {format_ci(mal['specificity_at_spec90'], None)}")
+    return text
