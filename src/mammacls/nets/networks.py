@@ -222,34 +222,17 @@ def predict_logits_and_features(net, arch: str, images, device: str = "cpu", bat
 
 
 # ------------------------------------------------------ lesion decoder ---
-# Mask-guided training adds a light FPN-style decoder on two backbone feature
-# maps: one at stride 8 (detail) and the last one at stride 32 (context).
-DECODER_WIDTH = 64
 LESION_DECODER = "lesion_decoder"
 
 
 def attach_lesion_decoder(arch: str, net):
-    """Give ``net`` a lesion-segmentation decoder as submodule ``lesion_decoder``.
-
-    The torchvision forward ignores it, so the classifier alone runs (and is
+    """Give ``net`` a lesion-segmentation decoder (``nets.lesion.LesionDecoder``) as submodule
+    ``lesion_decoder``. The torchvision forward ignores it, so the classifier alone runs (and is
     exported) unless :func:`forward_with_lesion` is called.
     """
-    from torch import nn
+    from mammacls.nets.lesion import LesionDecoder
 
-    check_arch(arch)
-    mid, deep = ARCH_SPECS[arch].decoder_channels
-
-    def conv_bn(cin, cout, k):
-        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                             nn.ReLU(inplace=True))
-
-    decoder = nn.ModuleDict({
-        "mid": conv_bn(mid, DECODER_WIDTH, 1),
-        "deep": conv_bn(deep, DECODER_WIDTH, 1),
-        "fuse": nn.Sequential(conv_bn(DECODER_WIDTH, DECODER_WIDTH, 3), conv_bn(DECODER_WIDTH, DECODER_WIDTH, 3)),
-        "out": nn.Conv2d(DECODER_WIDTH, 1, 1),
-    })
-    setattr(net, LESION_DECODER, decoder)
+    setattr(net, LESION_DECODER, LesionDecoder(*ARCH_SPECS[check_arch(arch)].decoder_channels))
     return net
 
 
@@ -279,7 +262,6 @@ def _staged_forward(arch: str, net, x):
 
 def forward_with_lesion(arch: str, net, x):
     """Class logits and lesion-mask logits (N x 1 x H x W, the input's size) in one pass."""
-    from torch.nn import functional as F
 
     if not has_lesion_decoder(net):
         raise MammaclsError(f"this model was not trained with {param('mask_guided')}: it has no lesion decoder")
@@ -289,11 +271,7 @@ def forward_with_lesion(arch: str, net, x):
         outputs = [forward_with_lesion(arch, member, x) for member in net.members]
         return tuple(torch.stack(column).mean(dim=0) for column in zip(*outputs))
     logits, mid, deep = _staged_forward(arch, net, x)
-    decoder = getattr(net, LESION_DECODER)
-    fused = decoder["mid"](mid) + F.interpolate(decoder["deep"](deep), size=mid.shape[-2:], mode="bilinear",
-                                               align_corners=False)
-    mask = decoder["out"](decoder["fuse"](fused))
-    return logits, F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return logits, getattr(net, LESION_DECODER)(mid, deep, x.shape[-2:])
 
 
 def predict_lesion_maps(net, arch: str, images, device: str = "cpu", batch_size: int = 32):
