@@ -48,7 +48,8 @@ def predict(
     from mammacls.predict import predict_paths
 
     with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                             console=_console(), transient=True) as bar:
+                             console=_console(), transient=True,
+                             disable=not _console().is_terminal) as bar:
         task = bar.add_task("predict", total=None)
         streamed = output is not None
 

@@ -35,7 +35,8 @@ def prepare(
     options = PrepareOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                              keep_conflicts=keep_conflicts, groups_csv=groups)
     with _errors(), Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), console=_console(), transient=True) as bar:
+                             TimeRemainingColumn(), console=_console(), transient=True,
+                             disable=not _console().is_terminal) as bar:
         task = bar.add_task("decode", total=None)
         summary = prepare_dataset(sources or ["Dataset_BUSI_with_GT"], out=out, options=options,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))

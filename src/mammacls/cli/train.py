@@ -25,7 +25,8 @@ class _RichReporter:
         self.console = console
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), console=console)
+                                 TimeRemainingColumn(), console=console,
+                                 disable=not console.is_terminal)  # logs and pipes get the epoch lines only
         self.epoch_task = None
         self.batch_task = None
         self.stage_task = None
