@@ -84,6 +84,19 @@ def test_early_refusals_answer_before_torch_or_the_model_loads(tmp_path, args, m
     assert not {"torch", "onnxruntime", "torchvision"} & _imported(done.stderr)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["train", "--epochs", "many"], "Invalid value for '--epochs'"),
+    (["predict"], "Missing argument"),
+    (["train", "--nope"], "No such option: --nope"),
+])
+def test_usage_errors_are_one_line_too(tmp_path, args, message):
+    done = _run(args, _env(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert f"(see mammacls {args[0]} --help)" in lines[0]
+
+
 def test_obvious_architecture_spellings_are_accepted():
     from mammacls.training import TrainConfig
 

@@ -67,7 +67,21 @@ def _flag_without_metavar(make_option):
 
 
 def main() -> None:
-    _with_metavars(typer.main.get_command(app))(args=_report_option_value(sys.argv[1:]), prog_name="mammacls")
+    command = _with_metavars(typer.main.get_command(app))
+    try:
+        code = command.main(args=_report_option_value(sys.argv[1:]), prog_name="mammacls", standalone_mode=False)
+    except Exception as exc:  # click's usage errors (its own or Typer's copy of click): one line, not a panel
+        if type(exc).__name__ == "Abort":  # end of input at a prompt
+            print("error: aborted", file=sys.stderr)
+            sys.exit(1)
+        if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        if type(exc).__name__ != "NoArgsIsHelpError":  # bare `mammacls`: the help was printed already
+            context = getattr(exc, "ctx", None)
+            where = f" (see {context.command_path} --help)" if context is not None else ""
+            print(f"error: {exc.format_message()}{where}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
