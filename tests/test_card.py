@@ -102,3 +102,12 @@ def test_old_foreign_or_damaged_records_are_one_clear_line(tmp_path, change, mes
     with pytest.raises(MammaclsError, match=message) as caught:
         ModelCard.from_record(record, tmp_path / "metadata.json")
     assert "\n" not in str(caught.value)
+
+
+def test_migration_refuses_a_foreign_record_instead_of_guessing(tmp_path):
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    (folder / "metadata.json").write_text(json.dumps({"format": "someone-else/3", "arch": "mobilenet_v2"}))
+    with pytest.raises(MammaclsError, match="is not a mammacls model record"):
+        migrate_model_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json"]  # nothing written

@@ -49,6 +49,16 @@ def _errors():
         raise typer.Exit(130) from None
 
 
+def _transient_bar(label: str):
+    """A progress bar on stderr that vanishes when done; none at all when stderr is not a terminal
+    (a log or a pipe gets neither the bar nor the blank line a stopped bar leaves)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = _console()
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                    transient=True, disable=not console.is_terminal)
+
+
 def _quiet_console():
     from rich.console import Console
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mammacls import CLASSES
-from mammacls.cli.common import app, _console, _errors, _emit_json
+from mammacls.cli.common import app, _console, _emit_json, _errors, _transient_bar
 
 
 @app.command()
@@ -42,14 +42,10 @@ def predict(
 ) -> None:
     """Classify images and DICOM files (a cine loop: every frame, plus a summary). Files that cannot be
     read are reported one line each (exit code 1); the rest are predicted."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from mammacls.inference.inputs import parse_shard
     from mammacls.predict import predict_paths
 
-    with _errors(), Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                             console=_console(), transient=True,
-                             disable=not _console().is_terminal) as bar:
+    with _errors(), _transient_bar("predicting") as bar:
         task = bar.add_task("predict", total=None)
         streamed = output is not None
 

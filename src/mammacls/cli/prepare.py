@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mammacls import CLASSES
-from mammacls.cli.common import app, _console, _errors, _emit_json
+from mammacls.cli.common import app, _console, _emit_json, _errors, _transient_bar
 
 
 @app.command()
@@ -28,15 +28,11 @@ def prepare(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Validate, de-duplicate and split one or more sources (train / val / test), patients and duplicates whole."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from mammacls.data.prepare import PrepareOptions, prepare_dataset
 
     options = PrepareOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                              keep_conflicts=keep_conflicts, groups_csv=groups)
-    with _errors(), Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), console=_console(), transient=True,
-                             disable=not _console().is_terminal) as bar:
+    with _errors(), _transient_bar("decoding images") as bar:
         task = bar.add_task("decode", total=None)
         summary = prepare_dataset(sources or ["Dataset_BUSI_with_GT"], out=out, options=options,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))

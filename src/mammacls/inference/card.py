@@ -23,10 +23,14 @@ SCHEMA_VERSION = 2
 SCHEMA = f"mammacls-model/{SCHEMA_VERSION}"
 LEGACY_SCHEMAS = ("mammacls-model/1",)
 MODEL_FILE = "model.safetensors"
-HISTORY_FILE = "history.json"
-TRAINING_DATA_FILE = "training_data.json"
+# Each kind of bulky data and the sibling file of metadata.json that holds it.
+SIDECAR_FILES = {"history": "history.json", "training_data": "training_data.json"}
 # Why a model may not be shipped as it is: keys that only make sense on the machine that trained it.
 MACHINE_SPECIFIC = ("prepared_dir",)
+# One grey channel normalised with the mean of ImageNet's per-channel statistics: every channel of a
+# replicated grey image then carries the same value, so summing the pretrained RGB filters is exact.
+GRAY_MEAN = 0.449
+GRAY_STD = 0.226
 INTENDED_USE = ("research: classify a 2-D B-mode breast ultrasound image as benign, malignant or normal, "
                 "with refusals for what the model cannot judge; not a medical device")
 Status = Literal["training", "complete"]
@@ -38,8 +42,8 @@ class Preprocessing:
 
     img_size: int
     in_chans: int = 1
-    mean: tuple[float, ...] = (0.449,)
-    std: tuple[float, ...] = (0.226,)
+    mean: tuple[float, ...] = (GRAY_MEAN,)
+    std: tuple[float, ...] = (GRAY_STD,)
     resize: str = "area (shrink) / bilinear (enlarge), square resize"
     input_range: str = "grayscale uint8 / 255"
 
@@ -168,6 +172,10 @@ class ModelCard:
     def replace(self, **changes: Any) -> ModelCard:
         return dataclasses.replace(self, **changes)
 
+    def with_weights(self, **changes: Any) -> ModelCard:
+        """The card with fields of its weights section changed (``sha256=...``, ``file=...``)."""
+        return self.replace(weights=dataclasses.replace(self.weights, **changes))
+
     def to_record(self) -> dict[str, Any]:
         """The JSON form written to ``metadata.json`` (and, without ``sha256``, the weights' header)."""
         record = dataclasses.asdict(self)
@@ -176,19 +184,31 @@ class ModelCard:
     @classmethod
     def from_record(cls, record: Any, where: Path | str) -> ModelCard:
         """Parse and validate a record of any known schema; one clear line for anything else."""
-        if isinstance(record, dict) and record.get("format") in LEGACY_SCHEMAS:
-            record, _ = migrate_v1(record)
-        if not isinstance(record, dict) or "schema" not in record:
-            raise MammaclsError(f"{where} is not a mammacls model record")
-        if record["schema"] != SCHEMA:
-            raise MammaclsError(f"{where}: model schema {record['schema']!r} is not one this mammacls reads "
-                                f"({SCHEMA}); upgrade mammacls")
-        try:
-            card = _build(cls, record)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise MammaclsError(f"{where}: damaged model record ({str(exc)[:120]})") from None
-        _check(card, where)
-        return card
+        return parse_record(record, where)[0]
+
+
+def parse_record(record: Any, where: Path | str) -> tuple[ModelCard, dict[str, Any]]:
+    """The card in ``record`` (of any schema this mammacls reads, validated) and, for a schema-1 record,
+    the bulky parts it held itself, by sidecar kind (else ``{}``); one clear line for anything else."""
+    sidecars: dict[str, Any] = {}
+    if isinstance(record, dict) and record.get("format") in LEGACY_SCHEMAS:
+        record, sidecars = migrate_v1(record)
+    if not isinstance(record, dict) or "schema" not in record:
+        raise MammaclsError(f"{where} is not a mammacls model record")
+    if record["schema"] != SCHEMA:
+        raise MammaclsError(f"{where}: model schema {record['schema']!r} is not one this mammacls reads "
+                            f"({SCHEMA}); upgrade mammacls")
+    try:
+        card = _build(ModelCard, record)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise MammaclsError(f"{where}: damaged model record ({str(exc)[:120]})") from None
+    _check(card, where)
+    return card, sidecars
+
+
+def without_machine_specific(training_data: dict[str, Any]) -> dict[str, Any]:
+    """The ``training_data`` sidecar as it may travel: without paths of the machine that trained it."""
+    return {key: value for key, value in training_data.items() if key not in MACHINE_SPECIFIC}
 
 
 def _build(cls, values: dict[str, Any]):
@@ -273,10 +293,8 @@ def migrate_v1(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
                      "selection": old.pop("selection", ""), "best_epoch": old.pop("best_epoch", None),
                      "epochs_run": old.pop("epochs_run", None), "val_metrics": old.pop("val_metrics", None),
                      "group": old.pop("group", None), "ensemble": ensemble},
-        "sidecars": {"history": HISTORY_FILE} if "history" in sidecars else {},
+        "sidecars": {kind: SIDECAR_FILES[kind] for kind in sidecars},
     }
-    if "training_data" in sidecars:
-        new["sidecars"]["training_data"] = TRAINING_DATA_FILE
     for key in _V1_DROPPED:
         old.pop(key, None)
     if old.get("seed") == new["training"]["config"].get("seed"):

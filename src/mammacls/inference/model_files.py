@@ -11,7 +11,6 @@ Model files are never unpickled. Writing weights and loading them into networks 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from mammacls.errors import MammaclsError
-from mammacls.inference.card import MODEL_FILE, SCHEMA, ModelCard, migrate_v1
-from mammacls.store import atomic_write_json, models_dir
+from mammacls.inference.card import MODEL_FILE, SCHEMA, ModelCard, parse_record, without_machine_specific
+from mammacls.store import atomic_path, atomic_write_json, cache_dir, models_dir, sha256_file
 
 METADATA_FILE = "metadata.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -39,8 +38,6 @@ def shipped_weights_dir() -> Path:
 
 def derived_dir(card: ModelCard) -> Path:
     """Cache folder for what is derived from a read-only model, keyed by its weights' sha256."""
-    from mammacls.store import cache_dir
-
     return cache_dir() / "derived" / f"{card.name or 'model'}-{card.weights.sha256[:16]}"
 
 
@@ -155,11 +152,7 @@ def read_card(model_dir: Path) -> ModelCard:
 
 def folder_ref(folder: Path, name: str, source: str, why: str = "") -> ModelRef:
     """The model in ``folder``; a schema-1 record's bulky parts are kept in memory as its sidecars."""
-    record = _read_record(folder)
-    legacy: dict[str, Any] = {}
-    if isinstance(record, dict) and "schema" not in record and "format" in record:
-        record, legacy = migrate_v1(record)
-    card = ModelCard.from_record(record, Path(folder) / METADATA_FILE)
+    card, legacy = parse_record(_read_record(folder), Path(folder) / METADATA_FILE)
     return ModelRef(name, Path(folder) / card.weights.file, card, source, why, legacy)
 
 
@@ -186,8 +179,7 @@ def header_card(path: Path) -> ModelCard:
         record = json.loads(header[HEADER_KEY])
     except json.JSONDecodeError:
         raise MammaclsError(f"{path}: damaged mammacls metadata in the file header") from None
-    card = ModelCard.from_record(record, path)
-    return card.replace(weights=dataclasses.replace(card.weights, file=path.name))
+    return ModelCard.from_record(record, path).with_weights(file=path.name)
 
 
 def resolve_model(spec: str | None) -> ModelRef:
@@ -255,8 +247,6 @@ def card_matching(ref: ModelRef, digest: str, seconds: float = 3.0) -> ModelCard
 def rewrite_header(path: Path, card: ModelCard) -> None:
     """Put ``card`` in the header of the safetensors file ``path``, keeping every tensor byte as it is
     (the header is JSON before the data; tensor offsets count from the data's start)."""
-    from mammacls.store import atomic_path
-
     raw = Path(path).read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + length])
@@ -277,21 +267,17 @@ def header_record(card: ModelCard) -> dict[str, Any]:
 def migrate_model_folder(folder: Path) -> ModelCard:
     """Rewrite a schema-1 model folder as schema 2: the card in ``metadata.json`` and the weights'
     header, the bulky parts in sibling files, machine-specific paths dropped. Tensors are untouched."""
-    from mammacls.inference.card import MACHINE_SPECIFIC
-    from mammacls.store import sha256_file
-
     folder = Path(folder)
     record = _read_record(folder)
-    if not isinstance(record, dict) or record.get("schema") == SCHEMA:
-        return read_card(folder)
-    migrated, sidecars = migrate_v1(record)
-    card = ModelCard.from_record(migrated, folder / METADATA_FILE)
+    card, sidecars = parse_record(record, folder / METADATA_FILE)
+    if record.get("schema") == SCHEMA:
+        return card  # already schema 2
     for kind, value in sidecars.items():
         if kind == "training_data":
-            value = {k: v for k, v in value.items() if k not in MACHINE_SPECIFIC}
+            value = without_machine_specific(value)
         atomic_write_json(folder / card.sidecars[kind], value)
     weights = folder / card.weights.file
     rewrite_header(weights, card)
-    card = card.replace(weights=dataclasses.replace(card.weights, sha256=sha256_file(weights)))
+    card = card.with_weights(sha256=sha256_file(weights))
     atomic_write_json(folder / METADATA_FILE, card.to_record())
     return card

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mammacls import CLASSES
-from mammacls.errors import MammaclsError
+from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import OodDensity
 from mammacls.inference.gate import distances, image_check, model_density, status_of
 from mammacls.inference.images import is_dicom, load_grayscale, resize_square, to_grayscale
@@ -173,7 +173,7 @@ class Predictor:
         cine loop one summary whose ``frames`` hold each frame's answer.
         """
         if batch_size < 1:
-            raise MammaclsError("batch_size must be at least 1")
+            raise MammaclsError(f"{param('batch_size')} must be at least 1")
         items = [images] if _is_single(images) else list(images)
         per_input: list[list[Frame] | str] = []
         for index, item in enumerate(items):

@@ -8,14 +8,10 @@ from mammacls import CLASSES
 from mammacls.choices import Device, parse_choice
 from mammacls.errors import MammaclsError, param
 from mammacls.archs import ARCH_SPECS, check_arch
+from mammacls.inference.card import GRAY_MEAN, GRAY_STD
 from mammacls.nets.imagenet import load_imagenet_state_dict
 
 
-# One grey channel normalised with the mean of ImageNet's per-channel statistics.
-# Because every channel of a replicated grey image then carries the same value,
-# summing the pretrained RGB filters gives exactly the 3-channel response.
-GRAY_MEAN = 0.449
-GRAY_STD = 0.226
 
 
 def build_model(arch: str, num_classes: int = len(CLASSES), pretrained: bool = False, imagenet: str = "auto"):

@@ -6,7 +6,6 @@ Model files are never unpickled.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
-from mammacls.inference.card import MACHINE_SPECIFIC, ModelCard
+from mammacls.inference.card import SIDECAR_FILES, ModelCard, without_machine_specific
 from mammacls.inference.model_files import HEADER_KEY, METADATA_FILE, ModelRef, card_matching, header_record
 from mammacls.store import atomic_path, atomic_write_json, sha256_file
 
@@ -40,12 +39,12 @@ def save_model(net, card: ModelCard, model_dir: Path, tensors: dict | None = Non
                sidecars: dict[str, Any] | None = None) -> ModelCard:
     """Write the sibling files, the weights (``net``'s, or ``tensors``), then the card, each atomically;
     returns the card with the weights' sha256. ``sidecars`` maps a kind (``history``,
-    ``training_data``) to its JSON content, written as the file the card names for it."""
+    ``training_data``) to its JSON content, written as that kind's file (``SIDECAR_FILES``)."""
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    names = {kind: f"{kind}.json" for kind in sidecars or {}}
+    names = {kind: SIDECAR_FILES[kind] for kind in sidecars or {}}
     card = card.replace(sidecars={**card.sidecars, **names})
     for kind, value in (sidecars or {}).items():
         atomic_write_json(model_dir / names[kind], value)
@@ -53,7 +52,7 @@ def save_model(net, card: ModelCard, model_dir: Path, tensors: dict | None = Non
     header = {HEADER_KEY: json.dumps(header_record(card))}
     with atomic_path(weights_path) as tmp:
         save_file(tensors if tensors is not None else state_dict_cpu(net), str(tmp), metadata=header)
-    card = card.replace(weights=dataclasses.replace(card.weights, sha256=sha256_file(weights_path)))
+    card = card.with_weights(sha256=sha256_file(weights_path))
     atomic_write_json(model_dir / METADATA_FILE, card.to_record())
     return card
 
@@ -117,15 +116,12 @@ def publish_model(ref: ModelRef, target: Path, *, half: bool = True, name: str |
                    for k, v in tensors.items()}
     dtype = ("float32" if not half else "float16" if half_min_elements == 0 else
              f"float16 for tensors of >= {half_min_elements} elements, float32 otherwise")
-    card = ref.card
-    card = card.replace(weights=dataclasses.replace(card.weights, storage_dtype=dtype), onnx=None, sidecars={},
-                        name=name or card.name)
+    card = ref.card.with_weights(storage_dtype=dtype).replace(onnx=None, sidecars={}, name=name or ref.card.name)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     ood = card.refusal.ood
     if ood is not None:
         shutil.copyfile(ref.file(ood.file), target / ood.file)
     training_data = ref.sidecar("training_data")
-    sidecars = {"training_data": {k: v for k, v in training_data.items() if k not in MACHINE_SPECIFIC}} \
-        if training_data else None
+    sidecars = {"training_data": without_machine_specific(training_data)} if training_data else None
     return save_model(net, card, target, tensors, sidecars)

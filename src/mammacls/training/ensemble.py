@@ -43,10 +43,10 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     ``provenance`` describe the members (recipe, selection, ImageNet start); the rest is filled here.
     """
     from mammacls.nets.export import export_onnx
-    from mammacls.nets.networks import GRAY_MEAN, GRAY_STD, LESION_DECODER
+    from mammacls.nets.networks import LESION_DECODER
     from mammacls.training.finalise import fit_calibration
     from mammacls.training.batches import load_rows
-    from mammacls.training.splits import source_counts
+    from mammacls.training.splits import data_summary, training_data_record
     from mammacls.inference.model_files import MODEL_FILE, ModelRef
     from mammacls.nets.weights import build_network, library_versions, save_model
 
@@ -75,23 +75,21 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     provenance = provenance or Provenance()
     card = ModelCard(
         name=name, arch=arch,
-        preprocessing=Preprocessing(img_size=img_size, mean=(GRAY_MEAN,), std=(GRAY_STD,)),
+        preprocessing=Preprocessing(img_size=img_size),
         weights=WeightsInfo(members=len(states), lesion_decoder=any(f".{LESION_DECODER}." in f".{key}"
                                                                     for key in state)),
         calibration=calibration, refusal=refusal,
         provenance=dataclasses.replace(
             provenance, versions=library_versions(),
             finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            data={**provenance.data, "manifest_sha256": dataset.manifest_sha256, "train_images": int(len(train_y)),
-                  "val_images": int(len(val_y)), "sources": source_counts(train_rows, val_rows)}),
+            data={**provenance.data, **data_summary(dataset, train_rows, val_rows)}),
         training=dataclasses.replace(
             training, status="complete",
             ensemble=None if single else {**(training.ensemble or {}), "members": len(states),
                                           "combine": "mean of member logits"}),
     )
-    training_data = {"train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
-                     "train_val_fingerprints": fingerprints}
-    final = save_model(net, card, target, sidecars={"training_data": training_data})
+    final = save_model(net, card, target,
+                       sidecars={"training_data": training_data_record(train_rows, val_rows, fingerprints)})
     say("exporting to ONNX" + ("" if single else " (all members in one graph)"))
     return export_onnx(ModelRef(name, target / MODEL_FILE, final, "cache"))
 

@@ -30,7 +30,7 @@ from mammacls.inference.model_files import CHECKPOINT_FILE, MODEL_FILE, read_car
 from mammacls.inference.predictor import softmax
 from mammacls.evaluation.metrics import compute_metrics
 from mammacls.nets.networks import (
-    GRAY_MEAN, GRAY_STD, attach_lesion_decoder, build_model, build_pretrained_model, normalise, predict_lesion_maps,
+    attach_lesion_decoder, build_model, build_pretrained_model, normalise, predict_lesion_maps,
     predict_proba, resolve_device,
 )
 from mammacls.store import cache_lock, check_model_name, models_dir
@@ -38,7 +38,7 @@ from mammacls.training.batches import EpochRunner, lesion_dice, load_masks, load
 from mammacls.training.checkpoint import find_resumable, read_checkpoint, write_checkpoint
 from mammacls.training.config import TrainConfig, TrainReporter
 from mammacls.training.finalise import fit_calibration
-from mammacls.training.splits import rows_for, source_counts
+from mammacls.training.splits import data_summary, rows_for, training_data_record
 from mammacls.nets.weights import library_versions, save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
@@ -223,13 +223,12 @@ def _base_card(config, name, device, current, dataset, imagenet_record, rows, cl
     train_rows, val_rows = rows
     return ModelCard(
         name=name, arch=config.arch,
-        preprocessing=Preprocessing(img_size=config.img_size, mean=(GRAY_MEAN,), std=(GRAY_STD,)),
+        preprocessing=Preprocessing(img_size=config.img_size),
         weights=WeightsInfo(lesion_decoder=config.mask_guided),
         provenance=Provenance(
             pretrained=imagenet_record, device=device, versions=library_versions(),
             processes={"world_size": current.size, "backend": current.backend},
-            data={"manifest_sha256": dataset.manifest_sha256, "train_images": len(train_rows),
-                  "val_images": len(val_rows), "sources": source_counts(train_rows, val_rows),
+            data={**data_summary(dataset, train_rows, val_rows),
                   "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist()))}),
         training=TrainingSummary(config=asdict(config),
                                  selection="best validation macro-F1 (ties: lower validation loss); "
@@ -238,12 +237,9 @@ def _base_card(config, name, device, current, dataset, imagenet_record, rows, cl
 
 
 def _training_data(dataset, rows, fingerprints) -> dict[str, Any]:
-    """The ``training_data`` sidecar: which groups and pixels the model saw (evaluate's overlap guard),
-    and where the prepared dataset was on this machine (a hint for calibrate; dropped when shipped)."""
-    train_rows, val_rows = rows
-    return {"prepared_dir": str(dataset.root.resolve()),
-            "train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
-            "train_val_fingerprints": fingerprints}
+    """The ``training_data`` sidecar, with where the prepared dataset was on this machine (a hint for
+    calibrate; dropped when shipped)."""
+    return {"prepared_dir": str(dataset.root.resolve()), **training_data_record(*rows, fingerprints)}
 
 
 def _run_epochs(run: _Run, reporter: TrainReporter) -> None:

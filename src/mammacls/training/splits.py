@@ -4,6 +4,7 @@ the dataset a saved model was trained on."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,21 @@ def training_dataset(ref) -> PreparedDataset:
         raise MammaclsError(f"the prepared dataset at {dataset.root} does not hold the train/validation images "
                             f"{ref.name} was trained on (prepare the same sources with the same --seed)")
     return dataset
+
+
+def data_summary(dataset: PreparedDataset, train_rows: list[dict[str, str]],
+                 val_rows: list[dict[str, str]]) -> dict[str, Any]:
+    """A model card's ``provenance.data``: which prepared dataset, how many images per source and class."""
+    return {"manifest_sha256": dataset.manifest_sha256, "train_images": len(train_rows),
+            "val_images": len(val_rows), "sources": source_counts(train_rows, val_rows)}
+
+
+def training_data_record(train_rows: list[dict[str, str]], val_rows: list[dict[str, str]],
+                         fingerprints: dict[str, list]) -> dict[str, Any]:
+    """The ``training_data`` sidecar: which duplicate groups and pixels the model trained and was selected
+    on (evaluate's overlap guard, calibrate's dataset check)."""
+    return {"train_val_groups": sorted({row["group_id"] for row in train_rows + val_rows}),
+            "train_val_fingerprints": fingerprints}
 
 
 def source_counts(train_rows: list[dict[str, str]], val_rows: list[dict[str, str]]) -> dict[str, dict]:
