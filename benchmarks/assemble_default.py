@@ -63,8 +63,11 @@ def check_same_data(results: dict, dataset) -> None:
 def describe_members(results: dict, recipe: str, run: Path) -> tuple[TrainingSummary, Provenance]:
     _, imagenet = load_imagenet_state_dict("mobilenet_v2", "IMAGENET1K_V1")
     summary = results["summary"]
+    # what the members trained for: each run records it (searches before that: hyper, times any factor)
+    trained = {r["epochs"] for r in results.get("runs", []) if r["recipe"] == recipe and r.get("repeat") == 0 and "epochs" in r}
+    epochs = trained.pop() if len(trained) == 1 else results["hyper"]["epochs"] * results["recipes"][recipe].get("epochs_factor", 1)
     training = TrainingSummary(
-        config={"recipe": recipe, **results["recipes"][recipe], **results["hyper"],
+        config={"recipe": recipe, **results["recipes"][recipe], **results["hyper"], "epochs": epochs,
                 "augmentation": "benchmarks/recipe_search.py (on the GPU)"},
         selection=("recipe by 5-fold cross-validation on the train split, grouped by duplicate group and "
                       "patient, stratified by source and class (out-of-fold figures; rule: "

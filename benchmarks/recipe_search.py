@@ -14,10 +14,14 @@ zooms out, rotation and flips, and for the ``scanner`` recipes what differs betw
 settings — overall gain, depth gain (TGC), gamma, contrast, speckle, blur, lost resolution,
 additive noise, burned-in text blocks and calliper marks.
 
-Recipes (the first three are candidates to ship; the last two are ablations of the third):
+Recipes (candidates to ship, simplest first, then two ablations of ``scanner-mask``):
   standard        the CLI's "standard" augmentation, ImageNet start, both sources
   scanner         scanner augmentation, ImageNet start, both sources
-  scanner-mask    scanner + lesion-mask auxiliary loss (mask-guided)
+  scanner-mask    scanner + lesion-mask auxiliary loss (mask-guided): the shipped default's recipe
+  scanner-mask-per-source   ... with class weights from each source's own counts (pooled counts make
+                  BUSI's normals look rarer than they are: BUS-BRA has none, and the shipped model
+                  calls too many BUSI images normal; see ``posthoc_levers.py``)
+  scanner-mask-long         ... trained twice as many epochs
   scanner-mask-scratch   ... without the ImageNet start
   scanner-mask-busi      ... trained on BUSI's folds only (BUS-BRA never seen: a held-out scanner)
 Selection rule, fixed before the run: mean of BUSI out-of-fold macro ROC-AUC and BUS-BRA
@@ -47,7 +51,7 @@ from mammacls.nets.networks import GRAY_MEAN, GRAY_STD
 from mammacls.training.batches import lesion_loss
 
 FOLDS = 5
-CANDIDATES = ("standard", "scanner", "scanner-mask")
+CANDIDATES = ("standard", "scanner", "scanner-mask", "scanner-mask-per-source", "scanner-mask-long")
 ABLATIONS = ("scanner-mask-scratch", "scanner-mask-busi")
 RECIPES = {
     "standard": {"scanner": False, "mask": False, "imagenet": True, "sources": "all",
@@ -60,9 +64,14 @@ RECIPES = {
                              "scale": (0.45, 1.35), "rotation": 15.0},
     "scanner-mask-busi": {"scanner": True, "mask": True, "imagenet": True, "sources": "Dataset_BUSI_with_GT",
                           "scale": (0.45, 1.35), "rotation": 15.0},
+    # added after the first search, last so that the seeds of the recipes above stay as they were
+    "scanner-mask-per-source": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
+                                "scale": (0.45, 1.35), "rotation": 15.0, "class_weights": "per-source"},
+    "scanner-mask-long": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
+                          "scale": (0.45, 1.35), "rotation": 15.0, "epochs_factor": 2},
 }
 HYPER = {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1,
-         "label_smoothing": 0.05, "mask_weight": 0.5, "img_size": 224}
+         "label_smoothing": 0.05, "mask_weight": 0.5, "img_size": 224}  # img_size: read from the bundle
 BUSI, BUSBRA = "Dataset_BUSI_with_GT", "BUS-BRA"
 
 
@@ -114,10 +123,46 @@ def build_net(recipe, imagenet_path: Path):
     return net
 
 
+def class_weights(labels: np.ndarray, sources: np.ndarray, train_idx: np.ndarray, mode: str) -> np.ndarray:
+    """A loss weight per image (all images indexed; mean 1 over ``train_idx``). ``pooled``: inverse
+    class frequency over the training images of all sources together; ``per-source``: inverse class
+    frequency within the image's own source (over the classes that source has), so each source's
+    classes are balanced among themselves and the sources count by their size."""
+    weights = np.zeros(len(labels))
+    groups = [train_idx] if mode == "pooled" else [train_idx[sources[train_idx] == s] for s in np.unique(sources[train_idx])]
+    for members in groups:
+        counts = np.bincount(labels[members], minlength=len(CLASSES)).astype(np.float64)
+        present = counts > 0
+        per_class = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+        weights[members] = per_class[labels[members]]
+    return weights / weights[train_idx].mean()
+
+
+def classification_loss(recipe: dict, labels: np.ndarray, sources: np.ndarray, train_idx: np.ndarray, device):
+    """The recipe's loss as ``loss(logits, idx)``: label-smoothed cross-entropy weighted by class.
+
+    ``pooled`` (every recipe before ``per-source``) keeps PyTorch's class-weighted form, so those
+    recipes train as they did; ``per-source`` weights each image (its class within its source)."""
+    import torch
+    from torch.nn import functional as F
+
+    targets = torch.from_numpy(labels).to(device)
+    smoothing = HYPER["label_smoothing"]
+    if recipe.get("class_weights", "pooled") == "pooled":
+        counts = np.bincount(labels[train_idx], minlength=len(CLASSES)).astype(np.float64)
+        weight = torch.tensor(counts.sum() / (len(CLASSES) * counts), dtype=torch.float32, device=device)
+        return lambda logits, idx: F.cross_entropy(logits.float(), targets[idx], weight=weight, label_smoothing=smoothing)
+    per_image = torch.tensor(class_weights(labels, sources, train_idx, "per-source"), dtype=torch.float32, device=device)
+
+    def loss(logits, idx):
+        losses = F.cross_entropy(logits.float(), targets[idx], reduction="none", label_smoothing=smoothing)
+        return (losses * per_image[idx]).sum() / per_image[idx].sum()
+    return loss
+
+
 def train_one(job, data, device):
     """Train one recipe on one fold; returns figures, held-out and val logits and the weights."""
     import torch
-    from torch.nn import functional as F
 
     from mammacls.nets.networks import forward_with_lesion
 
@@ -136,16 +181,14 @@ def train_one(job, data, device):
     # channels-last suits cuDNN; on a CPU it makes depthwise-convolution backward passes crawl
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net = build_net(recipe, data["imagenet"]).to(device, memory_format=layout)
-    counts = np.bincount(labels[train_idx], minlength=len(CLASSES)).astype(np.float64)
-    weights = torch.tensor(counts.sum() / (len(CLASSES) * counts), dtype=torch.float32, device=device)
-    epochs, batch = HYPER["epochs"], HYPER["batch_size"]
+    classification = classification_loss(recipe, labels, sources, train_idx, device)
+    epochs, batch = HYPER["epochs"] * recipe.get("epochs_factor", 1), HYPER["batch_size"]
     steps_per_epoch = len(train_idx) // batch  # drop the ragged last batch (BatchNorm)
     total = epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(net.parameters(), lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
     warm = HYPER["warmup_epochs"] * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    labels_t = torch.from_numpy(labels).to(device)
     known_t = torch.from_numpy(known).to(device)
     photometric = scanner_photometric if recipe["scanner"] else standard_photometric
     started = time.perf_counter()
@@ -162,12 +205,10 @@ def train_one(job, data, device):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 if recipe["mask"]:
                     logits, mask_logits = forward_with_lesion("mobilenet_v2", net, x)
-                    loss = F.cross_entropy(logits.float(), labels_t[idx], weight=weights,
-                                           label_smoothing=HYPER["label_smoothing"])
+                    loss = classification(logits, idx)
                     loss = loss + HYPER["mask_weight"] * lesion_loss(mask_logits, m, known_t[idx])
                 else:
-                    loss = F.cross_entropy(net(x).float(), labels_t[idx], weight=weights,
-                                           label_smoothing=HYPER["label_smoothing"])
+                    loss = classification(net(x), idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -189,12 +230,15 @@ def train_one(job, data, device):
 
     state = {k: v.detach().half().cpu().contiguous() for k, v in net.state_dict().items()}
     return {"recipe": recipe_name, "fold": fold, "repeat": repeat, "seconds": round(seconds, 1), "images_per_s": round(seen / seconds),
-            "train_images": int(len(train_idx)), "held_idx": held_idx.tolist(),
+            "train_images": int(len(train_idx)), "epochs": epochs, "held_idx": held_idx.tolist(),
             "held_logits": logits_of(held_idx).tolist(), "val_logits": logits_of(val_idx).tolist()}, state
 
 
-def worker(rank, jobs, results, bundle_arrays, imagenet, device_name):
+def worker(rank, jobs, results, bundle_arrays, imagenet, device_name, hyper):
     import torch
+
+    # a spawned process imports this module afresh: main's changes to HYPER (--epochs) must travel
+    HYPER.update(hyper)
 
     torch.backends.cudnn.benchmark = True
     device = torch.device(device_name)
@@ -309,10 +353,11 @@ def main() -> None:
     if args.limit:
         keep = np.random.default_rng(0).permutation(len(index))[:args.limit]
         index, images, masks = [index[i] for i in keep], images[keep], masks[keep]
+    HYPER["img_size"] = int(images.shape[-1])  # the bundle's size (gpu_bundle.py --size): what the members learn at
     labels = np.array([CLASSES.index(r["label"]) for r in index])
     sources = np.array([r["source"] for r in index])
     folds = fold_assignment(index)
-    arrays_path = Path("/tmp/recipe-search-bundle.npz")
+    arrays_path = args.out / "bundle-arrays.npz"  # what the workers load (removed at the end)
     np.savez(arrays_path, images=images, masks=masks, labels=labels, sources=sources, folds=folds,
              known=np.array([float(r["mask_known"]) for r in index], dtype=np.float32))
     log(f"{len(index)} images loaded in {time.perf_counter() - started:.1f} s; fold sizes "
@@ -324,7 +369,8 @@ def main() -> None:
     repeat_queued = False
     ctx = mp.get_context("spawn")
     jobs, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(i, jobs, results, str(arrays_path), str(args.bundle / "mobilenet_v2_imagenet1k_v1.fp16.safetensors"), args.device))
+    procs = [ctx.Process(target=worker, args=(i, jobs, results, str(arrays_path), str(args.bundle / "mobilenet_v2_imagenet1k_v1.fp16.safetensors"), args.device,
+                                                     dict(HYPER)))
              for i in range(args.workers)]
     for p in procs:
         p.start()
@@ -370,6 +416,7 @@ def main() -> None:
         jobs.put(None)
     for p in procs:
         p.join(timeout=10)
+    arrays_path.unlink(missing_ok=True)
     log(f"done in {time.perf_counter() - started:.0f} s; ranking {choose(summarise(done, labels, sources))}")
     for recipe, entry in summarise(done, labels, sources).items():
         log(f"{recipe}: {json.dumps(entry['pooled'])}")

@@ -1,0 +1,201 @@
+"""benchmarks/recipe_search.py on the CPU (a tiny bundle) and benchmarks/posthoc_levers.py on the
+committed search results of the shipped default."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH_RESULTS = REPO / "benchmarks" / "results" / "recipe_search_2026-11-27_30ep.json"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def levers():
+    return _module("posthoc_levers")
+
+
+def _tiny_bundle(folder: Path, size: int = 32) -> None:
+    """What gpu_bundle.py writes: 110 train and 20 val images of both sources, masks, an index."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for k in range(130):
+        source = "BUS-BRA" if k % 2 else "Dataset_BUSI_with_GT"
+        label = ("benign", "malignant", "normal")[k % 3] if source != "BUS-BRA" else ("benign", "malignant")[k % 4 // 2]
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / "images" / f"{k:05d}.jpg")
+        Image.fromarray(np.zeros((size, size), bool)).convert("1").save(folder / "images" / f"{k:05d}_mask.png")
+        rows.append({"file": f"{k:05d}", "label": label, "split": "train" if k < 110 else "val", "source": source,
+                     "group": f"{source}:g{k}", "patient": "", "sha256": f"{k:064x}", "mask_known": 1})
+    with open(folder / "index.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fake_imagenet(path: Path) -> None:
+    """A torchvision MobileNetV2 state dict in the bundle's fp16 form (random weights: no download)."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file({k: v.half().contiguous() for k, v in torchvision.models.mobilenet_v2().state_dict().items()}, str(path))
+
+
+@pytest.mark.slow
+def test_search_workers_train_the_epochs_asked_for(tmp_path):
+    """--epochs must reach the spawned workers (it once did not: a '60-epoch' run trained 30), a
+    recipe's epochs_factor multiplies it, and every train image is scored once out of fold."""
+    _tiny_bundle(tmp_path / "bundle")
+    _fake_imagenet(tmp_path / "bundle" / "mobilenet_v2_imagenet1k_v1.fp16.safetensors")
+    recipes = "scanner-mask-per-source,scanner-mask-long,scanner-mask-scratch"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe_search.py"), "--bundle",
+                          str(tmp_path / "bundle"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                          "--workers", "2", "--epochs", "2", "--recipes", recipes],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r.get("error") for r in results["runs"]] == [None] * 15
+    epochs = {(r["recipe"], r["epochs"]) for r in results["runs"]}
+    assert epochs == {("scanner-mask-per-source", 2), ("scanner-mask-long", 4), ("scanner-mask-scratch", 2)}
+    assert results["hyper"]["epochs"] == 2 and results["hyper"]["img_size"] == 32  # the size read from the bundle
+    for recipe in recipes.split(","):
+        held = sorted(i for r in results["runs"] if r["recipe"] == recipe for i in r["held_idx"])
+        assert held == list(range(110)), recipe  # each train image once
+    assert all(np.isfinite(r["held_logits"]).all() and len(r["val_logits"]) == 20 for r in results["runs"])
+    assert results["ranking"][0] in ("scanner-mask-per-source", "scanner-mask-long")
+    assert sorted((tmp_path / "out").glob("members-*.safetensors"))  # the two candidates' members are saved
+    assert not (tmp_path / "out" / "bundle-arrays.npz").exists()
+
+
+def test_class_weights_balance_classes_pooled_or_within_each_source():
+    search = _module("recipe_search")
+    labels = np.array([0] * 6 + [1] * 2 + [2] * 2 + [0] * 10 + [1] * 10)  # BUSI 6/2/2, BUS-BRA 10/10
+    sources = np.array(["BUSI"] * 10 + ["BUS-BRA"] * 20)
+    train = np.arange(30)
+    pooled = search.class_weights(labels, sources, train, "pooled")
+    per_source = search.class_weights(labels, sources, train, "per-source")
+    for weights in (pooled, per_source):
+        assert weights.mean() == pytest.approx(1.0)
+    # pooled: normal (2 of 30) outweighs benign (16 of 30) eightfold; within BUSI only threefold
+    assert pooled[8] / pooled[0] == pytest.approx(8.0)
+    assert per_source[8] / per_source[0] == pytest.approx(3.0)
+    assert per_source[10] == pytest.approx(per_source[25])  # BUS-BRA's two classes balanced
+    # every class of a source carries the same total weight
+    busi = [per_source[:10][labels[:10] == c].sum() for c in range(3)]
+    assert busi == pytest.approx([busi[0]] * 3)
+    held_out = search.class_weights(labels, sources, np.arange(20), "per-source")
+    assert not held_out[20:].any()  # images outside the training folds get no weight
+
+
+# the model card's recipe-table rows: (words that start the row, results file, recipe)
+CARD_ROWS = (("standard:", "30ep", "standard"), ("scanner: +", "30ep", "scanner"),
+             ("**scanner + lesion-mask loss (shipped)**", "30ep", "scanner-mask"),
+             ("scanner, rerun", "rerun", "scanner"), ("scanner + mask, rerun", "rerun", "scanner-mask"),
+             ("*ablation:* scanner + mask **without ImageNet**", "30ep", "scanner-mask-scratch"),
+             ("*ablation:* scanner + mask **without BUS-BRA**", "30ep", "scanner-mask-busi"))
+
+
+def test_committed_search_reproduces_the_model_cards_recipe_table(levers):
+    """Every row of weights/MODEL_CARD.md's recipe table, recomputed from the committed logits."""
+    card_lines = [line for line in (REPO / "weights" / "MODEL_CARD.md").read_text().splitlines()
+                  if line.startswith("| ")]
+    tables = {run: levers.recipe_table(levers.load_search(REPO / "benchmarks" / "results" /
+                                                           f"recipe_search_2026-11-27_{run}.json"))
+              for run in ("30ep", "rerun")}
+    for start, run, recipe in CARD_ROWS:
+        rows = [line for line in card_lines if line.startswith(f"| {start}")]
+        assert len(rows) == 1, start
+        cells = [cell.strip().strip("*") for cell in rows[0].split("|")[2:6]]
+        expected = tuple(float(cell) for cell in cells)
+        got = tuple(tables[run][recipe][k] for k in ("busi_accuracy", "busi_macro_f1", "busi_macro_auc",
+                                                    "busbra_malignant_auc"))
+        assert got == pytest.approx(expected, abs=0.0006), start
+
+
+def test_calibration_map_recovers_a_known_temperature_and_biases(levers):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (4000, 3))
+    true_temperature, true_bias = 1.7, np.array([0.8, -0.5, 0.0])
+    p = levers.softmax(logits / true_temperature + true_bias)
+    labels = np.array([rng.choice(3, p=row) for row in p])
+    weights = np.ones(len(labels))
+    temperature, bias = levers.fit_map(logits, labels, weights, biases=True)
+    assert temperature == pytest.approx(true_temperature, rel=0.1)
+    assert bias == pytest.approx(true_bias, abs=0.15)
+    temperature_only, no_bias = levers.fit_map(logits, labels, weights, biases=False)
+    assert not no_bias.any() and 1.2 < temperature_only < 2.4
+
+
+def test_source_weights_balance_or_select(levers):
+    sources = np.array([levers.BUSI] * 3 + [levers.BUSBRA] * 1)
+    assert levers.source_weights(sources, "pooled").tolist() == [1, 1, 1, 1]
+    assert levers.source_weights(sources, "busi").tolist() == [1, 1, 1, 0]
+    assert levers.source_weights(sources, "balanced") == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1])
+
+
+def test_cross_validated_maps_score_every_map_on_held_out_images(levers):
+    results = levers.load_search(SEARCH_RESULTS)
+    oof, _, folds = levers.recipe_logits(results, levers.SHIPPED_RECIPE)
+    assert folds == [0, 1, 2, 3, 4]
+    seen = results["fold_of"] >= 0
+    assert not np.isnan(oof[seen]).any() and np.isnan(oof[~seen]).all()
+    scores = levers.cross_validated_maps(oof[seen], results["labels"][seen], results["sources"][seen],
+                                         results["groups"][seen], repeats=1)
+    assert set(scores) == {name for name, *_ in levers.CALIBRATION_MAPS}
+    raw, shipped = scores["none"], scores["temperature, pooled (ships)"]
+    # a temperature never changes the argmax; it does change the probabilities' calibration
+    assert raw["busi_accuracy"] == shipped["busi_accuracy"] and raw["busi_ece"] != shipped["busi_ece"]
+    assert raw["busi_accuracy"][0] == pytest.approx(0.820, abs=0.0006)
+
+
+def test_lesion_readout_uses_the_map_when_it_carries_the_answer(levers):
+    """Benign and normal have the same logits here; only the lesion map's peak tells them apart."""
+    rng = np.random.default_rng(2)
+    n = 600
+    labels = rng.choice(3, n)
+    sources = np.full(n, levers.BUSI)
+    logits = rng.normal(0, 0.3, (n, 3))
+    logits[labels == 1, 1] += 3.0
+    peak = np.where(labels == 2, rng.uniform(0.01, 0.2, n), rng.uniform(0.8, 0.99, n))
+    lesion = np.c_[peak, peak / 10, peak * 0.9]
+    readout = levers.lesion_readout(logits, lesion, labels, sources, np.arange(n).astype(str), repeats=1)
+    assert readout["logits + lesion map"]["busi_accuracy"] > 0.95
+    assert readout["logits (logistic regression)"]["busi_accuracy"] < 0.8
+
+
+def test_member_figures_count_what_the_flip_fixes_and_breaks(levers, capsys):
+    rng = np.random.default_rng(3)
+    n = 100
+    sources = np.where(np.arange(n) % 2, levers.BUSBRA, levers.BUSI)
+    labels = np.where(sources == levers.BUSI, np.arange(n) % 3, (np.arange(n) // 2) % 2)
+    fold_of = np.where(np.arange(n) < 80, np.arange(n) % 5, -1)
+    right = np.eye(3)[labels] * 4 + rng.normal(0, 0.1, (n, 3))
+    oof, flipped = right.copy(), right.copy()
+    busi_images = np.where((sources == levers.BUSI) & (fold_of >= 0))[0]
+    fixed, broken = busi_images[:3], busi_images[3:5]
+    oof[fixed] = np.roll(right[fixed], 1, axis=1)  # wrong as is; the mirror (weighted more) puts it right
+    flipped[fixed] = right[fixed] * 3
+    flipped[broken] = np.roll(right[broken], 1, axis=1) * 3  # right as is, wrong after the mean
+    logits = {"oof": oof, "oof_flipped": flipped, "oof_lesion": np.full((n, 3), 0.5),
+              "val": right[fold_of == -1], "val_flipped": right[fold_of == -1]}
+    figures = levers.member_figures(logits, labels, sources, np.arange(n).astype(str), fold_of)
+    assert figures["flips"]["busi_out_of_fold_fixed_broken"] == [3, 2]
+    assert "fixes / breaks: 3 / 2" in capsys.readouterr().out
+    as_is = figures["flips"]["out_of_fold"]["as is"]["busi_accuracy"]
+    assert as_is == pytest.approx(1 - 3 / len(busi_images))
+    assert set(figures["lesion_readout"]) == {"argmax of the logits", "logits (logistic regression)", "logits + lesion map"}
