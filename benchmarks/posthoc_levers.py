@@ -277,6 +277,8 @@ def main() -> None:
                         help="also run the default's members: flip test-time augmentation, lesion-map read-out")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
+    if args.members and args.results.resolve() != DEFAULT_RESULTS:
+        sys.exit(f"--members runs the shipped default's members, which come from {DEFAULT_RESULTS.name}")
     results = load_search(args.results)
     labels, sources, groups, fold_of = results["labels"], results["sources"], results["groups"], results["fold_of"]
     record: dict = {"results": str(args.results), "recipe": args.recipe, "recipes": recipe_table(results)}
@@ -299,8 +301,6 @@ def main() -> None:
         print(f"fitted on all validation images, {name}: T = {fitted['temperature']:.3f}, biases {np.round(fitted['bias'], 2)}")
 
     if args.members:
-        if args.results.resolve() != DEFAULT_RESULTS:
-            sys.exit(f"--members runs the shipped default's members, which come from {DEFAULT_RESULTS.name}")
         try:
             record.update(member_figures(member_outputs(results), labels, sources, groups, fold_of))
         except MammaclsError as exc:  # e.g. nothing prepared yet
