@@ -35,8 +35,9 @@ import numpy as np
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 from mammacls.evaluation.metrics import calibration_metrics
+from mammacls.inference.predictor import softmax
+from recipe_search import BUSBRA, BUSI, source_scores, summarise  # this script's neighbour
 
-BUSI, BUSBRA = "Dataset_BUSI_with_GT", "BUS-BRA"
 SHIPPED_RECIPE = "scanner-mask"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "recipe_search_2026-11-27_30ep.json"
 NORMAL = CLASSES.index("normal")
@@ -45,12 +46,6 @@ CALIBRATION_MAPS = (("none", None, None), ("temperature, pooled (ships)", False,
                     ("temperature, sources balanced", False, "balanced"), ("temperature + biases, pooled", True, "pooled"),
                     ("temperature + biases, sources balanced", True, "balanced"),
                     ("temperature + biases, BUSI only", True, "busi"))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def load_search(path: Path) -> dict:
@@ -75,37 +70,25 @@ def recipe_logits(results: dict, recipe: str, repeat: int = 0) -> tuple[np.ndarr
 
 
 def figures(probabilities: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> dict[str, float]:
-    """The card's figures per source: BUSI three-class, BUS-BRA malignant vs benign."""
-    from sklearn.metrics import f1_score, roc_auc_score
-
-    out: dict[str, float] = {}
+    """The search's figures per source (``recipe_search.source_scores``) and, for judging
+    calibration maps, BUSI's per-class recall, share called normal, ECE and NLL, and BUS-BRA's ECE."""
+    out = source_scores(probabilities, labels, sources)
     predicted = probabilities.argmax(axis=1)
     busi, bra = sources == BUSI, sources == BUSBRA
     if busi.any():
         y, p = labels[busi], probabilities[busi]
-        out["busi_accuracy"] = float((predicted[busi] == y).mean())
-        out["busi_macro_f1"] = float(f1_score(y, predicted[busi], average="macro"))
-        out["busi_macro_auc"] = float(roc_auc_score(y, p, multi_class="ovr", average="macro"))
         out.update({f"busi_recall_{c}": float((predicted[busi][y == k] == k).mean()) for k, c in enumerate(CLASSES)})
         out["busi_called_normal"] = float((predicted[busi] == NORMAL).mean())
         out["busi_ece"], out["busi_nll"] = (calibration_metrics(y, p)[k] for k in ("ece", "nll"))
     if bra.any():
-        y, p = labels[bra], probabilities[bra]
-        out["busbra_malignant_auc"] = float(roc_auc_score(y == CLASSES.index("malignant"), p[:, 1]))
-        out["busbra_called_normal"] = float((predicted[bra] == NORMAL).mean())
-        out["busbra_ece"] = calibration_metrics(y, p)["ece"]
+        out["busbra_ece"] = calibration_metrics(labels[bra], probabilities[bra])["ece"]
     return out
 
 
 def recipe_table(results: dict) -> dict[str, dict[str, float]]:
-    table = {}
-    for recipe in results["recipes"]:
-        oof, _, folds = recipe_logits(results, recipe)
-        if len(folds) < 5:
-            continue
-        seen = ~np.isnan(oof[:, 0])
-        table[recipe] = figures(softmax(oof[seen]), results["labels"][seen], results["sources"][seen])
-    return table
+    """Each recipe's pooled out-of-fold figures, as the search summarises them."""
+    return {recipe: entry["pooled"] for recipe, entry in
+            summarise(results["runs"], results["labels"], results["sources"]).items()}
 
 
 def source_weights(sources: np.ndarray, mode: str) -> np.ndarray:
@@ -171,14 +154,13 @@ def member_outputs(results: dict) -> dict[str, np.ndarray]:
     from mammacls.nets.networks import members_of, predict_lesion_maps, predict_logits
     from mammacls.nets.weights import load_network
 
+    from assemble_default import check_same_data
+
+    dataset = load_prepared()
+    check_same_data(results, dataset)  # the search's train and val images, by pixel hash
     ref = resolve_model("default")
     members = members_of(load_network(ref, "cpu"))
-    dataset = load_prepared()
     by_hash = {row["sha256"]: row for row in dataset.rows}
-    missing = [row["sha256"] for row in results["index"] if row["sha256"] not in by_hash]
-    if missing:
-        sys.exit(f"{len(missing)} images of the search are not in the latest prepared dataset: "
-                 "run mammacls prepare on the same sources with the same seed")
     size = ref.card.img_size
     images = np.stack([resize_square(dataset.load_image(by_hash[row["sha256"]]), size) for row in results["index"]])
     mirrored = np.ascontiguousarray(images[:, :, ::-1])

@@ -131,11 +131,15 @@ def class_weights(labels: np.ndarray, sources: np.ndarray, train_idx: np.ndarray
     weights = np.zeros(len(labels))
     groups = [train_idx] if mode == "pooled" else [train_idx[sources[train_idx] == s] for s in np.unique(sources[train_idx])]
     for members in groups:
-        counts = np.bincount(labels[members], minlength=len(CLASSES)).astype(np.float64)
-        present = counts > 0
-        per_class = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
-        weights[members] = per_class[labels[members]]
+        weights[members] = per_class_weights(labels[members])[labels[members]]
     return weights / weights[train_idx].mean()
+
+
+def per_class_weights(labels: np.ndarray) -> np.ndarray:
+    """Inverse class frequency over the classes present (absent classes: 0), mean 1 per image."""
+    counts = np.bincount(labels, minlength=len(CLASSES)).astype(np.float64)
+    present = counts > 0
+    return np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
 
 
 def classification_loss(recipe: dict, labels: np.ndarray, sources: np.ndarray, train_idx: np.ndarray, device):
@@ -149,8 +153,7 @@ def classification_loss(recipe: dict, labels: np.ndarray, sources: np.ndarray, t
     targets = torch.from_numpy(labels).to(device)
     smoothing = HYPER["label_smoothing"]
     if recipe.get("class_weights", "pooled") == "pooled":
-        counts = np.bincount(labels[train_idx], minlength=len(CLASSES)).astype(np.float64)
-        weight = torch.tensor(counts.sum() / (len(CLASSES) * counts), dtype=torch.float32, device=device)
+        weight = torch.tensor(per_class_weights(labels[train_idx]), dtype=torch.float32, device=device)
         return lambda logits, idx: F.cross_entropy(logits.float(), targets[idx], weight=weight, label_smoothing=smoothing)
     per_image = torch.tensor(class_weights(labels, sources, train_idx, "per-source"), dtype=torch.float32, device=device)
 
@@ -262,10 +265,14 @@ def worker(rank, jobs, results, bundle_arrays, imagenet, device_name, hyper):
 # --------------------------------------------------------------- scoring ---
 
 def oof_scores(labels, sources, held_idx, held_logits):
+    return source_scores(softmax(np.asarray(held_logits)), labels[held_idx], sources[held_idx])
+
+
+def source_scores(probs, y, src):
+    """The search's figures per source: BUSI three-class, BUS-BRA malignant vs benign, and the
+    selection score when both sources are there."""
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-    probs = softmax(np.asarray(held_logits))
-    y, src = labels[held_idx], sources[held_idx]
     out = {}
     busi = src == BUSI
     if busi.any():

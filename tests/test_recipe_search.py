@@ -2,7 +2,7 @@
 committed search results of the shipped default."""
 
 import csv
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -13,19 +13,13 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # posthoc_levers imports its neighbour recipe_search, as a script does
 SEARCH_RESULTS = REPO / "benchmarks" / "results" / "recipe_search_2026-11-27_30ep.json"
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def levers():
-    return _module("posthoc_levers")
+    return importlib.import_module("posthoc_levers")
 
 
 def _tiny_bundle(folder: Path, size: int = 32) -> None:
@@ -83,7 +77,7 @@ def test_search_workers_train_the_epochs_asked_for(tmp_path):
 
 
 def test_class_weights_balance_classes_pooled_or_within_each_source():
-    search = _module("recipe_search")
+    search = importlib.import_module("recipe_search")
     labels = np.array([0] * 6 + [1] * 2 + [2] * 2 + [0] * 10 + [1] * 10)  # BUSI 6/2/2, BUS-BRA 10/10
     sources = np.array(["BUSI"] * 10 + ["BUS-BRA"] * 20)
     train = np.arange(30)
