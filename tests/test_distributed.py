@@ -16,7 +16,9 @@ import torch
 
 from mammacls.training import TrainConfig, TrainReporter, train_model
 
+from mammacls.nets.compute import Compute
 from mammacls.training.batches import EpochRunner
+from mammacls.training.loss import ClassWeightedLoss
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +84,11 @@ def _one_epoch(rank: int, size: int, port: int, out: str) -> None:
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 255, (40, 12, 12), dtype=np.uint8), rng.integers(0, 3, 40)
     config = TrainConfig(arch="resnet18", batch_size=10, img_size=12, seed=5)
-    runner = _Unaugmented(config, current, "cpu", net, torch.nn.CrossEntropyLoss(),
+    plain = ClassWeightedLoss("none", labels, np.zeros(len(labels)), label_smoothing=0.0)
+    runner = _Unaugmented(config, current, Compute("cpu", "fp32", "contiguous"), net, plain,
                           torch.optim.SGD(net.parameters(), lr=0.5), images, labels, None, None)
-    loss, _ = runner.run(1, TrainReporter())
+    loss, _, trained = runner.run(1, TrainReporter())
+    assert trained == 40  # every image, on one process or two
     if rank == 0:
         np.savez(out, loss=loss, **{k: v.detach().numpy() for k, v in net.state_dict().items()})
     if size > 1:
@@ -119,7 +123,7 @@ def test_a_single_process_run_resumes_on_two_processes(prepared, tmp_path, monke
         train_model(config, data_dir=prepared[0], name="moved", reporter=_StopAfterFirstEpoch())
     assert (tmp_path / "models" / "moved" / "checkpoint.safetensors").is_file()
     resumed = _json(_mammacls(["train", "--resume", "--name", "moved", "--nproc-per-node", "2", "--json"], tmp_path))
-    assert resumed["training"]["status"] == "complete" and resumed["provenance"]["processes"]["world_size"] == 2
+    assert resumed["training"]["status"] == "complete" and resumed["provenance"]["processes"]["world_size"] == 2, resumed["provenance"]
     history = json.loads((tmp_path / "models" / "moved" / resumed["sidecars"]["history"]).read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
 

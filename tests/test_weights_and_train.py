@@ -60,6 +60,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     meta_path = tmp_path / "m" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta["arch"] = "mobilenet_v2"
+    meta.pop("digest")  # a card written by hand (no digest), naming the wrong architecture
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(MammaclsError, match="does not fit a mobilenet_v2"):
         load_network(resolve_model(str(tmp_path / "m")))
@@ -176,6 +177,7 @@ def test_predict_uses_the_shipped_model_unless_another_is_chosen(cache):
 
 
 def test_vgg16_on_cpu_prints_a_time_estimate():
+    from mammacls.nets.compute import choose_compute
     from mammacls.training.loop import estimate_cpu_time
 
     messages = []
@@ -188,8 +190,8 @@ def test_vgg16_on_cpu_prints_a_time_estimate():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW(net.parameters())
     images = np.zeros((8, 32, 32), dtype=np.uint8)
-    estimate_cpu_time(net, torch.nn.CrossEntropyLoss(), optimizer, TrainConfig(arch="vgg16", img_size=32,
-                       epochs=5), images, 1, 4, Capture())
+    compute = choose_compute("mobilenet_v2", "cpu")
+    estimate_cpu_time(net, compute, optimizer, TrainConfig(arch="vgg16", img_size=32, epochs=5), images, 4, Capture())
     assert len(messages) == 1 and "min per epoch for vgg16 at 32 px" in messages[0]
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the probe changed nothing
 

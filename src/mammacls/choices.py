@@ -38,6 +38,27 @@ class Backend(Choice):
     torch = "torch"
 
 
+class Precision(Choice):
+    auto = "auto"  # bf16 where the hardware runs it natively and it is faster (see mammacls.nets.compute)
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class MemoryFormat(Choice):
+    auto = "auto"  # the faster layout of the architecture on this device (ARCH_SPECS)
+    channels_last = "channels-last"
+    contiguous = "contiguous"  # NCHW
+
+
+class ClassWeights(Choice):
+    """How the loss weighs the classes: inverse frequency within each source (a source that lacks a
+    class cannot inflate that class's weight), over all sources pooled, or not at all."""
+
+    per_source = "per-source"
+    pooled = "pooled"
+    none = "none"
+
+
 class Augmentation(Choice):
     """Training augmentation presets (their settings: ``mammacls.training.config.AUGMENTATIONS``)."""
 

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mammacls.archs import ARCHS, DEFAULT_ARCH
+from mammacls.archs import DEFAULT_ARCH
+from mammacls.training.config import DEFAULT_IMG_SIZE, DEFAULT_LR, INIT_LR
 from mammacls.errors import MammaclsError
 from mammacls.cli.common import app, _console, _errors, _quiet_console, _emit_json, _fmt
 
@@ -35,6 +36,9 @@ class _RichReporter:
     def message(self, text: str) -> None:
         self.console.print(text, style="yellow", soft_wrap=True, markup=False)
 
+    def info(self, text: str) -> None:
+        self.console.print(text, style="dim", soft_wrap=True, markup=False)
+
     def run_started(self, name, first_epoch, epochs, batches_per_epoch) -> None:
         self.console.print(f"training [bold]{name}[/]", soft_wrap=True)
         self.epochs = epochs
@@ -57,7 +61,9 @@ class _RichReporter:
             + ("  [green]best[/]" if improved else ""))
 
     def stage(self, text: str) -> None:
-        """After the last epoch: the batch bar goes, the step being done shows."""
+        """After the last epoch: the batch bar goes, the step being done shows (a log gets it as a line)."""
+        if not self.console.is_terminal:
+            self.console.print(f"{text} …", soft_wrap=True, markup=False)
         if self.batch_task is not None:
             self.progress.update(self.batch_task, visible=False)
         if self.stage_task is None:
@@ -75,7 +81,8 @@ def _interrupt_on_sigterm(signum, frame) -> None:
 
 @app.command()
 def train(
-    arch: Annotated[str, typer.Option(help=" | ".join(ARCHS))] = DEFAULT_ARCH,
+    arch: Annotated[Optional[str], typer.Option(
+        help=f"The network (default {DEFAULT_ARCH}; with --init, the model's).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (torch hub cache).")] = True,
     imagenet_weights: Annotated[str, typer.Option(
         help="Which ImageNet weights: auto (torchvision's default, or a variant already in the torch hub "
@@ -83,18 +90,37 @@ def train(
     ] = "auto",
     epochs: Annotated[int, typer.Option(help="Most epochs to run.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule).")] = 1e-3,
-    img_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 224,
+    lr: Annotated[Optional[float], typer.Option(
+        help=f"AdamW learning rate (cosine schedule); default {DEFAULT_LR:g}, or {INIT_LR:g} with --init.")] = None,
+    img_size: Annotated[Optional[int], typer.Option(
+        help=f"Square input size in pixels (default {DEFAULT_IMG_SIZE}; with --init, the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 42,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA when available).")] = "auto",
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
-    augment: Annotated[str, typer.Option(
-        help="Augmentation: light | standard | strong (adds gamma and speckle) | scanner (the shipped model's: "
-             "zoom out, gain, TGC, blur, lost resolution, speckle, burned-in marks; batched on the device).")] = "standard",
-    mask_guided: Annotated[bool, typer.Option(
-        help="Also learn the lesion masks with a light decoder (loss = CE + λ·(BCE + Dice)).")] = False,
+    augment: Annotated[Optional[str], typer.Option(
+        help="Augmentation (default standard; with --init, scanner): strong adds gamma and speckle; scanner, "
+             "the shipped model's, zooms out and varies gain, TGC, blur, resolution, speckle, burned-in marks "
+             "(batched on the device).")] = None,
+    mask_guided: Annotated[Optional[bool], typer.Option(
+        help="Also learn the lesion masks with a light decoder (loss = CE + λ·(BCE + Dice)); "
+             "with --init, as the model was trained.")] = None,
     mask_weight: Annotated[float, typer.Option(help="λ, the weight of the mask loss with --mask-guided.")] = 0.5,
+    init: Annotated[Optional[str], typer.Option(
+        help="Start from a trained model (a cache name, folder, .safetensors file, or default: the shipped one), "
+             "keeping its architecture, input size, classes and lesion decoder; an ensemble fine-tunes every "
+             "member. Adapting to a new scanner: prepare its scans together with a source that has normal scans.")
+    ] = None,
+    freeze: Annotated[int, typer.Option(
+        help="Keep the first N backbone stages fixed (5 stages in each architecture; 0: train everything).")] = 0,
+    precision: Annotated[str, typer.Option(
+        help="auto: bf16 where the CPU runs it natively (AMX, AVX512-BF16), else fp32; mixed precision on CUDA.")
+    ] = "auto",
+    memory_format: Annotated[str, typer.Option(
+        help="Tensor layout (auto: the faster one, channels-last).")] = "auto",
+    class_weights: Annotated[str, typer.Option(
+        help="How the loss balances the classes: per-source (within each source, so a source without normal "
+             "scans does not inflate the weight of BUSI's), pooled over all sources, or none.")] = "per-source",
     data: Annotated[Optional[Path], typer.Option(help="Prepared dataset (default: the latest).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the model in the cache.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--name, or the latest).")] = False,
@@ -110,23 +136,22 @@ def train(
 
     Several GPUs or machines: torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m mammacls train …
     """
-    from mammacls.training import distributed
+    from mammacls.training import TrainConfig, augmentation_preset, distributed
 
     if nproc_per_node != 1:
         _launch(nproc_per_node, batch_size, folds, repeat)
-    from mammacls.training import TrainConfig, augmentation_preset
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
     console = _console() if main_process else _quiet_console()
     reporter = _RichReporter(console)
     previous_handler = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
-        with _errors():
+        with _errors(json_out):
             config = TrainConfig(arch=arch, pretrained=pretrained, imagenet=imagenet_weights, epochs=epochs,
-                                 batch_size=batch_size, lr=lr,
-                                 img_size=img_size, seed=seed, device=device, patience=patience,
-                                 label_smoothing=label_smoothing, augmentation=augmentation_preset(augment),
-                                 mask_guided=mask_guided, mask_weight=mask_weight)
+                                 batch_size=batch_size, lr=lr, img_size=img_size, seed=seed, device=device, patience=patience,
+                                 label_smoothing=label_smoothing, augmentation=augmentation_preset(augment or ('scanner' if init else 'standard')),
+                                 mask_guided=mask_guided, mask_weight=mask_weight, init=init, freeze=freeze,
+                                 precision=precision, memory_format=memory_format, class_weights=class_weights)
             config.validate()  # before anything heavy is imported: a typo answers at once
             group, card = _run(config, data, name, resume, folds, repeat, reporter)
     finally:
@@ -165,9 +190,18 @@ def _run(config, data, name, resume: bool, folds: int, repeat: int, reporter):
         if repeat > 1:
             return train_repeats(config, repeats=repeat, data_dir=data, name=name, reporter=reporter), None
         return None, train_model(config, data_dir=data, resume=resume, name=name, reporter=reporter)
-    except KeyboardInterrupt:
-        again = "run the same command again" if folds or repeat > 1 else "mammacls train --resume"
-        raise MammaclsError(f"interrupted: the last finished epoch is saved; continue with {again}",
+    except KeyboardInterrupt as stop:
+        from mammacls.training.loop import TrainingInterrupted
+
+        if folds or repeat > 1:
+            raise MammaclsError("interrupted: finished members and the last finished epoch of the current one "
+                                "are kept; continue with the same command", exit_code=130) from None
+        if isinstance(stop, TrainingInterrupted) and not stop.epochs_saved:
+            raise MammaclsError("interrupted before the first epoch finished: nothing was saved",
+                                exit_code=130) from None
+        where = f" --name {stop.name}" if isinstance(stop, TrainingInterrupted) else ""
+        saved = f"epoch {stop.epochs_saved}" if isinstance(stop, TrainingInterrupted) else "the last finished epoch"
+        raise MammaclsError(f"interrupted: {saved} is saved; continue with mammacls train --resume{where}",
                             exit_code=130) from None
 
 

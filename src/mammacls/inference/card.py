@@ -123,6 +123,8 @@ class Provenance:
     processes: dict[str, Any] | None = None
     finished: str | None = None
     intended_use: str = INTENDED_USE
+    compute: dict[str, Any] | None = None  # how it was trained: precision, memory format, threads (nets.compute)
+    init: dict[str, Any] | None = None  # the model it started from (train --init): name, sha256, its own lineage
 
 
 @dataclass(frozen=True)
@@ -177,14 +179,28 @@ class ModelCard:
         return self.replace(weights=dataclasses.replace(self.weights, **changes))
 
     def to_record(self) -> dict[str, Any]:
-        """The JSON form written to ``metadata.json`` (and, without ``sha256``, the weights' header)."""
+        """The JSON form written to ``metadata.json`` (and, without ``sha256``, the weights' header), with
+        the digest of its own content: a hand edit (a temperature, a threshold) is then refused."""
         record = dataclasses.asdict(self)
-        return {"schema": record.pop("schema"), **record}
+        record = {"schema": record.pop("schema"), **record}
+        return {**record, DIGEST_KEY: card_digest(record)}
 
     @classmethod
     def from_record(cls, record: Any, where: Path | str) -> ModelCard:
         """Parse and validate a record of any known schema; one clear line for anything else."""
         return parse_record(record, where)[0]
+
+
+DIGEST_KEY = "digest"
+
+
+def card_digest(record: dict[str, Any]) -> str:
+    """sha256 of a card record's canonical JSON, its own digest left out."""
+    import hashlib
+    import json
+
+    content = {key: value for key, value in record.items() if key != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def parse_record(record: Any, where: Path | str) -> tuple[ModelCard, dict[str, Any]]:
@@ -198,11 +214,16 @@ def parse_record(record: Any, where: Path | str) -> tuple[ModelCard, dict[str, A
     if record["schema"] != SCHEMA:
         raise MammaclsError(f"{where}: model schema {record['schema']!r} is not one this mammacls reads "
                             f"({SCHEMA}); upgrade mammacls")
+    stored = record.get(DIGEST_KEY)
+    record = {key: value for key, value in record.items() if key != DIGEST_KEY}
     try:
         card = _build(ModelCard, record)
     except (TypeError, ValueError, KeyError) as exc:
         raise MammaclsError(f"{where}: damaged model record ({str(exc)[:120]})") from None
     _check(card, where)
+    if stored is not None and stored != card_digest(record):  # records without one predate it
+        raise MammaclsError(f"{where} was changed after it was written (its digest does not match its content): "
+                            "restore it; a model's calibration is refitted with mammacls calibrate, not by hand")
     return card, sidecars
 
 

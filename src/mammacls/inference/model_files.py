@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mammacls.errors import MammaclsError
-from mammacls.inference.card import MODEL_FILE, SCHEMA, ModelCard, parse_record, without_machine_specific
+from mammacls.errors import MammaclsError, param
+from mammacls.inference.card import DIGEST_KEY, MODEL_FILE, SCHEMA, ModelCard, parse_record, without_machine_specific
 from mammacls.store import atomic_path, atomic_write_json, cache_dir, models_dir, sha256_file
 
 METADATA_FILE = "metadata.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 HEADER_KEY = "mammacls"
 OVERLAY_FILE = "overlay.json"
+INHERITED = "inherited_fingerprints"  # training_data key: what the models a model started from saw
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 def shipped_weights_dir() -> Path:
@@ -50,7 +51,8 @@ def shipped_ref(why: str) -> ModelRef:
     if overlay.is_file():
         try:
             sections = json.loads(overlay.read_text(encoding="utf-8"))
-            ref.card = ModelCard.from_record({**ref.card.to_record(), **sections}, overlay)
+            base = {k: v for k, v in ref.card.to_record().items() if k != DIGEST_KEY}  # the overlay has none
+            ref.card = ModelCard.from_record({**base, **sections}, overlay)
         except (OSError, json.JSONDecodeError, MammaclsError) as exc:
             raise MammaclsError(f"cannot read {overlay} ({exc}); delete it to use the shipped files alone") from None
     return ref
@@ -75,6 +77,13 @@ class ModelRef:
     def read_only(self) -> bool:
         """The shipped model lives inside the installed package, which is never written to."""
         return self.source == "shipped"
+
+    @property
+    def spec(self) -> str:
+        """What to pass as ``--model`` to name this model again (hints in messages)."""
+        if self.source in ("shipped", "cache"):
+            return "default" if self.source == "shipped" else self.name
+        return str(self.weights.parent if (self.weights.parent / METADATA_FILE).is_file() else self.weights)
 
     @property
     def files_dir(self) -> Path:
@@ -121,7 +130,56 @@ class ModelRef:
             "val_metrics": card.training.val_metrics,
             "pretrained": pretrained.get("weights") if isinstance(pretrained, dict) else pretrained,
             "mask_guided": card.mask_guided, "members": card.members, "schema": card.schema,
+            "finished": card.training.status == "complete", "calibrated": card.calibration is not None,
+            "init": (card.provenance.init or {}).get("model"), "group": card.training.group,
         }
+
+
+def verify_weights(ref: ModelRef) -> None:
+    """The weights file is the one the card names (its sha256), whichever backend runs the model: the ONNX
+    path does not read it, but a damaged or replaced file means the card describes another model."""
+    expected = ref.card.weights.sha256
+    if not ref.weights.is_file():
+        raise MammaclsError(f"model weights missing: {ref.weights}")
+    if expected and sha256_file(ref.weights) != expected:
+        ref.card = card_matching(ref, sha256_file(ref.weights))  # a run between its two writes: wait for it
+
+
+def check_finished(ref: ModelRef, allow_unfinished: bool = False) -> None:
+    """Refuse a model whose training did not finish (killed, failed): it has weights but no calibration
+    and no refusal gate, so its probabilities and statuses would claim what nobody fitted."""
+    if ref.card.training.status == "complete" or allow_unfinished:
+        return
+    from mammacls.store import lock_holders
+
+    folder = ref.weights.parent
+    running = lock_holders(f"model-{ref.name}") if ref.source == "cache" else []
+    if running:
+        raise MammaclsError(f"model {ref.name} is still training ({'; '.join(running)}): wait for it to finish, "
+                            f"or pass {param('allow_unfinished')} to use its best epoch so far (flagged)")
+    how = (f"continue it with mammacls train --resume --name {ref.name}" if (folder / CHECKPOINT_FILE).is_file()
+           else f"train it again (delete {folder} first)")
+    raise MammaclsError(f"model {ref.name} did not finish training (no calibration, no refusal gate): {how}, "
+                        f"or pass {param('allow_unfinished')} to use it as it is (flagged)")
+
+
+FINGERPRINT_KEYS = ("sha256", "phash", "thumb", "name")
+
+
+def seen_fingerprints(ref: ModelRef) -> dict[str, list]:
+    """Fingerprints of every image ``ref`` trained or was validated on, and of those the models it was
+    started from saw (``train --init``), one entry per sha256: ``sha256``, ``phash``, ``thumb`` (the
+    32 x 32 thumbnail, base64) and ``name`` (``source:file``); the last two are None where a model
+    older than them did not record them."""
+    training_data = ref.sidecar("training_data") or {}
+    merged: dict[str, tuple] = {}
+    for prints in (training_data.get("train_val_fingerprints"), training_data.get(INHERITED)):
+        prints = prints or {}
+        count = len(prints.get("sha256", ()))
+        columns = [prints.get(key) or [None] * count for key in FINGERPRINT_KEYS]
+        for entry in zip(*columns):
+            merged.setdefault(entry[0], entry)
+    return {key: [entry[k] for entry in merged.values()] for k, key in enumerate(FINGERPRINT_KEYS)}
 
 
 def list_cached_models() -> list[ModelRef]:
@@ -261,6 +319,7 @@ def header_record(card: ModelCard) -> dict[str, Any]:
     """What a weights file's header carries: the card without the file's own sha256."""
     record = card.to_record()
     record["weights"]["sha256"] = ""
+    del record[DIGEST_KEY]  # metadata.json carries the card's digest; the header is covered by the file's sha256
     return record
 
 

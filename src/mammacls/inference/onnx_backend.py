@@ -24,10 +24,10 @@ class OnnxBackend:
         record = ref.card.onnx
         path = ref.file(record.file)
         if not path.is_file():
-            raise MammaclsError(f"ONNX export missing: {path} (run mammacls export --model {ref.name})")
+            raise MammaclsError(f"ONNX export missing: {path} (run mammacls export --model {ref.spec})")
         if sha256_file(path) != record.sha256:
             raise MammaclsError(f"{path} does not match the sha256 in its metadata: corrupt or modified "
-                                f"(run mammacls export --model {ref.name} to rewrite it)")
+                                f"(run mammacls export --model {ref.spec} to rewrite it)")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:

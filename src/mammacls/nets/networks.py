@@ -128,6 +128,16 @@ def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temper
     return softmax(predict_logits(net, images, device, batch_size), temperature)
 
 
+def frozen_modules(net, arch: str, stages: int) -> list:
+    """Fix the first ``stages`` backbone stages of ``net`` (every member of an ensemble): their weights
+    stop learning; the modules are returned so that training keeps them in eval mode (batch norm too)."""
+    paths = [path for stage in ARCH_SPECS[arch].stages[:stages] for path in stage]
+    modules = [member.get_submodule(path) for member in members_of(net) for path in paths]
+    for module in modules:
+        module.requires_grad_(False)
+    return modules
+
+
 def head_layer(arch: str, net):
     """The final Linear layer; its input is the penultimate feature vector."""
     return net.get_submodule(ARCH_SPECS[arch].head)

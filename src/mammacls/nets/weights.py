@@ -15,7 +15,7 @@ from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 from mammacls.inference.card import SIDECAR_FILES, ModelCard, without_machine_specific
 from mammacls.inference.model_files import HEADER_KEY, METADATA_FILE, ModelRef, card_matching, header_record
-from mammacls.store import atomic_path, atomic_write_json, sha256_file
+from mammacls.store import atomic_path, atomic_write_json, sha256_file, writing
 
 
 def library_versions() -> dict[str, str]:
@@ -50,7 +50,7 @@ def save_model(net, card: ModelCard, model_dir: Path, tensors: dict | None = Non
         atomic_write_json(model_dir / names[kind], value)
     weights_path = model_dir / card.weights.file
     header = {HEADER_KEY: json.dumps(header_record(card))}
-    with atomic_path(weights_path) as tmp:
+    with atomic_path(weights_path) as tmp, writing(weights_path):
         save_file(tensors if tensors is not None else state_dict_cpu(net), str(tmp), metadata=header)
     card = card.with_weights(sha256=sha256_file(weights_path))
     atomic_write_json(model_dir / METADATA_FILE, card.to_record())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,23 +16,25 @@ from mammacls import CLASSES
 from mammacls.data.prepared import PreparedDataset
 from mammacls.training.distributed import World, sum_over_ranks, wrap_for_training
 from mammacls.errors import MammaclsError, param
-from mammacls.inference.images import resize_square
-from mammacls.nets.networks import forward_with_lesion, normalise
+from mammacls.nets.networks import forward_with_lesion, members_of, normalise
 from mammacls.training.config import TrainConfig
 
 
 def load_rows(dataset: PreparedDataset, rows: list[dict[str, str]], size: int, fingerprints: dict[str, list]):
-    """Resized images and labels of ``rows``; records each image's content fingerprint."""
-    from mammacls.data.prepare import perceptual_hash, phash_to_hex
+    """Resized images and labels of ``rows`` (from the dataset's cache at ``size``); records each
+    image's fingerprints (pixel sha256, perceptual hash, thumbnail) and name (``source:file``)."""
+    from mammacls.data.resized import resized_images
 
-    images = []
-    for row in rows:
-        full = dataset.load_image(row)
-        fingerprints["sha256"].append(row["sha256"])
-        fingerprints["phash"].append(phash_to_hex(perceptual_hash(full)))
-        images.append(resize_square(full, size))
+    from mammacls.data.dedup import thumbnail_to_text
+
+    cached = resized_images(dataset, size, warn=_warn)
+    positions = cached.rows(rows)
+    fingerprints["sha256"].extend(row["sha256"] for row in rows)
+    fingerprints["phash"].extend(cached.phashes[k] for k in positions)
+    fingerprints.setdefault("thumb", []).extend(thumbnail_to_text(cached.thumbs[k]) for k in positions)
+    fingerprints.setdefault("name", []).extend(f"{row['source']}:{Path(row['path']).name}" for row in rows)
     labels = np.array([CLASSES.index(row["label"]) for row in rows], dtype=np.int64)
-    return np.stack(images), labels
+    return np.ascontiguousarray(cached.images[positions]), labels
 
 
 def load_masks(dataset: PreparedDataset, rows: list[dict[str, str]], size: int):
@@ -40,12 +43,20 @@ def load_masks(dataset: PreparedDataset, rows: list[dict[str, str]], size: int):
     A normal image's mask is empty; a benign or malignant image without a mask file has an
     unknown mask and is left out of the mask loss rather than taught "no lesion".
     """
-    masks, known = [], []
-    for row in rows:
-        full = dataset.load_mask(row)
-        masks.append((resize_square(full * np.uint8(255), size) >= 128).astype(np.uint8))
-        known.append(bool(row.get("mask_file")) or row["label"] == "normal")
-    return np.stack(masks), np.array(known, dtype=np.float32)
+    from mammacls.data.resized import resized_images
+
+    cached = resized_images(dataset, size, warn=_warn)
+    has_file = np.array([bool(row.get("mask_file")) for row in rows])
+    known = has_file | np.array([row["label"] == "normal" for row in rows])
+    masks = cached.masks(cached.rows(rows))
+    masks[~has_file] = 0  # no mask file: empty (a normal scan) or unknown, never another row's mask
+    return masks, known.astype(np.float32)
+
+
+def _warn(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr)
 
 
 def augmenter(config: TrainConfig):
@@ -131,59 +142,86 @@ def lesion_dice(maps: np.ndarray, masks: np.ndarray, known: np.ndarray) -> float
 
 class EpochRunner:
     """One pass over this process's share of the training images (DistributedSampler: with one
-    process, all of them in a seeded order that depends on the epoch, so resuming is exact)."""
+    process, all of them in a seeded order that depends on the epoch, so resuming is exact).
 
-    def __init__(self, config, current: World, device: str, net, criterion, optimizer, images, labels,
-                 masks, known) -> None:
+    An ensemble trains every member on the same batches, each with its own loss (their mean is
+    minimised, so each member learns as it would alone), one member's forward and backward after the
+    other: only one member's activations are alive at a time (five at once took 15 GB at 224 px).
+    Frozen stages stay in eval mode.
+    """
+
+    def __init__(self, config, current: World, compute, net, criterion, optimizer, images, labels,
+                 masks, known, image_weights=None, frozen=()) -> None:
         import torch
         from torch.utils.data import DistributedSampler
 
-        self.config, self.device, self.criterion, self.optimizer = config, device, criterion, optimizer
-        self.current, self.net = current, net
+        self.config, self.compute, self.criterion, self.optimizer = config, compute, criterion, optimizer
+        self.device = compute.device
+        self.current, self.net, self.frozen = current, net, list(frozen)
         self.images, self.labels, self.masks, self.known = images, labels, masks, known
+        self.image_weights = np.asarray(np.ones(len(labels)) if image_weights is None else image_weights,
+                                        dtype=np.float32)
         self.sampler = DistributedSampler(range(len(labels)), num_replicas=current.size, rank=current.rank,
                                           shuffle=True, seed=config.seed)
         self.local_batch = config.batch_size // current.size
-        self.batches = math.ceil(self.sampler.num_samples / self.local_batch)
-        self.model = wrap_for_training(_TrainStep.build(net, config.arch, masks is not None), current, device)
+        full, ragged = divmod(self.sampler.num_samples, self.local_batch)
+        # a last batch under half the size is left out (a different few images each epoch): batch norm
+        # on a handful of images is noise, and it costs nearly a whole batch's time
+        self.batches = full + (1 if ragged and (ragged * 2 >= self.local_batch or not full) else 0)
+        self.models = [wrap_for_training(_TrainStep.build(member, config.arch, masks is not None), current, self.device)
+                       for member in members_of(net)]  # one DDP wrapper per member: each reduces its own gradients
         self.augment = None if config.augmentation.get("scanner") else augmenter(config)
         # On a GPU the CPU's per-image augmentation would starve it: threads augment the images of the
         # next batch while the GPU runs this one (torch releases the GIL). On the CPU the same cores
         # do both, so the order stays sequential and a resumed run stays exact.
+        cuda = self.device.startswith("cuda")
         self.threads = (ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-                        if device.startswith("cuda") and self.augment is not None else None)
-        self.use_amp = device.startswith("cuda")
-        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+                        if cuda and self.augment is not None else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and compute.precision == "fp16")
 
-    def run(self, epoch: int, reporter) -> tuple[float, float]:
-        """Mean training loss over every process's images, and this epoch's training seconds."""
+    def run(self, epoch: int, reporter) -> tuple[float, float, int]:
+        """Mean training loss over every process's images, this epoch's training seconds, and how many
+        images every process trained on together."""
         import torch
 
         started = time.perf_counter()
         self.net.train()
+        for module in self.frozen:  # fixed stages keep their batch-norm statistics too
+            module.eval()
         self.sampler.set_epoch(epoch)
         order = np.fromiter(self.sampler, dtype=np.int64)
-        total_loss = 0.0
+        total_loss, seen = 0.0, 0
         for picked, (inputs, masks) in self._batches(order):
             targets = torch.from_numpy(self.labels[picked]).to(self.device)
+            weights = torch.from_numpy(self.image_weights[picked]).to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
-                logits, mask_logits = self.model(inputs)
-                loss = self.criterion(logits.float(), targets)
-                if masks is not None:
-                    loss = loss + self.config.mask_weight * lesion_loss(
-                        mask_logits, masks.to(self.device), torch.from_numpy(self.known[picked]).to(self.device))
-            if not torch.isfinite(loss):
-                raise MammaclsError(f"training diverged at epoch {epoch} (loss {loss.item()}); "
-                                    f"try a lower {param('lr')}")
-            self.scaler.scale(loss).backward()
+            inputs = inputs.contiguous(memory_format=self.compute.torch_memory_format)
+            loss = 0.0
+            for model in self.models:  # the gradient of the members' mean loss, one member at a time
+                with self.compute.autocast():
+                    logits, mask_logits = model(inputs)
+                    member_loss = self._loss(logits, mask_logits, targets, weights, masks, picked) / len(self.models)
+                if not torch.isfinite(member_loss):
+                    raise MammaclsError(f"training diverged at epoch {epoch} (loss {member_loss.item()}); "
+                                        f"try a lower {param('lr')}")
+                self.scaler.scale(member_loss).backward()
+                loss += member_loss.item()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total_loss += loss.item() * len(picked)
-            reporter.batch_done(epoch, loss.item())
-        loss_sum, count = sum_over_ranks([total_loss, float(len(order))], self.current)
-        return loss_sum / count, time.perf_counter() - started
+            total_loss += loss * len(picked)
+            seen += len(picked)
+            reporter.batch_done(epoch, loss)
+        loss_sum, count = sum_over_ranks([total_loss, float(seen)], self.current)
+        return loss_sum / count, time.perf_counter() - started, int(count)
+
+    def _loss(self, logits, mask_logits, targets, weights, masks, picked):
+        import torch
+
+        loss = self.criterion(logits.float(), targets, weights)
+        if masks is not None:
+            loss = loss + self.config.mask_weight * lesion_loss(
+                mask_logits, masks.to(self.device), torch.from_numpy(self.known[picked]).to(self.device))
+        return loss
 
     def close(self) -> None:
         if self.threads is not None:
@@ -215,8 +253,8 @@ class EpochRunner:
 
 
 class _TrainStep:
-    """The training forward as one module, so that DDP sees (and synchronises) the whole pass,
-    lesion decoder included."""
+    """One network's training forward as one module, so that DDP sees (and synchronises) the whole pass,
+    lesion decoder included: (class logits, mask logits or None)."""
 
     @staticmethod
     def build(net, arch: str, lesion: bool):

@@ -9,7 +9,7 @@ from typing import Any
 
 from mammacls.errors import MammaclsError
 from mammacls.inference.model_files import CHECKPOINT_FILE
-from mammacls.store import atomic_path, models_dir
+from mammacls.store import atomic_path, models_dir, writing
 
 
 def find_resumable(name: str | None) -> Path:
@@ -49,7 +49,7 @@ def write_checkpoint(path: Path, net, optimizer, scheduler, info: dict[str, Any]
         "optim_scalars": json.dumps(scalars),
         "scheduler": json.dumps(scheduler.state_dict()),
     }
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         save_file(tensors, str(tmp), metadata=header)
 
 

@@ -20,26 +20,28 @@ from typing import Any
 
 import numpy as np
 
-from mammacls import CLASSES
 from mammacls.archs import ARCH_SPECS
 from mammacls.data.prepared import load_prepared
 from mammacls.training.distributed import SINGLE, World, barrier, broadcast, world
 from mammacls.errors import MammaclsError, param
-from mammacls.inference.card import ModelCard, Preprocessing, Provenance, TrainingSummary, WeightsInfo
+from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import CHECKPOINT_FILE, MODEL_FILE, read_card
 from mammacls.inference.predictor import softmax
 from mammacls.evaluation.metrics import compute_metrics
+from mammacls.nets.compute import Compute, choose_compute, to_layout
 from mammacls.nets.networks import (
-    attach_lesion_decoder, build_model, build_pretrained_model, normalise, predict_lesion_maps,
-    predict_proba, resolve_device,
+    frozen_modules, members_of, normalise,
+    predict_lesion_maps, predict_proba, resolve_device,
 )
 from mammacls.store import cache_lock, check_model_name, models_dir
-from mammacls.training.batches import EpochRunner, lesion_dice, load_masks, load_rows
+from mammacls.training.batches import EpochRunner, lesion_dice
 from mammacls.training.checkpoint import find_resumable, read_checkpoint, write_checkpoint
 from mammacls.training.config import TrainConfig, TrainReporter
 from mammacls.training.finalise import fit_calibration
-from mammacls.training.splits import data_summary, rows_for, training_data_record
-from mammacls.nets.weights import library_versions, save_model
+from mammacls.training.loss import ClassWeightedLoss
+from mammacls.training.run_setup import base_card, load_run_data, run_start, training_data_sidecar
+from mammacls.training.splits import rows_for
+from mammacls.nets.weights import save_model
 
 # Measured: VGG16 takes about 9 minutes an epoch at 224 px on 2 CPU cores.
 SLOW_EPOCH_SECONDS = 60
@@ -96,7 +98,7 @@ def resume_training(name: str | None = None, *, reporter: TrainReporter | None =
     current = world(device) if data_parallel else SINGLE
     run_dir = find_resumable(name)
     state = read_checkpoint(run_dir / CHECKPOINT_FILE)
-    config = TrainConfig(**state["config"])
+    config = TrainConfig(**{"class_weights": "pooled", **state["config"]})  # runs before per-source weights
     with _holding(run_dir.name, current) as hold:
         run = _setup(config, Path(state["data_dir"]), run_dir.name, state.get("split_rows"),
                      state.get("extra_training", state.get("extra_metadata")), hold, current, state)
@@ -130,12 +132,50 @@ class _Run:
     checkpoint_info: dict[str, Any]
     history: list[dict[str, Any]]
     best: dict[str, Any]
+    compute: Compute
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run, saying what is kept: ``epochs_saved`` finished epochs (0: nothing)."""
+
+    def __init__(self, name: str, epochs_saved: int) -> None:
+        super().__init__(name)
+        self.name, self.epochs_saved = name, epochs_saved
 
 
 def _finish(run: _Run, reporter: TrainReporter | None, export: bool) -> ModelCard:
+    """Epochs, then finalise. A run that stops without a checkpoint leaves nothing behind: a folder with
+    weights but neither a checkpoint to resume nor a finished card could only mislead (and would block
+    a new run of its name). A full disk or a failed write is one line naming the path."""
     reporter = reporter or TrainReporter()
-    _run_epochs(run, reporter)
-    return _finalise(run, reporter, export)
+    try:
+        _run_epochs(run, reporter)
+        return _finalise(run, reporter, export)
+    except BaseException as exc:
+        kept = run.current.is_main and _keep_or_remove(run.run_dir)
+        if isinstance(exc, KeyboardInterrupt):
+            raise TrainingInterrupted(run.name, len(run.history) if kept else 0) from None
+        if isinstance(exc, OSError):
+            where = exc.filename or run.run_dir
+            raise MammaclsError(f"cannot write {where}: {exc.strerror or exc}; "
+                                + (f"the last finished epoch is kept (mammacls train --resume --name {run.name})"
+                                   if kept else f"nothing of {run.name} was kept")) from None
+        raise
+
+
+def _keep_or_remove(run_dir: Path) -> bool:
+    """Whether ``run_dir`` can be resumed (or is finished); an unusable leftover is removed."""
+    import shutil
+
+    if not run_dir.exists() or (run_dir / CHECKPOINT_FILE).is_file():
+        return run_dir.exists()
+    try:
+        if read_card(run_dir).training.status == "complete":
+            return True
+    except MammaclsError:
+        pass
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return False
 
 
 def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_training, hold, current: World,
@@ -147,23 +187,27 @@ def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_training,
         raise MammaclsError(f"{param('batch_size')} {config.batch_size} is the global batch: it must divide evenly "
                             f"over the {current.size} processes")
     device = resolve_device(config.device)  # under torchrun "cuda" is this process's own GPU
+    compute = choose_compute(config.arch, device, config.precision, config.memory_format)
     dataset = load_prepared(data_dir, hold, f"mammacls train --name {name}")
     if state and dataset.manifest_sha256 != state["manifest_sha256"]:
         raise MammaclsError(f"the prepared dataset at {dataset.root} changed since this run started; cannot resume")
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    net, imagenet_record = _network(config, state)
-    net = net.to(device)
+    start = run_start(config, state)
+    net = to_layout(start.net, compute)
+    frozen = frozen_modules(net, config.arch, config.freeze)
     train_rows, val_rows = rows_for(dataset, split_rows)
     fingerprints: dict[str, list] = {"sha256": [], "phash": []}
-    data = _load_data(dataset, config, train_rows, val_rows, fingerprints)
-    class_weights = _class_weights(data["train_y"])
-    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32, device=device),
-                                          label_smoothing=config.label_smoothing)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    data = load_run_data(dataset, config, train_rows, val_rows, fingerprints, allow_missing=start.init is not None)
+    train_sources = np.array([row["source"] for row in train_rows])
+    criterion = ClassWeightedLoss(config.class_weights, data["train_y"], train_sources, config.label_smoothing)
+    data["val_weights"] = criterion.image_weights(data["val_y"], [row["source"] for row in val_rows])
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    step = EpochRunner(config, current, device, net, criterion, optimizer, data["train_x"], data["train_y"],
-                       data.pop("train_masks"), data.pop("train_known"))
+    step = EpochRunner(config, current, compute, net, criterion, optimizer, data["train_x"], data["train_y"],
+                       data.pop("train_masks"), data.pop("train_known"),
+                       criterion.image_weights(data["train_y"], train_sources), frozen)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "macro_f1": -1.0, "val_loss": math.inf, "metrics": None}
     if state:
@@ -175,71 +219,14 @@ def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_training,
     if current.distributed:  # each process its own augmentation stream
         torch.manual_seed(config.seed + 1_000_003 * current.rank + len(history))
     rows = (train_rows, val_rows)
-    card = _base_card(config, name, device, current, dataset, imagenet_record, rows, class_weights, extra_training)
+    card = base_card(config, name, compute, current, dataset, start, rows, criterion, extra_training)
     checkpoint_info = {"config": asdict(config), "data_dir": str(dataset.root.resolve()),
                        "manifest_sha256": dataset.manifest_sha256, "split_rows": split_rows,
-                       "extra_training": extra_training, "imagenet": imagenet_record}
+                       "extra_training": extra_training, "imagenet": start.imagenet, "init": start.init,
+                       "members": start.members, "inherited_fingerprints": start.inherited}
     return _Run(config, name, models_dir() / name, device, current, net, optimizer, scheduler, criterion, step, data,
-                card, _training_data(dataset, rows, fingerprints), checkpoint_info, history, best)
-
-
-def _network(config: TrainConfig, state: dict[str, Any] | None):
-    """The untrained network (ImageNet start when asked; a resumed run's weights come later) and the
-    record of its ImageNet weights."""
-    if config.pretrained and not state:
-        net, imagenet_record = build_pretrained_model(config.arch, len(CLASSES), config.imagenet)
-    else:
-        net, imagenet_record = build_model(config.arch, len(CLASSES)), (state or {}).get("imagenet")
-    if config.mask_guided:
-        attach_lesion_decoder(config.arch, net)
-    return net, imagenet_record
-
-
-def _load_data(dataset, config: TrainConfig, train_rows, val_rows, fingerprints) -> dict[str, Any]:
-    train_x, train_y = load_rows(dataset, train_rows, config.img_size, fingerprints)
-    val_x, val_y = load_rows(dataset, val_rows, config.img_size, fingerprints)
-    data = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y,
-            "train_masks": None, "train_known": None, "val_masks": None, "val_known": None}
-    if config.mask_guided:
-        data["train_masks"], data["train_known"] = load_masks(dataset, train_rows, config.img_size)
-        data["val_masks"], data["val_known"] = load_masks(dataset, val_rows, config.img_size)
-        if data["train_known"][train_y != CLASSES.index("normal")].sum() == 0:
-            raise MammaclsError(f"{param('mask_guided')}: no benign or malignant training image has a lesion mask "
-                                "(BUSI layout: NAME_mask.png beside NAME.png)")
-    return data
-
-
-def _class_weights(train_y: np.ndarray) -> np.ndarray:
-    counts = np.bincount(train_y, minlength=len(CLASSES)).astype(np.float64)
-    if (counts == 0).any():
-        missing = [c for c, n in zip(CLASSES, counts) if n == 0]
-        raise MammaclsError(f"the train split has no {', '.join(missing)} images; cannot train a 3-class model")
-    return counts.sum() / (len(CLASSES) * counts)
-
-
-def _base_card(config, name, device, current, dataset, imagenet_record, rows, class_weights,
-               extra_training: dict[str, Any] | None) -> ModelCard:
-    """The card of a run before its first epoch: what it is, how to feed it, where it came from."""
-    train_rows, val_rows = rows
-    return ModelCard(
-        name=name, arch=config.arch,
-        preprocessing=Preprocessing(img_size=config.img_size),
-        weights=WeightsInfo(lesion_decoder=config.mask_guided),
-        provenance=Provenance(
-            pretrained=imagenet_record, device=device, versions=library_versions(),
-            processes={"world_size": current.size, "backend": current.backend},
-            data={**data_summary(dataset, train_rows, val_rows),
-                  "class_weights": dict(zip(CLASSES, class_weights.round(4).tolist()))}),
-        training=TrainingSummary(config=asdict(config),
-                                 selection="best validation macro-F1 (ties: lower validation loss); "
-                                           "test split never used", **(extra_training or {})),
-    )
-
-
-def _training_data(dataset, rows, fingerprints) -> dict[str, Any]:
-    """The ``training_data`` sidecar, with where the prepared dataset was on this machine (a hint for
-    calibrate; dropped when shipped)."""
-    return {"prepared_dir": str(dataset.root.resolve()), **training_data_record(*rows, fingerprints)}
+                card, training_data_sidecar(dataset, rows, fingerprints, start.inherited), checkpoint_info, history, best,
+                compute)
 
 
 def _run_epochs(run: _Run, reporter: TrainReporter) -> None:
@@ -248,18 +235,29 @@ def _run_epochs(run: _Run, reporter: TrainReporter) -> None:
     config, first_epoch = run.config, len(run.history) + 1
     if run.history:
         reporter.message(f"resuming {run.name} at epoch {first_epoch}/{config.epochs} with its saved settings")
+    reporter.info(f"compute: {run.compute.describe()}")
+    if run.card.provenance.init:
+        init = run.card.provenance.init
+        reporter.info(f"starting from {init['model']} ({init['members']} member{'s' if init['members'] > 1 else ''}, "
+                         f"{init['arch']} {init['img_size']} px, weights {init['sha256'][:12]}); lr {config.lr:g}"
+                         + (f"; first {config.freeze} stage{'s' if config.freeze > 1 else ''} frozen"
+                            if config.freeze else ""))
+        if run.data["missing"]:
+            reporter.message(f"the training images hold no {', '.join(run.data['missing'])} scans: what the model "
+                             f"knows of them comes from {init['model']} alone and may fade; mix in a source that has "
+                             "them (mammacls prepare Dataset_BUSI_with_GT hospital=scans.csv)")
     if run.device == "cpu" and first_epoch <= config.epochs and not run.current.distributed:
-        estimate_cpu_time(run.net, run.criterion, run.optimizer, config, run.data["train_x"], run.step.batches,
-                          len(run.data["val_y"]), reporter)
+        estimate_cpu_time(run.net, run.compute, run.optimizer, config, run.data["train_x"], len(run.data["val_y"]),
+                          reporter)
     reporter.run_started(run.name, first_epoch, config.epochs, run.step.batches)
     since_best = first_epoch - 1 - run.best["epoch"] if run.best["epoch"] else 0
     for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
-        train_loss, train_seconds = run.step.run(epoch, reporter)
+        train_loss, train_seconds, trained = run.step.run(epoch, reporter)
         run.scheduler.step()
         stop = None
         if run.current.is_main:  # rank 0 validates, selects and saves; the others wait for its verdict
-            improved = _validate_and_save(run, epoch, train_loss, train_seconds, started, reporter)
+            improved = _validate_and_save(run, epoch, train_loss, (train_seconds, trained), started, reporter)
             since_best = 0 if improved else since_best + 1
             stop = since_best >= config.patience
         if broadcast(stop, run.current):
@@ -268,13 +266,13 @@ def _run_epochs(run: _Run, reporter: TrainReporter) -> None:
     run.step.close()
 
 
-def _validate_and_save(run: _Run, epoch: int, train_loss: float, train_seconds: float, started: float,
+def _validate_and_save(run: _Run, epoch: int, train_loss: float, timing: tuple[float, int], started: float,
                        reporter: TrainReporter) -> bool:
     """Score the epoch on validation, keep the model when it is the best so far, write the checkpoint."""
     record, metrics, val_loss = _validate(run)
     record.update(epoch=epoch, train_loss=train_loss, lr=run.optimizer.param_groups[0]["lr"],
-                  train_seconds=round(train_seconds, 2),
-                  train_images_per_s=round(len(run.data["train_y"]) / train_seconds, 1),
+                  train_seconds=round(timing[0], 2), train_images=timing[1],
+                  train_images_per_s=round(timing[1] / timing[0], 1),
                   seconds=round(time.perf_counter() - started, 2))
     run.history.append(record)
     best = run.best
@@ -303,8 +301,9 @@ def _validate(run: _Run):
     else:
         probabilities = predict_proba(run.net, data["val_x"], device, batch_size=val_batch)
     metrics = compute_metrics(data["val_y"], probabilities)
-    val_loss = float(run.criterion(torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)).float().to(device),
-                                   torch.from_numpy(data["val_y"]).to(device)).item())
+    log_probabilities = torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)).float().to(device)
+    val_loss = float(run.criterion(log_probabilities, torch.from_numpy(data["val_y"]).to(device),
+                                   torch.from_numpy(data["val_weights"]).float().to(device)).item())
     record = {"val_loss": val_loss, "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
               "val_roc_auc_macro": metrics["roc_auc_macro"]}
     if config.mask_guided:
@@ -326,12 +325,14 @@ def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> ModelCard:
         val_metrics["lesion_dice"] = run.history[saved.training.best_epoch - 1].get("val_lesion_dice")
     summary = dataclasses.replace(saved.training, status="complete", epochs_run=len(run.history),
                                   val_metrics=val_metrics)
-    finished = dataclasses.replace(saved.provenance,
+    # the selected epoch may come from before a resume: processes and compute are those that finished the run
+    finished = dataclasses.replace(saved.provenance, processes=run.card.provenance.processes,
+                                   compute=run.card.provenance.compute,
                                    finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     run.net.load_state_dict(load_file(str(run.run_dir / MODEL_FILE), device=run.device))  # the selected epoch
     data = run.data
     calibration, refusal = fit_calibration(run.net, run.config.arch, data["train_x"], data["train_y"], data["val_x"],
-                                           data["val_y"], run.device, run.run_dir)
+                                           data["val_y"], run.device, run.run_dir, members=run.card.members)
     final = save_model(run.net, saved.replace(training=summary, provenance=finished, calibration=calibration,
                                               refusal=refusal), run.run_dir,
                        sidecars={"history": run.history, "training_data": run.training_data})
@@ -349,23 +350,30 @@ def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> ModelCard:
     return final
 
 
-def estimate_cpu_time(net, criterion, optimizer, config, train_x, batches, n_val, reporter) -> None:
-    """Time one training step and say what an epoch will cost when it is slow."""
+def estimate_cpu_time(net, compute: Compute, optimizer, config, train_x, n_val: int, reporter) -> None:
+    """Time one training step, as the run will take it, and say what an epoch will cost when it is slow."""
     import torch
 
     size = min(config.batch_size, len(train_x))
     inputs = normalise(torch.from_numpy(train_x[:size]).unsqueeze(1).float() / 255.0)
+    inputs = inputs.contiguous(memory_format=compute.torch_memory_format)
     targets = torch.zeros(size, dtype=torch.long)
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     net.train()
+
+    def step() -> None:
+        with compute.autocast():
+            loss = sum(torch.nn.functional.cross_entropy(member(inputs).float(), targets) for member in members_of(net))
+        loss.backward()
+
     with torch.random.fork_rng(devices=[]):  # dropout here must not shift the run's random stream
-        criterion(net(inputs), targets).backward()  # warm-up: the first step pays one-off costs
+        step()  # warm-up: the first step pays one-off costs
         started = time.perf_counter()
-        criterion(net(inputs), targets).backward()
-        step = time.perf_counter() - started
+        step()
+        seconds = time.perf_counter() - started
     optimizer.zero_grad(set_to_none=True)
     net.load_state_dict(saved)  # the timing step must not change the model (BN statistics)
-    per_epoch = step * (len(train_x) / size) * 1.15 + step / 3 * (n_val / size)
+    per_epoch = seconds * (len(train_x) / size) * 1.15 + seconds / 3 * (n_val / size)
     if per_epoch > SLOW_EPOCH_SECONDS or ARCH_SPECS[config.arch].slow_on_cpu:
         reporter.message(
             f"CPU time estimate: about {per_epoch / 60:.1f} min per epoch for {config.arch} at "

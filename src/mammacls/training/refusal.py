@@ -12,7 +12,7 @@ import numpy as np
 
 from mammacls.errors import MammaclsError
 from mammacls.inference.gate import COLOUR_LIMIT, MIN_SIDE, MIN_STD, OOD_FILE, image_distances, mahalanobis
-from mammacls.store import atomic_path, sha256_file
+from mammacls.store import atomic_path, sha256_file, writing
 
 PCA_DIMS = 32
 # Thresholds: this many robust standard deviations above the median validation distance (log scale).
@@ -93,7 +93,7 @@ def save_density(folder: Path, fitted: dict[str, Any], image_fitted: dict[str, A
     from safetensors.numpy import save_file
 
     target = Path(folder) / OOD_FILE
-    with atomic_path(target) as tmp:
+    with atomic_path(target) as tmp, writing(target):
         save_file({**fitted["arrays"], **image_fitted["arrays"]}, str(tmp))
     return {"file": OOD_FILE, "sha256": sha256_file(target), "threshold": fitted["threshold"],
             "image_threshold": image_fitted["threshold"], "member_thresholds": fitted["member_thresholds"],
