@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,16 @@ def real_busbra_or_skip() -> Path:
     if not REAL_BUSBRA.is_dir():
         pytest.skip(f"real BUS-BRA copy not found at {REAL_BUSBRA}")
     return REAL_BUSBRA
+
+
+def readme_quickstart_commands() -> list[str]:
+    """Every `mammacls` command of the README's Quickstart, in order, trailing comments removed."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith("mammacls "):
+                commands.append(line)
+    return commands

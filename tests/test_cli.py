@@ -1,4 +1,5 @@
 import json
+import shlex
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -10,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mammacls import __version__
-from mammacls.cli import app
-from tests.conftest import real_busi_or_skip, textured_image
+from mammacls.cli import _report_option_value, app
+from tests.conftest import readme_quickstart_commands, real_busi_or_skip, textured_image
 
 runner = CliRunner()
 
@@ -217,28 +218,32 @@ def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, cache):
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_real_busi_end_to_end(cache, tmp_path, monkeypatch):
-    """The README quickstart on the real dataset: prepare, 1-epoch train, evaluate, predict."""
+    """The README quickstart's BUSI commands, as written, on the real dataset: prepare, 1-epoch train,
+    evaluate --report, predict a test-split scan."""
     root = real_busi_or_skip()
+    commands = [c for c in readme_quickstart_commands() if "BUS-BRA" not in c and "--model" not in c
+                and "--name" not in c and "examples/" not in c]
+    assert [c.split()[1] for c in commands] == ["prepare", "train", "evaluate", "predict"]
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["prepare", str(root), "--json"])
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
+    documents = []
+    for command in commands:
+        args = shlex.split(command.replace("../shared/data/Dataset_BUSI_with_GT", str(root)))[1:]
+        args += [] if "--json" in args or args[0] == "train" else ["--json"]
+        result = runner.invoke(app, _report_option_value(args))
+        assert result.exit_code == 0, (command, result.stderr)
+        documents.append(json.loads(result.stdout) if "--json" in args else None)
+    summary, _, evaluated, predicted = documents
     assert summary["images_found"] == 780
     assert summary["masks_attached"] == 798
-    result = runner.invoke(app, ["train", "--arch", "resnet18", "--no-pretrained", "--epochs", "1",
-                                 "--img-size", "64"])
-    assert result.exit_code == 0, result.stderr
-    result = runner.invoke(app, ["evaluate", "--report", "--json"])
-    assert result.exit_code == 0, result.stderr
-    document = json.loads(result.stdout)
-    assert document["data"]["n"] == summary["counts"]["total"]["test"]
-    assert 0.0 <= document["models"][0]["metrics"]["accuracy"] <= 1.0
+    assert evaluated["data"]["n"] == summary["counts"]["total"]["test"]
+    assert 0.0 <= evaluated["models"][0]["metrics"]["accuracy"] <= 1.0
     _assert_self_contained_html((tmp_path / "mammacls-report" / "index.html").read_text())
-    scan = root / "malignant" / "malignant (1).png"
-    result = runner.invoke(app, ["predict", str(scan), "--json"])
-    assert result.exit_code == 0, result.stderr
-    [prediction] = json.loads(result.stdout)["predictions"]
-    assert prediction["path"] == str(scan)
+    [prediction] = predicted["predictions"]
+    scan = Path(prediction["path"])
+    assert scan.parent == root / "malignant"
+    manifest = (cache / "datasets").glob("*/manifest.csv")
+    rows = [line for m in manifest for line in m.read_text().splitlines() if line.startswith(f"malignant/{scan.name},")]
+    assert rows and all(",test," in line for line in rows)  # the README's example is a test-split scan
 
 
 def test_predict_on_a_folder_without_images_is_an_error(tiny_model, use_session_cache, tmp_path):
@@ -285,3 +290,14 @@ def test_report_folder_through_the_installed_command(tiny_model, session_cache, 
                           capture_output=True, text=True, env={**os.environ, "MAMMACLS_CACHE_DIR": str(session_cache)})
     assert done.returncode == 0, done.stderr[-1500:]
     assert (tmp_path / "my report" / "index.html").is_file()
+
+
+def test_json_errors_are_one_document_on_stdout_too(cache):
+    result = runner.invoke(app, ["train", "--epochs", "0", "--json", "--no-pretrained"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {"error": "--epochs must be at least 1 (got 0)", "parameter": "--epochs",
+                                         "exit_code": 1}
+    assert len(result.stderr.strip().splitlines()) == 1
+    done = subprocess.run([sys.executable, "-m", "mammacls", "predict", "x.png", "--json", "--batch-size", "many"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--batch-size" in json.loads(done.stdout)["error"]

@@ -53,7 +53,7 @@ def test_image_statistics_density_rejects_what_does_not_look_like_ultrasound():
               "gradient": np.uint8(xx * 255 / 159), "photo-like": np.uint8(127 + 100 * np.sin(xx / 9) * np.cos(yy / 13))}
     for name, img in others.items():
         reason = image_check(img, img, 0.0, fitted["arrays"], record)
-        assert reason and "does not look like the training images" in reason, name
+        assert reason and "image statistics (brightness, contrast, speckle, edges) are far from" in reason, name
 
 
 def test_feature_density_separates_far_points_and_keeps_near_ones():
@@ -141,3 +141,15 @@ def test_evaluate_reports_coverage_and_accuracy_on_accepted(tiny_model, use_sess
 def test_calibrate_needs_a_model(bad, cache):
     result = CliRunner().invoke(app, ["calibrate"])
     assert result.exit_code == 2
+
+
+def test_the_uncertain_reason_never_shows_two_equal_numbers():
+    from mammacls.inference.gate import status_of
+
+    status, reason = status_of(None, None, None, 0.48999, 0.49)
+    assert status == "uncertain" and reason == "top probability 0.48999 below the model's confidence floor 0.49000"
+    status, reason = status_of(None, None, None, 0.4861, 0.49)
+    assert reason == "top probability 0.486 below the model's confidence floor 0.490"
+    status, reason = status_of(None, None, None, 0.312, 0.4)
+    assert reason == "top probability 0.31 below the model's confidence floor 0.40"
+    assert status_of(None, None, None, 0.5, 0.4) == ("ok", None)

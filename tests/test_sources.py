@@ -285,10 +285,10 @@ def test_evaluate_an_outside_csv_without_normals(tiny_model, use_session_cache, 
     assert result.exit_code == 0, result.stderr
     assert "classes absent from this set: normal" in result.stderr
     document = json.loads(result.stdout)
-    assert document["data"]["classes_absent"] == ["normal"] and document["data"]["sources"] == {"labels": 16}
+    assert document["data"]["classes_absent"] == ["normal"] and document["data"]["sources"] == {"hospital": 16}
     metrics = document["models"][0]["metrics"]
     assert metrics["per_class"]["normal"]["recall"] is None
-    block = metrics["sources"]["labels"]
+    block = metrics["sources"]["hospital"]  # a generic labels.csv is named after its folder
     assert block["counts"] == {"benign": 8, "malignant": 8}
     assert {"malignant_auc", "malignant_sensitivity_at_set_spec90"} <= set(block["ci95"])
     assert set(block["predicted_absent"]) == {"normal"}

@@ -38,6 +38,7 @@ def predict_paths(
     output: Path | None = None,
     resume: bool = False,
     on_error: Callable[[dict[str, str]], None] | None = None,
+    allow_unfinished: bool = False,
 ) -> dict[str, Any]:
     """Predict every image under ``paths``; unreadable files are reported, not fatal.
 
@@ -49,9 +50,10 @@ def predict_paths(
     ``workers`` threads decode (default: every core). ``shard=(K, N)`` keeps a
     deterministic 1/N of the inputs. With ``output`` (.jsonl or .csv) results are
     appended batch by batch instead of returned (constant memory); ``resume``
-    skips the inputs the file already answers.
+    skips the inputs the file already answers. A model whose training did not finish is refused
+    unless ``allow_unfinished``.
     """
-    from mammacls.inference.model_files import resolve_model
+    from mammacls.inference.model_files import check_finished, resolve_model
 
     if batch_size < 1:
         raise MammaclsError(f"{param('batch_size')} must be at least 1")
@@ -74,6 +76,8 @@ def predict_paths(
             files = [f for f in files if str(f) not in sink.done]
         already -= len(files)
         ref = resolve_model(model)
+        check_finished(ref, allow_unfinished)
+        calibrated = calibrated and ref.card.calibration is not None  # what is claimed is what was fitted
         if sink is not None:
             sink.bind({"model": ref.name, "model_sha256": ref.card.weights.sha256, "calibrated": calibrated,
                        "shard": shard_text, "mammacls_version": __version__})

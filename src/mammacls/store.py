@@ -87,15 +87,35 @@ def atomic_path(target: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 (and writers may recreate it): the usual mode
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a library's own error for a failed write (safetensors reports a full disk as
+    ``SafetensorError: ... Os { code: 28 ... }``) into the ``OSError`` it is, naming ``path``."""
+    import errno
+    import re
+
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        found = re.search(r"code:\s*(\d+)", str(exc))
+        if found is None and "No space left" not in str(exc):
+            raise
+        code = int(found.group(1)) if found else errno.ENOSPC
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
     current = os.umask(0)
     os.umask(current)
     return current
@@ -150,6 +170,7 @@ def cache_lock(key: str, what: str, exclusive: bool = True) -> Iterator[None]:
             holders = _lock_holders(folder, safe) or ["another mammacls process"]
             raise MammaclsError(f"{key.replace('-', ' ', 1)} is in use by {'; '.join(holders)}: wait for it to "
                                 "finish, or stop it") from None
+        _sweep_dead_holders(folder)
         note = folder / f"{safe}.{os.getpid()}.holder"
         note.write_text(f"process {os.getpid()} ({what})", encoding="utf-8")
         try:
@@ -158,6 +179,13 @@ def cache_lock(key: str, what: str, exclusive: bool = True) -> Iterator[None]:
             note.unlink(missing_ok=True)
     finally:
         handle.close()
+
+
+def lock_holders(key: str) -> list[str]:
+    """Who holds ``key`` now (``process PID (what)``), without taking it; empty when nobody does."""
+    folder = cache_dir() / "locks"
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
+    return _lock_holders(folder, safe) if folder.is_dir() else []
 
 
 def _lock_holders(folder: Path, safe: str) -> list[str]:
@@ -169,6 +197,14 @@ def _lock_holders(folder: Path, safe: str) -> list[str]:
         else:
             note.unlink(missing_ok=True)  # left by a process that died
     return holders
+
+
+def _sweep_dead_holders(folder: Path) -> None:
+    """Holder notes of processes that died (``kill -9``) would pile up: each lock taken removes them."""
+    for note in folder.glob("*.holder"):
+        pid = note.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            note.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

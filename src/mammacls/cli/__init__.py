@@ -14,7 +14,7 @@ from mammacls.cli import train  # noqa: F401
 from mammacls.cli import evaluate  # noqa: F401
 from mammacls.cli import predict  # noqa: F401
 from mammacls.cli import models  # noqa: F401
-from mammacls.choices import Arch, Augmentation, Backend, Device
+from mammacls.choices import Arch, Augmentation, Backend, ClassWeights, Device, MemoryFormat, Precision
 from mammacls.cli.common import _report_option_value, app
 
 __all__ = ["app", "main"]
@@ -24,7 +24,9 @@ _METAVARS = {"data": "DIR_OR_CSV", "out": "DIR", "report_dir": "DIR", "explain":
              "groups": "CSV", "model": "NAME", "name": "NAME", "imagenet_weights": "auto|VARIANT|FILE",
              # the choices, from the Enums that define them (parsed forgivingly: VGG16, MobileNet-V2)
              "arch": "|".join(Arch.values()), "device": "|".join(Device.values()),
-             "backend": "|".join(Backend.values()), "augment": "|".join(Augmentation.values())}
+             "backend": "|".join(Backend.values()), "augment": "|".join(Augmentation.values()),
+             "precision": "|".join(Precision.values()), "memory_format": "|".join(MemoryFormat.values()),
+             "class_weights": "|".join(ClassWeights.values()), "init": "MODEL"}
 # by Typer's bare type name, or click's type name (other Typer versions)
 _TYPE_METAVARS = {"int": "N", "integer": "N", "float": "NUM", "str": "TEXT", "text": "TEXT", "Path": "PATH",
                   "path": "PATH", "list[str]": "NAME"}
@@ -80,6 +82,10 @@ def main() -> None:
             context = getattr(exc, "ctx", None)
             where = f" (see {context.command_path} --help)" if context is not None else ""
             print(f"error: {exc.format_message()}{where}", file=sys.stderr)
+            if "--json" in sys.argv[1:]:  # a script reading stdout still gets one document
+                from mammacls.cli.common import _emit_json
+
+                _emit_json({"error": exc.format_message(), "parameter": None, "exit_code": exc.exit_code})
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -28,24 +28,40 @@ OPTION_NAMES = {"explain_dir": "--explain", "lesion_dir": "--lesion-map", "repea
                 "data_dir": "--data", "augmentation": "--augment"}
 
 
+# Piped or logged output has no terminal width; rich's 80 columns would split a table's intervals
+# ("[0.67–0" / ".83]"). COLUMNS, when set, still wins.
+PIPED_WIDTH = 160
+
+
 def _console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, highlight=False, width=PIPED_WIDTH)
+    return console
 
 
 @contextlib.contextmanager
-def _errors():
-    """Expected failures: one line on stderr and a non-zero exit, no traceback."""
+def _errors(json_out: bool = False):
+    """Expected failures: one line on stderr and a non-zero exit, no traceback; with ``--json`` also one
+    JSON document on stdout (``{"error": ..., "parameter": ..., "exit_code": ...}``), so a script that
+    reads stdout always gets a document."""
     try:
         yield
     except MammaclsError as exc:
         from rich.markup import escape
 
-        _console().print(f"[bold red]error:[/] {escape(exc.with_option_names(OPTION_NAMES))}", soft_wrap=True)
+        message = exc.with_option_names(OPTION_NAMES)
+        _console().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        if json_out:
+            option = exc.parameter and OPTION_NAMES.get(exc.parameter, "--" + exc.parameter.replace("_", "-"))
+            _emit_json({"error": message, "parameter": option, "exit_code": exc.exit_code})
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         _console().print("[bold red]interrupted[/]")
+        if json_out:
+            _emit_json({"error": "interrupted", "parameter": None, "exit_code": 130})
         raise typer.Exit(130) from None
 
 

@@ -33,18 +33,24 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     allow_overlap: Annotated[bool, typer.Option(
         help="Report even when the data overlaps a model's training/validation images (flagged).")] = False,
+    drop_overlap: Annotated[bool, typer.Option(
+        help="Leave out the images a model was trained or validated on (named), and score the rest.")] = False,
+    allow_unfinished: Annotated[bool, typer.Option(
+        help="Also score models whose training did not finish (flagged).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Score models on held-out data, with 95% bootstrap intervals, calibration and malignant operating points."""
     from mammacls.evaluation.evaluate import evaluate_models, load_eval_set, models_to_evaluate, results_json
 
-    with _errors():
+    with _errors(json_out):
         if bootstrap < 100:
             raise MammaclsError("--bootstrap needs at least 100 resamples", exit_code=2)
-        refs = models_to_evaluate(model)
+        refs = models_to_evaluate(model, allow_unfinished, notice=lambda text: _console().print(
+            text, style="yellow", soft_wrap=True, markup=False))
         eval_set = load_eval_set(data)
         results = evaluate_models(refs, eval_set, device=device, batch_size=batch_size, calibrated=calibration,
-                                  resamples=bootstrap, seed=seed, allow_overlap=allow_overlap)
+                                  resamples=bootstrap, seed=seed, allow_overlap=allow_overlap,
+                                  drop_overlap=drop_overlap)
         document = results_json(results, eval_set, calibration)
         html_path = None
         if report or report_dir is not None:
@@ -70,7 +76,16 @@ def _print_evaluation(document: dict, console) -> None:
     from rich.table import Table
 
     data = document["data"]
-    console.print(f"{data['description']}: {data['n']} images "
+    for item in data.get("skipped") or []:  # every row left out is named, as prepare does
+        console.print(f"skipped {item['path']}: {item['reason']}", style="yellow", soft_wrap=True, markup=False)
+    for item in data.get("dropped_overlap") or []:
+        what = "a copy" if item["kind"] == "identical" else "a near-duplicate"
+        console.print(f"dropped {item['path']}: {what} of {item['matches']}, which {item['model']} was "
+                      "trained or validated on", style="yellow", soft_wrap=True, markup=False)
+    skipped = f", {len(data['skipped'])} skipped" if data.get("skipped") else ""
+    dropped = {item["path"] for item in data.get("dropped_overlap") or []}
+    skipped += f", {len(dropped)} dropped as seen in training" if dropped else ""
+    console.print(f"{data['description']}: {data['n']} images{skipped} "
                   f"({', '.join(f'{c} {n}' for c, n in data['counts'].items())}); "
                   f"{'calibrated' if document['calibrated'] else 'raw (uncalibrated)'} probabilities; "
                   "95% stratified bootstrap intervals", soft_wrap=True, markup=False)
@@ -79,7 +94,8 @@ def _print_evaluation(document: dict, console) -> None:
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     for entry in document["models"]:
         m, ci = entry["metrics"], entry["metrics"]["ci95"]
-        name = entry["name"] + (" [overlap!]" if (entry.get("overlap") or {}).get("images") else "")
+        name = entry["name"] + (" [overlap!]" if (entry.get("overlap") or {}).get("images") else "") \
+            + ("" if entry["model"].get("finished", True) else " [unfinished]")
         table.add_row(name, str(entry["model"]["img_size"]), _ci(m["accuracy"], ci.get("accuracy")),
                       _ci(m["macro_f1"], ci.get("macro_f1")), _ci(m["roc_auc_macro"], ci.get("roc_auc_macro")),
                       _ci(m["malignant"]["sensitivity"], m["malignant"].get("sensitivity_ci95")))

@@ -39,13 +39,15 @@ def predict(
     ] = None,
     workers: Annotated[Optional[int], typer.Option(
         help="Threads decoding images (default: every core).")] = None,
+    allow_unfinished: Annotated[bool, typer.Option(
+        help="Use a model whose training did not finish (no calibration, no refusal gate; flagged).")] = False,
 ) -> None:
     """Classify images and DICOM files (a cine loop: every frame, plus a summary). Files that cannot be
     read are reported one line each (exit code 1); the rest are predicted."""
     from mammacls.inference.inputs import parse_shard
     from mammacls.predict import predict_paths
 
-    with _errors(), _transient_bar("predicting") as bar:
+    with _errors(json_out), _transient_bar("predicting") as bar:
         task = bar.add_task("predict", total=None)
         streamed = output is not None
 
@@ -59,7 +61,11 @@ def predict(
                                notice=lambda text: bar.console.print(text, style="yellow", soft_wrap=True,
                                                                      markup=False),
                                workers=workers, shard=None if shard is None else parse_shard(shard),
-                               output=output, resume=resume, on_error=report if streamed else None)
+                               output=output, resume=resume, on_error=report if streamed else None,
+                               allow_unfinished=allow_unfinished)
+        if not result["model"]["finished"]:
+            bar.console.print(f"warning: {result['model']['name']} did not finish training: uncalibrated, no "
+                              "refusal gate", style="bold red", soft_wrap=True, markup=False)
     console = _console(stderr=json_out)
     if streamed:
         _print_stream_summary(result, console)

@@ -32,7 +32,7 @@ def prepare(
 
     options = PrepareOptions(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                              keep_conflicts=keep_conflicts, groups_csv=groups)
-    with _errors(), _transient_bar("decoding images") as bar:
+    with _errors(json_out), _transient_bar("decoding images") as bar:
         task = bar.add_task("decode", total=None)
         summary = prepare_dataset(sources or ["Dataset_BUSI_with_GT"], out=out, options=options,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))

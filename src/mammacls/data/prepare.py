@@ -37,7 +37,7 @@ from mammacls.data.sources import (  # noqa: F401  (scan_dataset re-exported)
     ImageRecord, ScanResult, Source, absent_classes, open_source, relative_or_absolute, scan_dataset, scan_source,
 )
 from mammacls.data.prepared import MANIFEST_NAME, SPLITS, SUMMARY_NAME, dataset_lock_key
-from mammacls.store import atomic_write_json, cache_lock, datasets_dir, record_latest_dataset, sha256_file
+from mammacls.store import atomic_write_json, cache_lock, current_umask, datasets_dir, record_latest_dataset, sha256_file
 
 OVERVIEW_NAME = "overview.png"
 MANIFEST_COLUMNS = (
@@ -90,7 +90,9 @@ def split_by_group(
     largest_class = max(Counter(labels).values())
     n_folds = min(20, n_groups, largest_class)
     if n_folds < 3:
-        raise MammaclsError(f"too few distinct images to split ({n_groups} groups; need at least 3)")
+        raise MammaclsError(f"too few distinct images to split: {n_groups} groups (duplicates and patients "
+                            f"count once) and {largest_class} in the largest class; train, validation and test "
+                            "need at least 3 of both")
     k_test = max(1, round(test_fraction * n_folds))
     k_val = max(1, round(val_fraction * n_folds))
     if k_test + k_val >= n_folds:
@@ -166,15 +168,29 @@ def prepare_dataset(
 
     with cache_lock(dataset_lock_key(out), "mammacls prepare"):  # nobody reads it while it is replaced
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes 0700; a dataset gets the usual mode
         try:
             summary = _prepare_into(work, out, scans, extra_groups, options, progress)
             _replace_dir(work, out)
+        except OSError as exc:  # a full disk, a read-only cache: one line, and nothing half-written stays
+            shutil.rmtree(work, ignore_errors=True)
+            kept = "the dataset prepared before is unchanged" if (out / MANIFEST_NAME).is_file() else "nothing was kept"
+            raise MammaclsError(f"cannot write {exc.filename or work}: {exc.strerror or exc}; {kept}") from None
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
         record_latest_dataset(out)
     return summary
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What a killed prepare of ``out`` left behind (its half-written copy, the replaced old one): with
+    ``out``'s lock held, no live prepare can own them."""
+    for leftover in [*out.parent.glob(f".{out.name}.*.partial"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
 
 
 def _check_output_dir(out: Path) -> None:

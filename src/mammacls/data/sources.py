@@ -115,12 +115,20 @@ def _not_a_source_message(path: Path) -> str:
             f"{BUSBRA_TABLE} with Images/ (BUS-BRA), or a CSV file ({CSV_COLUMNS_HELP}){hint}")
 
 
+# CSV names that say nothing of where the scans come from: such a source is named after its folder
+GENERIC_CSV_NAMES = frozenset({"manifest", "labels", "label", "index", "data", "dataset", "metadata", "list",
+                               "images", "scans", "annotations"})
+
+
 def _source_name(name: str | None, path: Path) -> str:
     if name is not None:
         if not _NAME_PATTERN.match(name):
             raise MammaclsError(f"source name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         return name
-    stem = path.resolve().stem if path.is_file() else path.resolve().name
+    resolved = path.resolve()
+    stem = resolved.stem if path.is_file() else resolved.name
+    if path.is_file() and stem.lower() in GENERIC_CSV_NAMES:  # hospitalA/manifest.csv is "hospitalA"
+        stem = resolved.parent.name or stem
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "source"
     return cleaned[:64]
 

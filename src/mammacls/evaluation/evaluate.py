@@ -11,13 +11,13 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.data.prepared import is_prepared_dir, load_prepared
-from mammacls.errors import MammaclsError
+from mammacls.errors import MammaclsError, param
 from mammacls.inference.images import load_grayscale, resize_square
 from mammacls.inference.pixels import ImageReadError
 from mammacls.evaluation.metrics import compute_metrics
 from mammacls.choices import Device
 from mammacls.inference.card import ModelCard
-from mammacls.inference.model_files import ModelRef, list_cached_models, resolve_model
+from mammacls.inference.model_files import ModelRef, list_cached_models, resolve_model, seen_fingerprints
 
 
 @dataclass
@@ -31,8 +31,23 @@ class EvalSet:
     summary: dict[str, Any] = field(default_factory=dict)
     sha256: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # each image's source name
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # left out as seen in training (drop_overlap)
+    kind: str = "test split"  # or "external set": every image of a source that was never prepared
     _resized: dict[int, np.ndarray] = field(default_factory=dict)
     _phashes: np.ndarray | None = None
+
+    def keep(self, mask: list[bool]) -> None:
+        """Keep only the images where ``mask`` is True (cached resizes and hashes follow)."""
+        keep = np.asarray(mask, dtype=bool)
+        pick = np.flatnonzero(keep)
+        hashes = self.content_hashes()  # before the images go
+        self.paths = [self.paths[k] for k in pick]
+        self.images = [self.images[k] for k in pick]
+        self.labels = self.labels[keep]
+        self.sha256 = [hashes[k] for k in pick]
+        self.sources = [self.sources[k] for k in pick] if self.sources else []
+        self._resized = {size: array[keep] for size, array in self._resized.items()}
+        self._phashes = None if self._phashes is None else self._phashes[keep]
 
     def phashes(self) -> np.ndarray:
         if self._phashes is None:
@@ -92,13 +107,26 @@ def load_eval_set(data: Path | None = None, split: str = "test") -> EvalSet:
     if not images:
         raise MammaclsError(f"no readable images in {data}")
     return EvalSet(f"all images of {scan.source.path.resolve()} ({scan.source.kind})", paths, np.array(labels),
-                   images, skipped, sources=[scan.source.name] * len(paths))
+                   images, skipped, sources=[scan.source.name] * len(paths), kind="external set")
 
 
-def models_to_evaluate(specs: list[str] | None) -> list[ModelRef]:
+def models_to_evaluate(specs: list[str] | None, allow_unfinished: bool = False,
+                       notice=None) -> list[ModelRef]:
+    """The models named, or every model in the cache; one whose training did not finish is refused when
+    named, and left out (with a ``notice``) when the cache is listed, unless ``allow_unfinished``."""
+    from mammacls.inference.model_files import check_finished
+
     if specs:
-        return [resolve_model(spec) for spec in specs]
+        refs = [resolve_model(spec) for spec in specs]
+        for ref in refs:
+            check_finished(ref, allow_unfinished)
+        return refs
     cached = list_cached_models()
+    if not allow_unfinished:
+        for ref in cached:
+            if ref.card.training.status != "complete" and notice is not None:
+                notice(f"left out {ref.name}: its training did not finish (--allow-unfinished to score it)")
+        cached = [ref for ref in cached if allow_unfinished or ref.card.training.status == "complete"]
     if not cached:
         raise MammaclsError("no trained models in the cache: run mammacls train (or name a model)")
     return cached
@@ -107,31 +135,43 @@ def models_to_evaluate(specs: list[str] | None) -> list[ModelRef]:
 def evaluate_models(
     refs: list[ModelRef], eval_set: EvalSet, *, device: str | Device = "cpu", batch_size: int = 64,
     calibrated: bool = True, resamples: int = 1000, seed: int = 0, allow_overlap: bool = False,
+    drop_overlap: bool = False,
 ) -> list[dict[str, Any]]:
     """Score each model; probabilities are temperature-calibrated unless ``calibrated`` is False.
 
     A model whose training or validation images (identical or near-duplicate)
-    are in the evaluation set is refused unless ``allow_overlap``; then the
-    overlap is reported with its results.
+    are in the evaluation set is refused unless ``allow_overlap`` (the overlap is then reported with
+    its results) or ``drop_overlap`` (those images are left out for every model, and listed in
+    ``eval_set.dropped``).
     """
     from mammacls.nets.networks import resolve_device
 
     device = resolve_device(device)
     overlaps = {ref.name: training_overlap(ref, eval_set) for ref in refs}
     leaking = {name: o for name, o in overlaps.items() if o["checked"] and o["images"]}
-    if leaking and not allow_overlap:
+    if leaking and drop_overlap:  # every model is then scored on the same, unseen images
+        dropped = {m["path"] for o in leaking.values() for m in o["matches"]}
+        if len(dropped) == len(eval_set.paths):
+            raise MammaclsError(f"all {len(dropped)} evaluation images overlap the models' training/validation data")
+        eval_set.dropped = [{"model": name, **m} for name, o in leaking.items() for m in o["matches"]]
+        eval_set.keep([path not in dropped for path in eval_set.paths])
+        overlaps = {ref.name: training_overlap(ref, eval_set) for ref in refs}
+    elif leaking and not allow_overlap:
         name, o = next(iter(leaking.items()))
+        shown = "; ".join(f"{Path(m['path']).name} is {_what(m)} {m['matches']}" for m in o["matches"][:3])
+        more = f"; and {o['images'] - 3} more" if o["images"] > 3 else ""
         raise MammaclsError(
             f"{o['images']} of {len(eval_set.paths)} evaluation images overlap the training/validation data of "
-            f"model {name} ({o['identical']} identical, {o['near_duplicate']} near-duplicates)"
-            + (f" and {len(leaking) - 1} more model(s)" if len(leaking) > 1 else "")
-            + ": these figures would be inflated; evaluate on unseen images, or pass --allow-overlap to report "
-              "them flagged")
+            f"model {name}" + (f" and {len(leaking) - 1} more model(s)" if len(leaking) > 1 else "")
+            + f" ({o['identical']} identical, {o['near_duplicate']} near-duplicates): {shown}{more}. These figures would be inflated: pass {param('drop_overlap')} to score the "
+              f"other images, or {param('allow_overlap')} to report them all, flagged")
     results = []
     for ref in refs:
         logits, features = _logits_and_features(ref, eval_set.at_size(ref.card.img_size), device, batch_size)
         result = score(ref.name, ref.describe(), logits, ref.card, eval_set.labels, calibrated, resamples, seed)
-        result["metrics"]["selective"] = selective_metrics(ref, eval_set, logits, features, calibrated)
+        result["metrics"]["selective"], result["statuses"] = selective_metrics(ref, eval_set, logits, features,
+                                                                               calibrated)
+        result["history"] = ref.sidecar("history") or []
         result["overlap"] = overlaps[ref.name]
         result["group"] = ref.card.training.group
         result["metrics"]["sources"] = source_breakdown(eval_set, result["probabilities"],
@@ -232,9 +272,9 @@ def group_summaries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def selective_metrics(ref: ModelRef, eval_set: EvalSet, logits: np.ndarray, features: np.ndarray,
-                      calibrated: bool) -> dict[str, Any]:
+                      calibrated: bool) -> tuple[dict[str, Any], list[str]]:
     """Accuracy on the images predict would accept, and how many it would accept (coverage), decided by
-    predict's own ``Predictor`` on the logits and features already computed.
+    predict's own ``Predictor`` on the logits and features already computed; and each image's status.
 
     The colour check needs the original file, so it is not applied here; the
     size, blank-frame, image-statistics, feature-distance and confidence checks are.
@@ -252,30 +292,56 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, logits: np.ndarray, feat
     correct = np.array([CLASSES.index(answer["label"]) for answer in answers]) == eval_set.labels
     accepted = statuses != "rejected"
     confident = statuses == "ok"
+    sources = np.array(eval_set.sources or ["data"] * len(statuses))
+    rejected = [{"path": eval_set.paths[i], "reason": answers[i]["reason"]} for i in np.flatnonzero(~accepted)]
     return {
+        "coverage_by_source": {name: float(accepted[sources == name].mean()) for name in dict.fromkeys(sources)},
         "checked": bool(record),
         "coverage": float(accepted.mean()), "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else None,
         "coverage_ok": float(confident.mean()), "accuracy_ok": float(correct[confident].mean()) if confident.any() else None,
         "rejected": int((~accepted).sum()), "uncertain": int((statuses == "uncertain").sum()),
         "min_confidence": min_confidence, "ood_threshold": record.threshold if record else None,
-    }
+        "rejected_images": rejected,
+    }, statuses.tolist()
+
+
+def _what(match: dict[str, Any]) -> str:
+    return "a copy of" if match["kind"] == "identical" else "a near-duplicate of"
 
 
 def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
-    """How many evaluation images the model saw in training or validation (same pixels or near-duplicate)."""
-    from mammacls.data.prepare import PHASH_MAX_DISTANCE, hamming_distances, phash_from_hex
+    """Which evaluation images the model saw in training or validation: the same pixels, or a near
+    duplicate by prepare's rule (perceptual hash and thumbnails agreeing, ``dedup.near_duplicates``);
+    for models that recorded no thumbnails, the hash alone. Each hit names the image it matches."""
+    from mammacls.data.dedup import (
+        PHASH_MAX_DISTANCE, hamming_distances, near_duplicates, phash_from_hex, thumbnail_vector,
+        thumbnail_vector_from_text,
+    )
 
-    prints = (ref.sidecar("training_data") or {}).get("train_val_fingerprints")
-    if not prints or not prints.get("sha256"):
-        return {"checked": False, "images": 0, "identical": 0, "near_duplicate": 0, "paths": []}
-    seen = set(prints["sha256"])
+    prints = seen_fingerprints(ref)  # its own train/val images and those of the models it started from
+    if not prints["sha256"]:
+        return {"checked": False, "images": 0, "identical": 0, "near_duplicate": 0, "paths": [], "matches": []}
+    seen = {sha: k for k, sha in enumerate(prints["sha256"])}
     identical = np.array([h in seen for h in eval_set.content_hashes()])
-    known = np.stack([phash_from_hex(h) for h in prints["phash"]])
-    hamming = hamming_distances(eval_set.phashes(), known)
-    near = (hamming.min(axis=1) <= PHASH_MAX_DISTANCE) & ~identical
-    hit = identical | near
-    return {"checked": True, "images": int(hit.sum()), "identical": int(identical.sum()),
-            "near_duplicate": int(near.sum()), "paths": [p for p, h in zip(eval_set.paths, hit) if h]}
+    hamming = hamming_distances(eval_set.phashes(), np.stack([phash_from_hex(h) for h in prints["phash"]]))
+    if all(t is not None for t in prints["thumb"]):
+        thumbs = np.stack([thumbnail_vector_from_text(t) for t in prints["thumb"]])
+        correlation = np.stack([thumbnail_vector(img) for img in eval_set.images]) @ thumbs.T
+        close = near_duplicates(hamming, correlation)
+    else:  # fingerprints of an older mammacls: the hash alone, as it was
+        correlation, close = None, hamming <= PHASH_MAX_DISTANCE
+    near = close.any(axis=1) & ~identical
+    matches = []
+    for i in np.flatnonzero(identical | near):
+        k = seen[eval_set.sha256[i]] if identical[i] else int(np.argmax(np.where(close[i], 100 - hamming[i], -1)))
+        match = {"path": eval_set.paths[i], "kind": "identical" if identical[i] else "near-duplicate",
+                 "matches": prints["name"][k] or f"a training image (pixel sha256 {prints['sha256'][k][:12]}…)",
+                 "phash_distance": int(hamming[i, k])}
+        if correlation is not None:
+            match["thumbnail_correlation"] = round(float(correlation[i, k]), 3)
+        matches.append(match)
+    return {"checked": True, "images": len(matches), "identical": int(identical.sum()),
+            "near_duplicate": int(near.sum()), "paths": [m["path"] for m in matches], "matches": matches}
 
 
 def _malignant_threshold(card: ModelCard | None, calibrated: bool) -> float | None:
@@ -321,7 +387,7 @@ def results_json(results: list[dict[str, Any]], eval_set: EvalSet, calibrated: b
                  "counts": {c: int((eval_set.labels == k).sum()) for k, c in enumerate(CLASSES)},
                  "classes_absent": [c for k, c in enumerate(CLASSES) if not (eval_set.labels == k).any()],
                  "sources": {name: eval_set.sources.count(name) for name in dict.fromkeys(eval_set.sources)},
-                 "skipped": eval_set.skipped},
+                 "skipped": eval_set.skipped, "dropped_overlap": eval_set.dropped},
         "models": [{"name": r["name"], "model": r["model"], "metrics": r["metrics"],
                     "overlap": r.get("overlap"), "group": r.get("group")} for r in results],
         "groups": group_summaries(results),

@@ -138,8 +138,9 @@ def image_check(gray: np.ndarray, model_input: np.ndarray, colour: float | None,
         return reason
     distance = float(image_distances(density, image_statistics(model_input))[0])
     if distance > record.image_threshold:
-        return (f"does not look like the training images (image-statistics distance {distance:.1f} > "
-                f"{record.image_threshold:.1f}): a document, noise, gradient or other non-ultrasound image?")
+        return (f"its image statistics (brightness, contrast, speckle, edges) are far from the training "
+                f"images' (distance {distance:.1f} > {record.image_threshold:.1f}): a scanner or setting the "
+                "model does not know, or not a B-mode ultrasound image")
     return None
 
 
@@ -151,5 +152,16 @@ def status_of(reason: str | None, distance: float | None, threshold: float | Non
         return "rejected", (f"far from the training images in the model's feature space "
                             f"(score {distance:.2f} > {threshold:.2f})")
     if min_confidence is not None and confidence < min_confidence:
-        return "uncertain", f"top probability {confidence:.2f} below {min_confidence:.2f}"
+        shown, floor = _distinct(confidence, min_confidence)
+        return "uncertain", f"top probability {shown} below the model's confidence floor {floor}"
     return "ok", None
+
+
+def _distinct(low: float, high: float) -> tuple[str, str]:
+    """``low`` and ``high`` with as many decimals as it takes to tell them apart (2 to 6; rounding keeps
+    their order, so the first shown below is below)."""
+    for digits in range(2, 7):
+        shown, floor = f"{low:.{digits}f}", f"{high:.{digits}f}"
+        if shown != floor:
+            return shown, floor
+    return f"{low:.6f}", f"{high:.6f}"

@@ -14,7 +14,7 @@ import numpy as np
 from mammacls.errors import MammaclsError
 from mammacls.inference.pixels import ImageReadError, check_dimensions, colour_fraction_rgb, read_error
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"})
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -63,6 +63,11 @@ def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
             raise ImageReadError("empty file (0 bytes)")
         with Image.open(path) as img:
             check_dimensions(*img.size)
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:  # one policy for files and folders: never silently the first frame
+                raise ImageReadError(f"animated or multi-page image of {frames} frames: mammacls classifies "
+                                     "single frames (and DICOM cine loops frame by frame); save the frame you "
+                                     "want as a PNG")
             img.load()
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # transpose copies: only when needed
                 img = ImageOps.exif_transpose(img)

@@ -64,12 +64,19 @@ class ResultsFile:
         """Append ``records`` in one write, then flush: a kill leaves at most a cut last line."""
         if not records:
             return
-        self._handle.write(self._serialise(records, header=False))
-        self._handle.flush()
+        try:
+            self._handle.write(self._serialise(records, header=False))
+            self._handle.flush()
+        except OSError as exc:  # a full disk: one line, and what was written stays usable
+            raise MammaclsError(f"cannot write {self.path}: {exc.strerror or exc}; the records written before "
+                                f"are kept: free some space and run the same command with {param('resume')}") from None
         self.written += len(records)  # ``done`` is what the file held at the start: memory stays flat
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError:
+            pass  # its flush failed already, and was reported
 
     def __enter__(self) -> ResultsFile:
         return self

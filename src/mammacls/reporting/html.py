@@ -16,7 +16,7 @@ from mammacls.reporting.text import (
 )
 from mammacls.reporting.plots import (
     confusion_matrix_figure, figure_png_bytes, precision_recall_figure, reliability_figure, roc_figure,
-    thumbnail_png,
+    thumbnail_png, training_curves_figure,
 )
 from mammacls.store import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -59,13 +59,32 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def _selective_line(selective: dict[str, Any] | None) -> str:
+def _selective_line(selective: dict[str, Any] | None, kind: str) -> str:
     if not selective:
         return ""
-    return (f"<p>Abstention (as predict would decide): {selective['coverage']:.1%} of test images accepted, "
+    rejected = selective.get("rejected_images") or []
+    listed = "".join(f"<li>{html.escape(Path(r['path']).name)}: {html.escape(r['reason'] or '')}</li>"
+                     for r in rejected[:50])
+    more = f"<li>and {len(rejected) - 50} more (all in metrics.json)</li>" if len(rejected) > 50 else ""
+    return (f"<p>Abstention (as predict would decide): {selective['coverage']:.1%} of the {kind}'s images accepted, "
             f"accuracy on them {_fmt(selective['accuracy_accepted'])}; {selective['coverage_ok']:.1%} confident "
             f"(status ok), accuracy {_fmt(selective['accuracy_ok'])}; {selective['rejected']} rejected, "
-            f"{selective['uncertain']} uncertain.</p>")
+            f"{selective['uncertain']} uncertain.</p>"
+            + (f"<details><summary>Rejected images ({len(rejected)})</summary><ul>{listed}{more}</ul></details>"
+               if rejected else ""))
+
+
+def _overlap_html(overlap: dict[str, Any] | None) -> str:
+    """The images of the set this model saw in training or validation, each with what it matches."""
+    matches = (overlap or {}).get("matches") or []
+    if not matches:
+        return ""
+    items = "".join(f"<li>{html.escape(Path(m['path']).name)}: {m['kind']} of {html.escape(str(m['matches']))}</li>"
+                    for m in matches[:50])
+    more = f"<li>and {len(matches) - 50} more (all in metrics.json)</li>" if len(matches) > 50 else ""
+    return (f"<p class=flag>{len(matches)} of these images overlap this model's training/validation data: "
+            f"its figures are inflated.</p><details><summary>Overlapping images</summary>"
+            f"<ul>{items}{more}</ul></details>")
 
 
 def _group_table(group: dict[str, Any]) -> str:
@@ -83,18 +102,24 @@ def _group_table(group: dict[str, Any]) -> str:
 
 def _misclassified_gallery(result: dict[str, Any], eval_set, limit: int = 40) -> str:
     probabilities = result["probabilities"]
+    statuses = result.get("statuses") or []
     predicted = probabilities.argmax(axis=1)
     wrong = [i for i in range(len(predicted)) if predicted[i] != eval_set.labels[i]]
     wrong.sort(key=lambda i: -probabilities[i, predicted[i]])  # most confident mistakes first
     cards = []
     for i in wrong[:limit]:
+        status = statuses[i] if i < len(statuses) else None
+        shown = "" if status is None else (f"<br>status <b>{status}</b>" if status == "ok"
+                                           else f"<br>status <span class=flag>{status}</span>")
         caption = (f"{html.escape(Path(eval_set.paths[i]).name)}<br>true {CLASSES[eval_set.labels[i]]}, "
-                   f"predicted <b>{CLASSES[predicted[i]]}</b> ({probabilities[i, predicted[i]]:.2f})")
+                   f"predicted <b>{CLASSES[predicted[i]]}</b> ({probabilities[i, predicted[i]]:.2f}){shown}")
         cards.append(f"<figure>{_img_tag(thumbnail_png(eval_set.images[i]), eval_set.paths[i])}"
                      f"<figcaption>{caption}</figcaption></figure>")
     more = f" (the {limit} most confident of {len(wrong)} shown)" if len(wrong) > limit else ""
-    return (f"<h3>Misclassified test images: {len(wrong)}{more}</h3><div class=gallery>{''.join(cards)}</div>"
-            if wrong else "<h3>No misclassified images</h3>")
+    ok = sum(1 for i in wrong if i < len(statuses) and statuses[i] == "ok")
+    said = f"; {ok} of them with status ok, as predict would answer" if statuses else ""
+    return (f"<h3>Misclassified images of the {eval_set.kind}: {len(wrong)}{more}</h3><p>Most confident first{said}."
+            f"</p><div class=gallery>{''.join(cards)}</div>" if wrong else "<h3>No misclassified images</h3>")
 
 
 def _duplicates_html(summary: dict[str, Any], limit: int = 12) -> str:
@@ -151,6 +176,15 @@ def model_tags(model: dict[str, Any]) -> list[str]:
         tags.append(f"ensemble of {model['members']}")
     if model.get("source") == "shipped":
         tags.append("shipped")
+    if model.get("init"):
+        tags.append(f"fine-tuned from {model['init']}")
+    elif not model.get("pretrained") and model.get("source") != "ensemble":
+        tags.append("from scratch")
+    group = model.get("group") or {}
+    if group.get("kind") in ("cv", "repeat"):
+        tags.append(f"{'fold' if group['kind'] == 'cv' else 'seed run'} {group.get('member')} of {group.get('of')}")
+    if model.get("finished") is False:
+        tags.append("unfinished")
     return tags
 
 
@@ -168,7 +202,8 @@ def write_report(results: list[dict[str, Any]], eval_set, out_dir: Path, documen
     groups_html = "".join(_group_table(g) for g in document.get("groups", []))
     if show_sources(document):
         groups_html += _sources_table(results, document)
-    sections = [_model_section(r, eval_set, out_dir) for r in results]
+    absent = document["data"].get("classes_absent") or []
+    sections = [_model_section(r, eval_set, out_dir, absent) for r in results]
     summary = eval_set.summary or {}
     overview = (_img_tag(eval_set.overview_png.read_bytes(), "dataset overview")
                 if eval_set.overview_png and eval_set.overview_png.is_file() else "")
@@ -209,7 +244,7 @@ def _comparison_html(results: list[dict[str, Any]], document: dict[str, Any]) ->
                     f"<td>{tags}</td>"
                     f"<td>{r['model']['img_size']}</td>{cells}"
                     f"<td>{_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}</td>"
-                    f"<td>{_fmt(mal['specificity'])}</td>"
+                    f"<td>{_ci(mal['specificity'], mal.get('specificity_ci95'))}</td>"
                     f"<td>{_fmt(cal['before']['ece'])} → {_fmt(cal['after']['ece'])}</td></tr>")
     return ("<table><tr><th>model</th><th>arch</th><th>kind</th><th>px</th><th>accuracy</th><th>macro F1</th>"
             "<th>ROC-AUC macro</th><th>malignant sensitivity</th><th>malignant specificity</th>"
@@ -220,7 +255,16 @@ def _comparison_html(results: list[dict[str, Any]], document: dict[str, Any]) ->
                if document.get("calibrated", True) else "Raw (uncalibrated) probabilities.") + "</p>")
 
 
-def _model_section(r: dict[str, Any], eval_set, out_dir: Path) -> str:
+def _class_row(name: str, figures: dict[str, Any], called: int | None) -> str:
+    """A class's row; ``called``: how many images were predicted as a class the set does not hold (None: held)."""
+    if called is not None:  # nothing to recall, and a precision of 0 would only restate the wrong calls
+        return f"<tr><td>{name}</td><td colspan=5>absent from this set ({called} images predicted {name})</td></tr>"
+    return (f"<tr><td>{name}</td><td>{_ci(figures['precision'], figures['precision_ci95'])}</td>"
+            f"<td>{_ci(figures['recall'], figures['recall_ci95'])}</td>"
+            + "".join(f"<td>{_fmt(figures[k])}</td>" for k in ("f1", "roc_auc", "support")) + "</tr>")
+
+
+def _model_section(r: dict[str, Any], eval_set, out_dir: Path, absent: list[str]) -> str:
     """One model's per-class table, operating point, calibration and figures (also written as PNGs)."""
     slug = _slug(r["name"])
     cal = r["metrics"]["calibration"]
@@ -232,29 +276,30 @@ def _model_section(r: dict[str, Any], eval_set, out_dir: Path) -> str:
         "reliability": reliability_figure(cal["bins_before"], cal["bins_after"], cal["before"]["ece"],
                                           cal["after"]["ece"], f"reliability (T = {cal['temperature']:.2f})"),
     }
+    if r.get("history"):
+        figures["training_curves"] = training_curves_figure(r["history"], f"training: {r['name']}")
     pngs = {}
     for kind, figure in figures.items():
         pngs[kind] = figure_png_bytes(figure)
         atomic_write_bytes(out_dir / f"{kind}_{slug}.png", pngs[kind])
-    per_class = "".join(
-        f"<tr><td>{c}</td>"
-        + f"<td>{_ci(r['metrics']['per_class'][c]['precision'], r['metrics']['per_class'][c]['precision_ci95'])}</td>"
-        + f"<td>{_ci(r['metrics']['per_class'][c]['recall'], r['metrics']['per_class'][c]['recall_ci95'])}</td>"
-        + "".join(f"<td>{_fmt(r['metrics']['per_class'][c][k])}</td>" for k in ("f1", "roc_auc", "support"))
-        + "</tr>" for c in CLASSES)
+    predicted = [sum(row[k] for row in r["metrics"]["confusion_matrix"]) for k in range(len(CLASSES))]
+    per_class = "".join(_class_row(c, r["metrics"]["per_class"][c], predicted[k] if c in absent else None)
+                        for k, c in enumerate(CLASSES))
     val = r["model"].get("val_metrics") or {}
     return (
         f"<section><h2>{html.escape(r['name'])}</h2>"
         f"<p class=sub>{html.escape(str(r['model']['arch']))}, {r['model']['img_size']} px, "
         f"source: {html.escape(r['model']['source'])}, sha256 {html.escape(str(r['model']['sha256'])[:16])}…, "
-        f"validation macro-F1 {_fmt(val.get('macro_f1'))}</p>"
+        f"validation macro-F1 {_fmt(val.get('macro_f1'))}"
+        + "".join(f" <span class=tag>{html.escape(t)}</span>" for t in model_tags(r["model"])) + "</p>"
+        + _overlap_html(r.get("overlap")) +
         "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th>"
         f"<th>support</th></tr>{per_class}</table>"
         f"<p>{html.escape(_sentence(describe_malignant(r['metrics']['malignant'])))}</p>"
         f"<p>Calibration: temperature {cal['temperature']:.2f}; ECE {cal['before']['ece']:.3f} → "
         f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} → {cal['after']['brier']:.3f} "
         "(15 confidence bins).</p>"
-        f"{_selective_line(r['metrics'].get('selective'))}"
+        f"{_selective_line(r['metrics'].get('selective'), eval_set.kind)}"
         f"<div class=figs>{''.join(_img_tag(png, kind + ' ' + r['name']) for kind, png in pngs.items())}</div>"
         f"{_misclassified_gallery(r, eval_set)}</section>")
 
@@ -273,5 +318,12 @@ def _data_lines(eval_set, document: dict[str, Any]) -> list[str]:
             f"({'left out' if not summary.get('keep_conflicts') else 'kept'}); "
             f"{len(summary.get('skipped', []))} files skipped.")
     if eval_set.skipped:
-        lines.append(f"{len(eval_set.skipped)} unreadable files were skipped.")
+        names = ", ".join(html.escape(Path(s["path"]).name) for s in eval_set.skipped[:20])
+        lines.append(f"{len(eval_set.skipped)} files were skipped (unreadable or missing): {names}"
+                     + (" …" if len(eval_set.skipped) > 20 else "") + ".")
+    if eval_set.dropped:
+        dropped = sorted({Path(d["path"]).name for d in eval_set.dropped})
+        lines.append(f"{len(dropped)} images were left out as seen in a model's training or validation "
+                     f"(--drop-overlap): {html.escape(', '.join(dropped[:20]))}" + (" …" if len(dropped) > 20 else "")
+                     + ".")
     return lines

@@ -141,6 +141,26 @@ def reliability_figure(bins_before: list[dict], bins_after: list[dict], ece_befo
     return figure
 
 
+def training_curves_figure(history: list[dict], title: str):
+    """Loss (train, validation) and validation figures per epoch, from a model's ``history.json``."""
+    figure = _figure(9, 3.6)
+    epochs = [row["epoch"] for row in history]
+    losses, scores = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for ax, keys in ((losses, ("train_loss", "val_loss")),
+                     (scores, ("val_accuracy", "val_macro_f1", "val_roc_auc_macro", "val_lesion_dice"))):
+        for key in keys:
+            points = [(e, row[key]) for e, row in zip(epochs, history) if row.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.legend(frameon=False, fontsize=8)
+    losses.set_title("loss", fontsize=10)
+    scores.set_title("validation", fontsize=10)
+    scores.set_ylim(0, 1)
+    figure.suptitle(title)
+    return figure
+
+
 def thumbnail_png(gray: np.ndarray, height: int = 96) -> bytes:
     """A small PNG of a grayscale image (for galleries in the report)."""
     import io

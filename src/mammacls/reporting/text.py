@@ -13,22 +13,27 @@ def format_ci(value: float | None, interval: list[float] | None) -> str:
     return f"{value:.3f} [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else f"{value:.3f}"
 
 
-SOURCE_COLUMNS = ("source", "n", "accuracy", "macro F1", "mal. AUC", "sens @ val thr.", "sens @ spec 90%", "called")
+SOURCE_COLUMNS = ("source", "n", "accuracy", "macro F1", "mal. AUC", "sens @ val thr.", "sens @ spec 90%", "called",
+                  "accepted")
 SOURCE_COLUMNS_NOTE = ("sens @ val thr.: malignant sensitivity at the model's own threshold for 90% specificity on its "
                        "validation set; sens @ spec 90%: the ROC point of 90% specificity on these images (threshold "
                        "chosen on them, optimistic); called: how often the model named a class the source does not "
-                       "hold; macro F1 over the classes the source holds")
+                       "hold; accepted: the share the refusal gate lets through; macro F1 over the classes the "
+                       "source holds")
 
 
 def source_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
     """One formatted row per source of a model's result (``SOURCE_COLUMNS``), for the CLI and the report."""
     rows = []
+    selective = entry["metrics"].get("selective") or {}
     for name, m in (entry["metrics"].get("sources") or {}).items():
         ci = m["ci95"]
         called = ", ".join(f"{c} {share:.1%}" for c, share in m["predicted_absent"].items()) or "–"
+        coverage = (selective.get("coverage") if name == "all sources"
+                    else (selective.get("coverage_by_source") or {}).get(name))
         rows.append((name, str(m["n"]), *(format_ci(m.get(k), ci.get(k)) for k in (
             "accuracy", "macro_f1", "malignant_auc", "malignant_sensitivity_at_val_threshold",
-            "malignant_sensitivity_at_set_spec90")), called))
+            "malignant_sensitivity_at_set_spec90")), called, "–" if coverage is None else f"{coverage:.1%}"))
     return rows
 
 
