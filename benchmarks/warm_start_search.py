@@ -88,10 +88,12 @@ def check_member_folds(results: dict, members: list[str], dataset, rows, folds) 
     by_fold = {run["fold"]: run for run in results["runs"] if run["recipe"] == "scanner-mask" and run["repeat"] == 0}
     for k, name in enumerate(members):
         held = [rows[i] for i in by_fold[k]["held_idx"]]
-        gap = np.abs(fold_logits(name, dataset, held) - np.array(by_fold[k]["held_logits"])).max()
-        if gap > 0.25:  # fp16 GPU vs fp32 CPU: a few hundredths; another member: whole units
-            raise SystemExit(f"member {k} does not reproduce fold {k}'s search logits (max gap {gap:.2f})")
-        log(f"member {k} = fold {k} (max logit gap to the GPU search {gap:.3f})")
+        gaps = np.abs(fold_logits(name, dataset, held) - np.array(by_fold[k]["held_logits"]))
+        # fp16 GPU vs fp32 CPU: hundredths on average, a few tenths at worst; another member: whole units
+        if gaps.mean() > 0.1 or gaps.max() > 1.0:
+            raise SystemExit(f"member {k} does not reproduce fold {k}'s search logits "
+                             f"(mean gap {gaps.mean():.2f}, max {gaps.max():.2f})")
+        log(f"member {k} = fold {k} (logit gap to the GPU search: mean {gaps.mean():.3f}, max {gaps.max():.3f})")
 
 
 def fine_tune(member: str, variant: str, seed: int, fold: int, rows, folds, epochs: int, lr: float | None) -> str:

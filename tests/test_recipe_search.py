@@ -193,3 +193,22 @@ def test_member_figures_count_what_the_flip_fixes_and_breaks(levers, capsys):
     as_is = figures["flips"]["out_of_fold"]["as is"]["busi_accuracy"]
     assert as_is == pytest.approx(1 - 3 / len(busi_images))
     assert set(figures["lesion_readout"]) == {"argmax of the logits", "logits (logistic regression)", "logits + lesion map"}
+
+
+def test_committed_warm_start_logits_reproduce_the_model_cards_table():
+    """weights/MODEL_CARD.md's warm-start table, recomputed from benchmarks/results/warm_start.json."""
+    warm_start = importlib.import_module("warm_start_search")
+    document = json.loads((REPO / "benchmarks" / "results" / "warm_start.json").read_text())
+    by_hash = {entry["sha256"]: entry for entry in json.loads(SEARCH_RESULTS.read_text())["index"]}
+    rows = [by_hash[sha] for sha in document["index"]]
+    assert len(rows) == 1581
+    card = {line.split("|")[1].strip(): line.split("|")[2:8] for line in
+            (REPO / "weights" / "MODEL_CARD.md").read_text().splitlines() if line.startswith("| ")}
+    for run, start in (("shipped", "shipped members"), ("pooled-s0", "+ 2 epochs, pooled class weights (control)"),
+                       ("per-source-s0", "+ 2 epochs, per-source class weights")):
+        got = warm_start.scores(np.array(document["runs"][run]["logits"]), rows)
+        cells = [cell.strip().strip("*").rstrip(" %") for cell in card[start]]
+        expected = (float(cells[0]), float(cells[1]), float(cells[2]), float(cells[3]) / 100, float(cells[4]),
+                    float(cells[5]) / 100)
+        assert (got["busi_accuracy"], got["busi_macro_f1"], got["busi_macro_auc"], got["busi_predicted_normal"],
+                got["busbra_malignant_auc"], got["busbra_called_normal"]) == pytest.approx(expected, abs=0.0006), run
