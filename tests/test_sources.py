@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shlex
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +16,7 @@ from mammacls.data.prepare import PrepareOptions, prepare_dataset
 from mammacls.data.prepared import load_prepared
 from mammacls.errors import MammaclsError
 from mammacls.data.sources import open_source, parse_source_spec, scan_source
-from tests.conftest import build_busbra_fixture, real_busbra_or_skip, real_busi_or_skip
+from tests.conftest import build_busbra_fixture, readme_quickstart_commands, real_busbra_or_skip, real_busi_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,6 +233,15 @@ def test_real_two_source_prepare_and_per_source_evaluation_of_the_shipped_model(
     assert low <= on_bra["malignant_auc"] <= high and 0.0 < low < high < 1.0
     assert "malignant_sensitivity_at_set_spec90" in on_bra["ci95"]
     assert 0.0 <= on_bra["predicted_absent"]["normal"] <= 1.0
+    # the README's external-validation line, as written: only the 225 BUS-BRA scans the model never saw
+    [line] = [c for c in readme_quickstart_commands() if "--drop-overlap" in c]
+    args = shlex.split(line.replace("../shared/data/BUS-BRA", str(busbra)))[1:] + ["--json", "--bootstrap", "200"]
+    external = runner.invoke(app, args)
+    assert external.exit_code == 0, external.stderr
+    document = json.loads(external.stdout)
+    assert document["data"]["n"] == 225 and len({d["path"] for d in document["data"]["dropped_overlap"]}) == 1274
+    assert document["models"][0]["metrics"]["sources"]["BUS-BRA"]["malignant_auc"] == pytest.approx(
+        on_bra["malignant_auc"], abs=1e-6)  # the same images as the prepared test split
 
 
 def test_subset_metrics_score_only_the_classes_present():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -122,3 +123,64 @@ def test_a_libraries_full_disk_error_becomes_an_oserror_naming_the_file(tmp_path
     with pytest.raises(ValueError):  # anything else passes through untouched
         with writing(tmp_path / "x"):
             raise ValueError("not a write error")
+
+
+def _tree_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_in_prepare_is_one_line_and_keeps_the_dataset_before(busi_dir, cache, monkeypatch):
+    import numpy as np
+
+    first = runner.invoke(app, ["prepare", str(busi_dir[0]), "--json"])
+    assert first.exit_code == 0, first.stderr
+    datasets = cache / "datasets"
+    before = (_tree_size(datasets), sorted(p.name for p in datasets.iterdir()))
+    real_save, saved = np.save, []
+
+    def full_disk(path, *args, **kwargs):
+        if len(saved) >= 5:  # a few images in: the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        saved.append(path)
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", full_disk)
+    again = runner.invoke(app, ["prepare", str(busi_dir[0])])
+    _one_line(again, "No space left on device; the dataset prepared before is unchanged", 1)
+    assert (_tree_size(datasets), sorted(p.name for p in datasets.iterdir())) == before  # nothing left behind
+
+
+def test_a_full_disk_under_predict_output_is_one_line_and_resumable(tiny_model, use_session_cache, busi_dir,
+                                                                    tmp_path, monkeypatch):
+    from mammacls.inference import results_file
+
+    out = tmp_path / "results.jsonl"
+    real_write, calls = results_file.ResultsFile.write, []
+
+    def full_after_one_batch(self, records):
+        if records:
+            calls.append(len(records))
+        if len(calls) > 1:
+            self._handle.write = lambda text: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return real_write(self, records)
+
+    monkeypatch.setattr(results_file.ResultsFile, "write", full_after_one_batch)
+    folder = str(busi_dir[0] / "benign")
+    failed = runner.invoke(app, ["predict", folder, "--model", "tiny", "--output", str(out), "--batch-size", "4"])
+    _one_line(failed, f"cannot write {out}: No space left on device; the records written before are kept", 1)
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(kept) == calls[0] > 0
+    monkeypatch.setattr(results_file.ResultsFile, "write", real_write)
+    resumed = runner.invoke(app, ["predict", folder, "--model", "tiny", "--output", str(out), "--resume"])
+    assert resumed.exit_code in (0, 1), resumed.stderr  # 1: the planted corrupt image is an error record
+    paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert len(paths) == len(set(paths)) and len(paths) > len(kept)  # every input once
+
+
+def test_the_steps_after_the_last_epoch_are_named_in_a_log(prepared, cache):
+    done = runner.invoke(app, ["train", *"--arch resnet18 --no-pretrained --epochs 1 --img-size 32".split(),
+                               "--data", str(prepared[0]), "--name", "logged"])
+    assert done.exit_code == 0, done.stderr
+    shown = done.stdout + done.stderr
+    assert "calibrating on validation, fitting the refusal densities …" in shown
+    assert shown.index("calibrating on validation") < shown.index("saved logged")

@@ -131,7 +131,7 @@ def _duplicates_html(summary: dict[str, Any], limit: int = 12) -> str:
     roots = summary.get("source_roots") or {}
     single_root = Path(summary.get("source", ""))
     blocks = []
-    for group_id, members in list(summary.get("duplicate_group_members", {}).items())[:limit]:
+    for members in list(summary.get("duplicate_group_members", {}).values())[:limit]:
         thumbs = []
         for rel in members[:4]:
             name, _, inside = rel.partition(":")  # several sources: members are "SOURCE:relative/path"
