@@ -144,7 +144,7 @@ def curve(rows: list[dict]) -> list[dict]:
     points = {}
     for row in rows:
         if row["kind"] == "curve":
-            points.setdefault(row["requested"], []).append(row)
+            points.setdefault(row.get("requested", row["patients"]), []).append(row)  # first runs: one draw
     summary = []
     for draws in points.values():
         aucs = [d["busbra_malignant_auc"] for d in draws]
@@ -172,9 +172,12 @@ def plot(rows: list[dict], base: dict, target: Path) -> None:
     for row in rows:
         if row["kind"] == "curve":
             axes.plot(row["patients"], row["busbra_malignant_auc"], ".", color="grey", alpha=0.6)
-    axes.plot(x, auc, marker="o", label="adapted (--init base, BUSI mixed in): mean of the patient draws")
+    draws = max(p["draws"] for p in points)
+    axes.plot(x, auc, marker="o", label="adapted (--init base, BUSI mixed in)"
+              + (": mean of the patient draws" if draws > 1 else ", one patient draw"))
     axes.axhline(base["busbra_malignant_auc"], color="grey", linestyle="--", label="base (BUSI only), before")
     axes.set_xscale("log")
+    axes.minorticks_off()  # the log axis's own minor labels (3×10¹ …) would crowd the patient counts
     axes.set_xticks(x, [str(v) for v in x])
     axes.set_xlabel("BUS-BRA patients used for adaptation")
     axes.set_ylabel("BUS-BRA test malignant ROC-AUC")
