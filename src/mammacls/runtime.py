@@ -93,7 +93,6 @@ def open_backend(ref: ModelRef, device: str | Device = "auto",
     from mammacls.inference.model_files import verify_weights
 
     device, backend = parse_choice(Device, device, "device"), parse_choice(Backend, backend, "backend")
-    verify_weights(ref)  # every file the card names is checked, whichever backend runs
     if device == "auto" and backend != "onnx" and _cuda_usable():
         device = Device.cuda
     has_onnx = ref.card.onnx is not None
@@ -103,8 +102,8 @@ def open_backend(ref: ModelRef, device: str | Device = "auto",
                                 f"or use {param('backend')} torch")
         if not has_onnx:
             raise MammaclsError(f"model {ref.name} has no ONNX export: run mammacls export --model {ref.spec}")
-        return OnnxBackend(ref), None
-    if backend == "auto" and device != "cuda" and has_onnx:
+    if backend == "onnx" or (backend == "auto" and device != "cuda" and has_onnx):
+        verify_weights(ref)  # ONNX never reads the weights, yet they must be the card's (PyTorch checks as it loads)
         return OnnxBackend(ref), None
     from mammacls.nets.networks import resolve_device
 

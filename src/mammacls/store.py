@@ -159,7 +159,7 @@ def cache_lock(key: str, what: str, exclusive: bool = True) -> Iterator[None]:
         return
     folder = cache_dir() / "locks"
     folder.mkdir(parents=True, exist_ok=True)
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
+    safe = _lock_stem(key)
     handle = open(folder / f"{safe}.lock", "a+")
     try:
         try:
@@ -184,8 +184,12 @@ def cache_lock(key: str, what: str, exclusive: bool = True) -> Iterator[None]:
 def lock_holders(key: str) -> list[str]:
     """Who holds ``key`` now (``process PID (what)``), without taking it; empty when nobody does."""
     folder = cache_dir() / "locks"
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
-    return _lock_holders(folder, safe) if folder.is_dir() else []
+    return _lock_holders(folder, _lock_stem(key)) if folder.is_dir() else []
+
+
+def _lock_stem(key: str) -> str:
+    """A lock key as a file name (its lock file and its holders' notes start with it)."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
 
 
 def _lock_holders(folder: Path, safe: str) -> list[str]:

@@ -138,11 +138,17 @@ class ModelRef:
 def verify_weights(ref: ModelRef) -> None:
     """The weights file is the one the card names (its sha256), whichever backend runs the model: the ONNX
     path does not read it, but a damaged or replaced file means the card describes another model."""
-    expected = ref.card.weights.sha256
     if not ref.weights.is_file():
         raise MammaclsError(f"model weights missing: {ref.weights}")
-    if expected and sha256_file(ref.weights) != expected:
-        ref.card = card_matching(ref, sha256_file(ref.weights))  # a run between its two writes: wait for it
+    check_weights_digest(ref, sha256_file(ref.weights))
+
+
+def check_weights_digest(ref: ModelRef, digest: str) -> None:
+    """``digest`` (of the weights as read) is the card's, or ``ref.card`` becomes the card written with it
+    (a run between its two writes: wait for it); anything else is refused as damage."""
+    expected = ref.card.weights.sha256
+    if expected and digest != expected:
+        ref.card = card_matching(ref, digest)
 
 
 def check_finished(ref: ModelRef, allow_unfinished: bool = False) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 from mammacls.inference.card import SIDECAR_FILES, ModelCard, without_machine_specific
-from mammacls.inference.model_files import HEADER_KEY, METADATA_FILE, ModelRef, card_matching, header_record
+from mammacls.inference.model_files import HEADER_KEY, METADATA_FILE, ModelRef, check_weights_digest, header_record
 from mammacls.store import atomic_path, atomic_write_json, sha256_file, writing
 
 
@@ -64,9 +64,7 @@ def load_network(ref: ModelRef, device: str = "cpu"):
     if not ref.weights.is_file():
         raise MammaclsError(f"model weights missing: {ref.weights}")
     data = ref.weights.read_bytes()  # hash and load the very same bytes: the file may be replaced meanwhile
-    expected = ref.card.weights.sha256
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        ref.card = card_matching(ref, hashlib.sha256(data).hexdigest())
+    check_weights_digest(ref, hashlib.sha256(data).hexdigest())
     try:
         state = load(data)
     except Exception as exc:  # safetensors' own error type

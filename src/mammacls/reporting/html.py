@@ -63,15 +63,21 @@ def _selective_line(selective: dict[str, Any] | None, kind: str) -> str:
     if not selective:
         return ""
     rejected = selective.get("rejected_images") or []
-    listed = "".join(f"<li>{html.escape(Path(r['path']).name)}: {html.escape(r['reason'] or '')}</li>"
-                     for r in rejected[:50])
-    more = f"<li>and {len(rejected) - 50} more (all in metrics.json)</li>" if len(rejected) > 50 else ""
     return (f"<p>Abstention (as predict would decide): {selective['coverage']:.1%} of the {kind}'s images accepted, "
             f"accuracy on them {_fmt(selective['accuracy_accepted'])}; {selective['coverage_ok']:.1%} confident "
             f"(status ok), accuracy {_fmt(selective['accuracy_ok'])}; {selective['rejected']} rejected, "
             f"{selective['uncertain']} uncertain.</p>"
-            + (f"<details><summary>Rejected images ({len(rejected)})</summary><ul>{listed}{more}</ul></details>"
-               if rejected else ""))
+            + _folded_list(f"Rejected images ({len(rejected)})",
+                           [f"{Path(r['path']).name}: {r['reason'] or ''}" for r in rejected]))
+
+
+def _folded_list(summary: str, items: list[str], limit: int = 50) -> str:
+    """``items`` as a list folded under ``summary`` (the first ``limit``; metrics.json has them all)."""
+    if not items:
+        return ""
+    shown = "".join(f"<li>{html.escape(item)}</li>" for item in items[:limit])
+    more = f"<li>and {len(items) - limit} more (all in metrics.json)</li>" if len(items) > limit else ""
+    return f"<details><summary>{html.escape(summary)}</summary><ul>{shown}{more}</ul></details>"
 
 
 def _overlap_html(overlap: dict[str, Any] | None) -> str:
@@ -79,12 +85,10 @@ def _overlap_html(overlap: dict[str, Any] | None) -> str:
     matches = (overlap or {}).get("matches") or []
     if not matches:
         return ""
-    items = "".join(f"<li>{html.escape(Path(m['path']).name)}: {m['kind']} of {html.escape(str(m['matches']))}</li>"
-                    for m in matches[:50])
-    more = f"<li>and {len(matches) - 50} more (all in metrics.json)</li>" if len(matches) > 50 else ""
     return (f"<p class=flag>{len(matches)} of these images overlap this model's training/validation data: "
-            f"its figures are inflated.</p><details><summary>Overlapping images</summary>"
-            f"<ul>{items}{more}</ul></details>")
+            "its figures are inflated.</p>"
+            + _folded_list("Overlapping images", [f"{Path(m['path']).name}: {m['kind']} of {m['matches']}"
+                                                  for m in matches]))
 
 
 def _group_table(group: dict[str, Any]) -> str:
