@@ -35,6 +35,7 @@ class EvalSet:
     kind: str = "test split"  # or "external set": every image of a source that was never prepared
     _resized: dict[int, np.ndarray] = field(default_factory=dict)
     _phashes: np.ndarray | None = None
+    _thumbs: np.ndarray | None = None
 
     def keep(self, mask: list[bool]) -> None:
         """Keep only the images where ``mask`` is True (cached resizes and hashes follow)."""
@@ -48,6 +49,7 @@ class EvalSet:
         self.sources = [self.sources[k] for k in pick] if self.sources else []
         self._resized = {size: array[keep] for size, array in self._resized.items()}
         self._phashes = None if self._phashes is None else self._phashes[keep]
+        self._thumbs = None if self._thumbs is None else self._thumbs[keep]
 
     def phashes(self) -> np.ndarray:
         if self._phashes is None:
@@ -55,6 +57,13 @@ class EvalSet:
 
             self._phashes = np.stack([perceptual_hash(img) for img in self.images])
         return self._phashes
+
+    def thumbnails(self) -> np.ndarray:
+        if self._thumbs is None:  # normalised 32 x 32 thumbnails, the near-duplicate rule's second test
+            from mammacls.data.dedup import thumbnail_vector
+
+            self._thumbs = np.stack([thumbnail_vector(img) for img in self.images])
+        return self._thumbs
 
     def content_hashes(self) -> list[str]:
         if not self.sha256:
@@ -158,7 +167,8 @@ def evaluate_models(
         overlaps = {ref.name: training_overlap(ref, eval_set) for ref in refs}
     elif leaking and not allow_overlap:
         name, o = next(iter(leaking.items()))
-        shown = "; ".join(f"{Path(m['path']).name} is {_what(m)} {m['matches']}" for m in o["matches"][:3])
+        shown = "; ".join(f"{Path(m['path']).name} is {'a copy' if m['kind'] == 'identical' else 'a near-duplicate'} "
+                          f"of {m['matches']}" for m in o["matches"][:3])
         more = f"; and {o['images'] - 3} more" if o["images"] > 3 else ""
         raise MammaclsError(
             f"{o['images']} of {len(eval_set.paths)} evaluation images overlap the training/validation data of "
@@ -305,17 +315,12 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, logits: np.ndarray, feat
     }, statuses.tolist()
 
 
-def _what(match: dict[str, Any]) -> str:
-    return "a copy of" if match["kind"] == "identical" else "a near-duplicate of"
-
-
 def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
     """Which evaluation images the model saw in training or validation: the same pixels, or a near
     duplicate by prepare's rule (perceptual hash and thumbnails agreeing, ``dedup.near_duplicates``);
     for models that recorded no thumbnails, the hash alone. Each hit names the image it matches."""
     from mammacls.data.dedup import (
-        PHASH_MAX_DISTANCE, hamming_distances, near_duplicates, phash_from_hex, thumbnail_vector,
-        thumbnail_vector_from_text,
+        PHASH_MAX_DISTANCE, hamming_distances, near_duplicates, phash_from_hex, thumbnail_vector_from_text,
     )
 
     prints = seen_fingerprints(ref)  # its own train/val images and those of the models it started from
@@ -326,7 +331,7 @@ def training_overlap(ref: ModelRef, eval_set: EvalSet) -> dict[str, Any]:
     hamming = hamming_distances(eval_set.phashes(), np.stack([phash_from_hex(h) for h in prints["phash"]]))
     if all(t is not None for t in prints["thumb"]):
         thumbs = np.stack([thumbnail_vector_from_text(t) for t in prints["thumb"]])
-        correlation = np.stack([thumbnail_vector(img) for img in eval_set.images]) @ thumbs.T
+        correlation = eval_set.thumbnails() @ thumbs.T
         close = near_duplicates(hamming, correlation)
     else:  # fingerprints of an older mammacls: the hash alone, as it was
         correlation, close = None, hamming <= PHASH_MAX_DISTANCE
