@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from mammacls import __version__
 from mammacls.choices import Backend, Device
@@ -19,6 +18,7 @@ from mammacls.inference.pixels import ImageReadError
 from mammacls.inference.inputs import collect_inputs, in_shard
 from mammacls.inference.predictor import Frame, Predictor, cine_summary
 from mammacls.inference.results_file import ResultsFile
+from mammacls.overlays import OverlayFolders, Overlays
 
 
 def predict_paths(
@@ -122,53 +122,10 @@ def _open(ref, device: str, backend: str, calibrated: bool, explain_dir, lesion_
         notice(hint)
     explaining = explain_dir is not None or lesion_dir is not None
     predictor = Predictor(ref, runner, calibrated=calibrated, keep_originals=explaining)
-    return predictor, (_Overlays(predictor, explain_dir, lesion_dir) if explaining else None)
-
-
-@dataclass
-class _Overlays:
-    """Grad-CAM heatmaps and lesion maps drawn over the scans, beside the predictions."""
-    predictor: Predictor
-    explain_dir: Path | None
-    lesion_dir: Path | None
-    written: set[str] = field(default_factory=set)
-
-    def classify(self, frames: list[Frame]) -> list[dict[str, Any]]:
-        runner = self.predictor.backend
-        stacked = np.stack([f.resized for f in frames])
-        cams = lesion_maps = None
-        if self.explain_dir is not None:
-            logits, cams, features = runner.explain(stacked, self.predictor.ref.card.arch)
-        if self.lesion_dir is not None:  # one pass gives the classes, lesion maps and features
-            logits, lesion_maps, features = runner.lesion_maps(stacked)
-        records = self.predictor.classify(frames, outputs=(logits, features))
-        for k, (item, record) in enumerate(zip(frames, records)):
-            if cams is not None:
-                record["explanation"] = str(self._draw(item, "gradcam", cams[k], record))
-            if lesion_maps is not None:
-                lesion = lesion_maps[k]
-                if record["label"] == "normal":  # a lesion is drawn only where the model sees one
-                    lesion, area = np.zeros_like(lesion), None
-                else:
-                    area = round(float((lesion >= 0.5).mean()), 4)
-                record["lesion_area_fraction"] = area
-                record["lesion_map"] = str(self._draw(item, "lesion", lesion, record))
-        return records
-
-    def _draw(self, item: Frame, kind: str, heat: np.ndarray, record: dict[str, Any]) -> Path:
-        from mammacls.nets.gradcam import lesion_overlay_png, overlay_png
-
-        caption = f"{record['label']} {max(record['probabilities'].values()):.2f}"
-        if kind == "lesion" and record["label"] == "normal":
-            caption += ": no lesion drawn"
-        folder = self.explain_dir if kind == "gradcam" else self.lesion_dir
-        stem = item.path.stem if item.frame is None else f"{item.path.stem}.frame{item.frame}"
-        name, k = f"{stem}.{kind}.png", 2
-        while str(folder / name) in self.written:  # same file name from two folders
-            name, k = f"{stem}.{kind}-{k}.png", k + 1
-        self.written.add(str(folder / name))
-        write = overlay_png if kind == "gradcam" else lesion_overlay_png
-        return write(item.original, heat, folder / name, caption)
+    if not explaining:
+        return predictor, None
+    return predictor, Overlays(predictor, explain_dir is not None, lesion_dir is not None,
+                               OverlayFolders(explain_dir, lesion_dir))
 
 
 @dataclass
@@ -189,7 +146,7 @@ class _Tally:
             self.cine.extend(summaries)
 
 
-def _stream(predictor: Predictor, overlays: _Overlays | None, files: list[Path], early_errors: list[dict[str, str]],
+def _stream(predictor: Predictor, overlays: Overlays | None, files: list[Path], early_errors: list[dict[str, str]],
             batch_size: int, workers: int, sink: ResultsFile | None, progress, on_error) -> _Tally:
     """Decode in a thread pool, classify batch by batch, hand each batch's records on at once."""
     tally = _Tally(keep=sink is None)
@@ -211,7 +168,7 @@ def _stream(predictor: Predictor, overlays: _Overlays | None, files: list[Path],
             entries: list[dict[str, Any]] = []
             for start in range(0, len(frames), batch_size):  # a cine loop may hold many frames
                 entries.extend(classify(frames[start:start + batch_size]))
-            records, summaries, errors = _records_in_file_order(decoded, iter(entries))
+            records, summaries, errors = records_in_file_order(decoded, iter(entries))
             tally.add(entries, summaries, [])
             if sink is not None:
                 sink.write(records)
@@ -222,7 +179,7 @@ def _stream(predictor: Predictor, overlays: _Overlays | None, files: list[Path],
     return tally
 
 
-def _records_in_file_order(decoded, entries):
+def records_in_file_order(decoded, entries):
     """Each file's records together, a cine loop's summary after its frames; errors in place."""
     records, summaries, errors = [], [], []
     for path, file_frames, error in decoded:

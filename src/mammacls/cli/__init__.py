@@ -14,6 +14,7 @@ from mammacls.cli import train  # noqa: F401
 from mammacls.cli import evaluate  # noqa: F401
 from mammacls.cli import predict  # noqa: F401
 from mammacls.cli import models  # noqa: F401
+from mammacls.cli import serve  # noqa: F401
 from mammacls.choices import Arch, Augmentation, Backend, ClassWeights, Device, MemoryFormat, Precision
 from mammacls.cli.common import _report_option_value, app
 
@@ -26,7 +27,8 @@ _METAVARS = {"data": "DIR_OR_CSV", "out": "DIR", "report_dir": "DIR", "explain":
              "arch": "|".join(Arch.values()), "device": "|".join(Device.values()),
              "backend": "|".join(Backend.values()), "augment": "|".join(Augmentation.values()),
              "precision": "|".join(Precision.values()), "memory_format": "|".join(MemoryFormat.values()),
-             "class_weights": "|".join(ClassWeights.values()), "init": "MODEL"}
+             "class_weights": "|".join(ClassWeights.values()), "init": "MODEL",
+             "cors": "ORIGIN", "host": "HOST", "token": "TOKEN"}
 # by Typer's bare type name, or click's type name (other Typer versions)
 _TYPE_METAVARS = {"int": "N", "integer": "N", "float": "NUM", "str": "TEXT", "text": "TEXT", "Path": "PATH",
                   "path": "PATH", "list[str]": "NAME"}

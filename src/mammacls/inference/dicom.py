@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mammacls.inference.pixels import MIN_SIDE, ImageReadError, check_dimensions, colour_fraction_rgb, read_error
+from mammacls.inference.pixels import (MIN_SIDE, ImageReadError, InMemoryFile, check_dimensions, colour_fraction_rgb,
+                                      read_error)
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 
@@ -44,8 +45,10 @@ _NEEDS_PACKAGE = {  # transfer syntaxes our dependencies cannot decode: short na
 }
 
 
-def has_dicom_preamble(path: Path) -> bool:
+def has_dicom_preamble(path: Path | InMemoryFile) -> bool:
     """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble."""
+    if isinstance(path, InMemoryFile):
+        return path.data[128:132] == b"DICM"
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)
@@ -54,14 +57,14 @@ def has_dicom_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def is_dicom_name(path: Path) -> bool:
+def is_dicom_name(path: Path | InMemoryFile) -> bool:
     return path.suffix.lower() in DICOM_EXTENSIONS
 
 
 @dataclass
 class DicomFile:
     """What a decoder needs to know, without any patient field."""
-    path: Path
+    path: Path | InMemoryFile
     dataset: object  # pydicom Dataset, header only (pixel data is read frame by frame)
     frames: int
     crop: tuple[int, int, int, int] | None  # x0, y0, x1, y1 (inclusive) of the ultrasound region
@@ -69,16 +72,16 @@ class DicomFile:
     patient_key: str
 
 
-def open_dicom(path: Path) -> DicomFile:
+def open_dicom(path: Path | InMemoryFile) -> DicomFile:
     """Read the header of ``path`` and check that its pixels can be decoded (ImageReadError if not)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = Path(path)
-    if path.is_dir():
+    path = path if isinstance(path, InMemoryFile) else Path(path)
+    if isinstance(path, Path) and path.is_dir():
         raise ImageReadError("is a directory")
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)  # pixel data stays on disk
+        ds = pydicom.dcmread(_readable(path), defer_size=1024)  # pixel data stays on disk
     except InvalidDicomError:
         raise ImageReadError("not a DICOM file (no DICM preamble)") from None
     except Exception as exc:  # pydicom raises many types for truncated or malformed files
@@ -95,6 +98,10 @@ def open_dicom(path: Path) -> DicomFile:
     if frames < 1:
         raise ImageReadError("DICOM with no frames")
     return DicomFile(path, ds, frames, ultrasound_region(ds, rows, columns), (rows, columns), _patient_key(ds))
+
+
+def _readable(path: Path | InMemoryFile):
+    return path.stream() if isinstance(path, InMemoryFile) else path
 
 
 def _check_decodable(ds) -> None:
@@ -154,7 +161,7 @@ def iter_frames(dicom: DicomFile, stats: dict | None = None) -> Iterator[np.ndar
 
     ds = dicom.dataset
     try:
-        for frame in iter_pixels(dicom.path):  # from the file, frame by frame
+        for frame in iter_pixels(_readable(dicom.path)):  # from the file, frame by frame
             gray, colour = to_gray_uint8(frame, ds)
             if dicom.crop is not None:
                 x0, y0, x1, y1 = dicom.crop

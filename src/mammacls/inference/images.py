@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mammacls.errors import MammaclsError
-from mammacls.inference.pixels import ImageReadError, check_dimensions, colour_fraction_rgb, read_error
+from mammacls.inference.pixels import ImageReadError, InMemoryFile, check_dimensions, colour_fraction_rgb, read_error
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"})
 
@@ -33,14 +33,14 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def is_dicom(path: Path) -> bool:
+def is_dicom(path: Path | InMemoryFile) -> bool:
     """A ``.dcm``/``.dicom`` name, or any other name holding a DICOM Part 10 file."""
     from mammacls.inference.dicom import has_dicom_preamble, is_dicom_name
 
     return is_dicom_name(path) or (path.suffix.lower() not in IMAGE_EXTENSIONS and has_dicom_preamble(path))
 
 
-def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
+def load_grayscale(path: Path | InMemoryFile, stats: dict | None = None) -> np.ndarray:
     """Decode ``path`` into a 2-D uint8 grayscale array.
 
     Handles 1/8/16/32-bit grayscale, RGB(A), palette and EXIF-rotated images, and
@@ -53,15 +53,16 @@ def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
+    in_memory = isinstance(path, InMemoryFile)
+    path = path if in_memory else Path(path)
     if is_dicom(path):
         return _load_dicom_single_frame(path, stats)
     try:
-        if path.is_dir():
+        if not in_memory and path.is_dir():
             raise ImageReadError("is a directory")
-        if path.stat().st_size == 0:
+        if (len(path.data) if in_memory else path.stat().st_size) == 0:
             raise ImageReadError("empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(path.stream() if in_memory else path) as img:
             check_dimensions(*img.size)
             frames = getattr(img, "n_frames", 1)
             if frames > 1:  # one policy for files and folders: never silently the first frame
@@ -84,7 +85,7 @@ def load_grayscale(path: Path, stats: dict | None = None) -> np.ndarray:
         raise read_error(exc, "decode image") from None
 
 
-def _load_dicom_single_frame(path: Path, stats: dict | None) -> np.ndarray:
+def _load_dicom_single_frame(path: Path | InMemoryFile, stats: dict | None) -> np.ndarray:
     from mammacls.inference.dicom import iter_frames, open_dicom
 
     dicom = open_dicom(path)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
+from pathlib import PurePath
+
 import numpy as np
 
 from mammacls.errors import MammaclsError
@@ -19,6 +23,28 @@ CHROMA_LIMIT = 40
 
 class ImageReadError(MammaclsError):
     """One file could not be read as an image (reported per file, not fatal)."""
+
+
+@dataclass(frozen=True)
+class InMemoryFile:
+    """A file held in memory (an upload to ``mammacls serve``): the decoders read it as they read a
+    path, and it is never written to disk."""
+    name: str
+    data: bytes = b""
+
+    @property
+    def suffix(self) -> str:
+        return PurePath(self.name).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePath(self.name).stem
+
+    def stream(self) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def check_dimensions(width: int, height: int, *, what: str = "image", before_decoding: bool = True) -> None:

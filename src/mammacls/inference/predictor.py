@@ -22,7 +22,7 @@ from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import OodDensity
 from mammacls.inference.gate import distances, image_check, model_density, status_of
 from mammacls.inference.images import is_dicom, load_grayscale, resize_square, to_grayscale
-from mammacls.inference.pixels import ImageReadError
+from mammacls.inference.pixels import ImageReadError, InMemoryFile
 from mammacls.inference.model_files import ModelRef
 
 
@@ -73,7 +73,7 @@ class Frame:
     frame: int | None = None
     frames: int = 1
     original: np.ndarray | None = None  # full size, kept only when explanations are drawn
-    path: Path | None = None
+    path: Path | InMemoryFile | None = None
 
     @property
     def key(self) -> str:
@@ -122,9 +122,9 @@ class Predictor:
         reason = image_check(gray, resized, colour, self.density, self.ood_record)
         return Frame(source, resized, reason, frame, frames, gray if self.keep_originals else None, path)
 
-    def frames_of(self, path: Path) -> list[Frame]:
+    def frames_of(self, path: Path | InMemoryFile) -> list[Frame]:
         """Every frame of one file (a DICOM cine loop: all of them); ImageReadError if unreadable."""
-        path = Path(path)
+        path = path if isinstance(path, InMemoryFile) else Path(path)
         if is_dicom(path):
             from mammacls.inference.dicom import iter_frames, open_dicom
 

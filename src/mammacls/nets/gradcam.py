@@ -7,12 +7,9 @@ channels, rectified and scaled to [0, 1].
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from mammacls.errors import MammaclsError
-from mammacls.store import atomic_write_bytes
 
 
 def last_conv_block(arch: str, net):
@@ -65,19 +62,19 @@ def _peak_scaled(cams):
     return cams / cams.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
 
 
-def overlay_png(gray: np.ndarray, cam: np.ndarray, target: Path, caption: str = "") -> Path:
-    """Write the image beside its heatmap overlay as one PNG (atomically); returns the path."""
+def gradcam_panel(gray: np.ndarray, cam: np.ndarray, caption: str = "") -> bytes:
+    """The image beside its heatmap overlay, as PNG bytes (``mammacls serve`` keeps them in memory)."""
     import cv2
 
     height, width = gray.shape
     heat = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     coloured = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)
     base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-    return _side_by_side(base, cv2.addWeighted(base, 0.55, coloured, 0.45, 0), target, caption)
+    return _side_by_side(base, cv2.addWeighted(base, 0.55, coloured, 0.45, 0), caption)
 
 
-def lesion_overlay_png(gray: np.ndarray, probability: np.ndarray, target: Path, caption: str = "") -> Path:
-    """Write the image beside its predicted lesion (probability >= 0.5: red tint, green outline)."""
+def lesion_panel(gray: np.ndarray, probability: np.ndarray, caption: str = "") -> bytes:
+    """The image beside its predicted lesion (probability >= 0.5: red tint, green outline), as PNG bytes."""
     import cv2
 
     height, width = gray.shape
@@ -87,10 +84,10 @@ def lesion_overlay_png(gray: np.ndarray, probability: np.ndarray, target: Path, 
     tinted[mask] = (0.6 * tinted[mask] + 0.4 * np.array([0, 0, 255])).astype(np.uint8)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(tinted, contours, -1, (0, 255, 0), max(1, height // 300))
-    return _side_by_side(base, tinted, target, caption)
+    return _side_by_side(base, tinted, caption)
 
 
-def _side_by_side(base: np.ndarray, overlay: np.ndarray, target: Path, caption: str) -> Path:
+def _side_by_side(base: np.ndarray, overlay: np.ndarray, caption: str) -> bytes:
     import cv2
 
     height, width = base.shape[:2]
@@ -102,6 +99,5 @@ def _side_by_side(base: np.ndarray, overlay: np.ndarray, target: Path, caption: 
                     max(1, int(2 * scale)), cv2.LINE_AA)
     ok, encoded = cv2.imencode(".png", panel)
     if not ok:
-        raise MammaclsError(f"could not encode the explanation for {target.name}")
-    atomic_write_bytes(target, encoded.tobytes())
-    return target
+        raise MammaclsError("could not encode an explanation as PNG")
+    return encoded.tobytes()

@@ -1,0 +1,83 @@
+"""Grad-CAM and lesion-map overlays beside predictions, drawn with PyTorch: ``predict --explain`` keeps
+them as files in a folder, ``mammacls serve`` in memory as data URIs (uploads never touch the disk)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammacls.inference.predictor import Frame, Predictor
+
+# (frame, kind "gradcam" | "lesion", PNG bytes) -> what the record holds: a path or a data URI
+Keep = Callable[[Frame, str, bytes], str]
+
+
+@dataclass
+class Overlays:
+    """Classify frames through a PyTorch predictor and draw the asked-for overlays for each one."""
+    predictor: Predictor  # keep_originals=True: overlays are drawn at full size
+    gradcam: bool
+    lesion: bool
+    keep: Keep
+
+    def classify(self, frames: list[Frame]) -> list[dict[str, Any]]:
+        runner = self.predictor.backend
+        stacked = np.stack([f.resized for f in frames])
+        cams = lesion_maps = None
+        if self.gradcam:
+            logits, cams, features = runner.explain(stacked, self.predictor.ref.card.arch)
+        if self.lesion:  # one pass gives the classes, lesion maps and features
+            logits, lesion_maps, features = runner.lesion_maps(stacked)
+        records = self.predictor.classify(frames, outputs=(logits, features))
+        for k, (item, record) in enumerate(zip(frames, records)):
+            if cams is not None:
+                record["explanation"] = self._draw(item, "gradcam", cams[k], record)
+            if lesion_maps is not None:
+                lesion = lesion_maps[k]
+                if record["label"] == "normal":  # a lesion is drawn only where the model sees one
+                    lesion, area = np.zeros_like(lesion), None
+                else:
+                    area = round(float((lesion >= 0.5).mean()), 4)
+                record["lesion_area_fraction"] = area
+                record["lesion_map"] = self._draw(item, "lesion", lesion, record)
+        return records
+
+    def _draw(self, item: Frame, kind: str, heat: np.ndarray, record: dict[str, Any]) -> str:
+        from mammacls.nets.gradcam import gradcam_panel, lesion_panel
+
+        caption = f"{record['label']} {max(record['probabilities'].values()):.2f}"
+        if kind == "lesion" and record["label"] == "normal":
+            caption += ": no lesion drawn"
+        panel = gradcam_panel if kind == "gradcam" else lesion_panel
+        return self.keep(item, kind, panel(item.original, heat, caption))
+
+
+@dataclass
+class OverlayFolders:
+    """``Keep`` for files: ``NAME.gradcam.png`` / ``NAME.lesion.png`` in their folders, never overwriting
+    one written by this run (the same file name from two folders gets ``-2``, ``-3``)."""
+    explain_dir: Path | None
+    lesion_dir: Path | None
+    written: set[str] = field(default_factory=set)
+
+    def __call__(self, item: Frame, kind: str, png: bytes) -> str:
+        from mammacls.store import atomic_write_bytes
+
+        folder = self.explain_dir if kind == "gradcam" else self.lesion_dir
+        stem = item.path.stem if item.frame is None else f"{item.path.stem}.frame{item.frame}"
+        name, k = f"{stem}.{kind}.png", 2
+        while str(folder / name) in self.written:
+            name, k = f"{stem}.{kind}-{k}.png", k + 1
+        self.written.add(str(folder / name))
+        atomic_write_bytes(folder / name, png)
+        return str(folder / name)
+
+
+def as_data_uri(_item: Frame, _kind: str, png: bytes) -> str:
+    """``Keep`` in memory: the PNG as a data URI, ready for an ``<img src>``."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
