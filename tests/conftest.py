@@ -179,3 +179,13 @@ def readme_quickstart_commands() -> list[str]:
             if line.startswith("mammacls "):
                 commands.append(line)
     return commands
+
+
+def schema_errors(name: str, document: dict) -> list[str]:
+    """Where ``document`` breaks the shipped JSON Schema ``name`` (empty: it validates)."""
+    import jsonschema
+
+    from mammacls.schemas import load_schema
+
+    validator = jsonschema.Draft202012Validator(load_schema(name))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]

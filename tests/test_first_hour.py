@@ -235,6 +235,25 @@ def test_concurrent_commands_refuse_in_one_true_line_and_sigterm_is_resumable(sy
     assert json.loads(resumed.stdout)["training"]["status"] == "complete"
 
 
+def _serve_answers(line: str, cache: Path) -> None:
+    """The README's serve line, on a free port: it prints its address, classifies an example, stops on SIGTERM."""
+    import httpx
+
+    server = subprocess.Popen([sys.executable, "-m", "mammacls", *shlex.split(line)[1:], "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "MAMMACLS_CACHE_DIR": str(cache)})
+    try:
+        first = server.stdout.readline()
+        assert first.startswith("mammacls serve: http://127.0.0.1:"), first
+        url = first.split()[2]
+        scan = REPO / "examples" / "malignant_102.png"
+        answer = httpx.post(f"{url}/v1/predict", files=[("files", (scan.name, scan.read_bytes()))], timeout=60)
+        assert answer.json()["predictions"][0]["label"] == "malignant"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
+
+
 @pytest.mark.slow
 def test_readme_quickstart_walkthrough(synthetic, tmp_path, monkeypatch):
     """The Quickstart top to bottom on the synthetic set, in an empty cache: every command exits 0,
@@ -261,6 +280,9 @@ def test_readme_quickstart_walkthrough(synthetic, tmp_path, monkeypatch):
         line = re.sub(r"--img-size \d+", "--img-size 32", line)
         if not have_imagenet:
             line = line.replace("--imagenet-weights IMAGENET1K_V1", "--no-pretrained")
+        if line.startswith("mammacls serve"):  # runs until stopped: a real process, asked once, then SIGTERM
+            _serve_answers(line, tmp_path / "cache")
+            continue
         done = runner.invoke(app, _report_option_value(shlex.split(line)[1:]))
         assert done.exit_code == 0, (command, done.stderr[-2000:])
         if line.startswith("mammacls evaluate --model two-sources"):  # trained on both: a table per source

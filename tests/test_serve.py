@@ -19,7 +19,8 @@ from mammacls.serve.app import ServerSettings, create_app  # noqa: E402
 from mammacls.serve.batching import DynamicBatcher, Overloaded  # noqa: E402
 from mammacls.serve.service import PredictionService, ServiceOptions  # noqa: E402
 from mammacls.serve.uploads import UploadLimits  # noqa: E402
-from tests.conftest import textured_image  # noqa: E402
+from mammacls.schemas import PREDICTIONS  # noqa: E402
+from tests.conftest import schema_errors, textured_image  # noqa: E402
 from tests.dicom_files import ultrasound_dicom  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -108,6 +109,7 @@ def test_server_and_cli_agree(client, tmp_path, cache):
     cli = predict_paths(paths, model="default", device="cpu")["predictions"]
     answer = client.post("/v1/predict", files=_files(*((p.name, p.read_bytes()) for p in paths)))
     assert answer.status_code == 200
+    assert answer.json()["schema"] == PREDICTIONS and schema_errors(PREDICTIONS, answer.json()) == []
     served = answer.json()["predictions"]
     assert [r["path"] for r in served] == [p.name for p in paths]
     assert [r["label"] for r in served] == [r["label"] for r in cli]
@@ -136,6 +138,7 @@ def test_hostile_files_are_errors_and_the_server_keeps_serving(client, name, dat
     alone = client.post("/v1/predict", files=_files((name, data)))
     assert alone.status_code == 422, alone.text
     assert fragment in alone.json()["error"] and alone.json()["errors"][0]["path"] == name
+    assert schema_errors(PREDICTIONS, alone.json()) == []
     mixed = client.post("/v1/predict", files=_files((name, data), ("ok.png", (EXAMPLES / "normal_103.png").read_bytes())))
     assert mixed.status_code == 200
     document = mixed.json()
@@ -244,6 +247,7 @@ def test_dicom_cine_loop_uploads_and_no_patient_field_comes_back(client, tmp_pat
     response = client.post("/v1/predict", files=_files(("loop.dcm", loop.read_bytes()), ("single", single.read_bytes())))
     assert response.status_code == 200, response.text
     document = response.json()
+    assert schema_errors(PREDICTIONS, document) == []
     assert [c["path"] for c in document["cine"]] == ["loop.dcm"] and document["cine"][0]["frames"] == 3
     assert [p["path"] for p in document["predictions"]] == [f"loop.dcm#frame={k}" for k in (1, 2, 3)] + ["single"]
     assert "PID-SECRET" not in response.text and "SECRET" not in json.dumps(document)

@@ -19,6 +19,7 @@ from mammacls.inference.inputs import collect_inputs, in_shard
 from mammacls.inference.predictor import Frame, Predictor, cine_summary
 from mammacls.inference.results_file import ResultsFile
 from mammacls.overlays import OverlayFolders, Overlays
+from mammacls.schemas import PREDICTIONS
 
 
 def predict_paths(
@@ -89,7 +90,7 @@ def predict_paths(
     finally:
         if sink is not None:
             sink.close()
-    return {"model": predictor.describe(), "status_counts": tally.counts, "calibrated": calibrated,
+    return {"schema": PREDICTIONS, "model": predictor.describe(), "status_counts": tally.counts, "calibrated": calibrated,
             "predictions": tally.predictions, "cine": tally.cine, "errors": tally.errors,
             "ignored_files": inputs.ignored,
             "inputs": {"found": len(inputs.files), "in_shard": len(files) + already,

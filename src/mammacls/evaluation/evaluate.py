@@ -18,6 +18,7 @@ from mammacls.evaluation.metrics import compute_metrics
 from mammacls.choices import Device
 from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import ModelRef, list_cached_models, resolve_model, seen_fingerprints
+from mammacls.schemas import EVALUATION
 
 
 @dataclass
@@ -388,13 +389,12 @@ def score(name: str, description: dict[str, Any], logits: np.ndarray, card: Mode
 
 def results_json(results: list[dict[str, Any]], eval_set: EvalSet, calibrated: bool = True) -> dict[str, Any]:
     return {
-        "data": {"description": eval_set.description, "n": len(eval_set.paths),
+        "schema": EVALUATION, "data": {"description": eval_set.description, "n": len(eval_set.paths),
                  "counts": {c: int((eval_set.labels == k).sum()) for k, c in enumerate(CLASSES)},
                  "classes_absent": [c for k, c in enumerate(CLASSES) if not (eval_set.labels == k).any()],
                  "sources": {name: eval_set.sources.count(name) for name in dict.fromkeys(eval_set.sources)},
                  "skipped": eval_set.skipped, "dropped_overlap": eval_set.dropped},
         "models": [{"name": r["name"], "model": r["model"], "metrics": r["metrics"],
                     "overlap": r.get("overlap"), "group": r.get("group")} for r in results],
-        "groups": group_summaries(results),
-        "calibrated": calibrated,
+        "groups": group_summaries(results), "calibrated": calibrated,
     }

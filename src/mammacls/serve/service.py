@@ -13,6 +13,7 @@ from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
 from mammacls.inference.pixels import ImageReadError, InMemoryFile
 from mammacls.inference.predictor import Frame, Predictor
+from mammacls.schemas import PREDICTIONS
 from mammacls.serve.batching import DynamicBatcher
 
 
@@ -110,7 +111,7 @@ class PredictionService:
             entries = await self.batcher.submit(frames)
         records, cine, errors = records_in_file_order(decoded, iter(entries))
         counts = {status: sum(r["status"] == status for r in entries) for status in ("ok", "uncertain", "rejected")}
-        return {"model": {**self.model, "backend": predictor.backend.name}, "status_counts": counts, "calibrated": self.predictor.calibrated,
+        return {"schema": PREDICTIONS, "model": {**self.model, "backend": predictor.backend.name}, "status_counts": counts, "calibrated": self.predictor.calibrated,
                 "predictions": entries, "cine": cine, "errors": errors,
                 "inputs": {"received": len(files), "frames": len(frames)}}
 
