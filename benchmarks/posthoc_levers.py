@@ -35,7 +35,7 @@ import numpy as np
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 from mammacls.evaluation.metrics import calibration_metrics
-from mammacls.inference.predictor import softmax
+from mammacls.inference.probabilities import softmax
 from recipe_search import BUSBRA, BUSI, source_scores, summarise  # this script's neighbour
 
 SHIPPED_RECIPE = "scanner-mask"

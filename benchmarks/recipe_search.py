@@ -46,7 +46,7 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.training.augment import geometric, scanner_photometric, standard_photometric
-from mammacls.inference.predictor import softmax
+from mammacls.inference.probabilities import softmax
 from mammacls.nets.networks import GRAY_MEAN, GRAY_STD
 from mammacls.training.batches import lesion_loss
 

@@ -115,7 +115,7 @@ def fine_tune(member: str, variant: str, seed: int, fold: int, rows, folds, epoc
 
 def scores(logits: np.ndarray, rows: list[dict]) -> dict:
     from mammacls import CLASSES
-    from mammacls.inference.predictor import softmax
+    from mammacls.inference.probabilities import softmax
 
     labels = np.array([CLASSES.index(r["label"]) for r in rows])
     sources = np.array([r["source"] for r in rows])

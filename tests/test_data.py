@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mammacls.data.prepare import (
-    PrepareOptions, near_duplicate_pairs, perceptual_hash, prepare_dataset, scan_dataset, split_by_group,
-    thumbnail_vector,
-)
+from mammacls.data.dedup import near_duplicate_pairs, perceptual_hash, thumbnail_vector
+from mammacls.data.prepare import PrepareOptions, prepare_dataset, split_by_group
+from mammacls.data.sources import scan_dataset
 from mammacls.data.prepared import load_prepared
 from mammacls.errors import MammaclsError
 from tests.conftest import IMAGES_PER_CLASS, build_busi_fixture, real_busi_or_skip

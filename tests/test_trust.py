@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mammacls.training.calibration import fit_temperature, nll
 from mammacls.cli import app
 from mammacls.errors import MammaclsError
-from mammacls.inference.predictor import softmax
+from mammacls.inference.probabilities import softmax
 from mammacls.evaluation.metrics import (
     bootstrap_ci, brier_score, expected_calibration_error, malignant_metrics, threshold_at_specificity,
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class ArchSpec:
     stem: str  # the first convolution: its RGB filters are summed into one grey channel
@@ -49,11 +48,3 @@ ARCH_SPECS: dict[str, ArchSpec] = {
 }
 ARCHS = tuple(ARCH_SPECS)
 DEFAULT_ARCH = "mobilenet_v2"
-
-
-def check_arch(arch: str) -> str:
-    """The architecture ``arch`` names, in any obvious spelling (``VGG16``, ``MobileNet-V2``); a close
-    match is suggested for a typo."""
-    from mammacls.choices import Arch, parse_choice
-
-    return parse_choice(Arch, arch, "arch", what="architecture").value

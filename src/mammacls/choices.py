@@ -87,3 +87,9 @@ def parse_choice(kind: type[C], value: str | C, parameter: str, what: str | None
     hint = f" (did you mean {by_squashed[close[0]].value}?)" if close else ""
     raise MammaclsError(f"unknown {what or parameter} {str(value)!r}: choose one of {', '.join(kind.values())}{hint}",
                         parameter=parameter)
+
+
+def check_arch(arch: str) -> str:
+    """The architecture ``arch`` names, in any obvious spelling (``VGG16``, ``MobileNet-V2``); a close
+    match is suggested for a typo."""
+    return parse_choice(Arch, arch, "arch", what="architecture").value

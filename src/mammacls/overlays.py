@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mammacls.inference.predictor import Frame, Predictor
+from mammacls.inference.predictor import ExplainingRunner, Frame, Prediction, Predictor
 
 # (frame, kind "gradcam" | "lesion", PNG bytes) -> what the record holds: a path or a data URI
 Keep = Callable[[Frame, str, bytes], str]
@@ -25,33 +25,35 @@ class Overlays:
     lesion: bool
     keep: Keep
 
-    def classify(self, frames: list[Frame]) -> list[dict[str, Any]]:
-        runner = self.predictor.backend
+    def classify(self, frames: list[Frame]) -> list[Prediction]:
+        runner: ExplainingRunner = self.predictor.backend
         stacked = np.stack([f.resized for f in frames])
         cams = lesion_maps = None
         if self.gradcam:
-            logits, cams, features = runner.explain(stacked, self.predictor.ref.card.arch)
+            logits, cams, features = runner.explain(stacked)
         if self.lesion:  # one pass gives the classes, lesion maps and features
             logits, lesion_maps, features = runner.lesion_maps(stacked)
-        records = self.predictor.classify(frames, outputs=(logits, features))
-        for k, (item, record) in enumerate(zip(frames, records)):
+        answers = self.predictor.classify(frames, outputs=(logits, features))
+        explained = []
+        for k, (item, answer) in enumerate(zip(frames, answers)):
+            drawn: dict[str, Any] = {}
             if cams is not None:
-                record["explanation"] = self._draw(item, "gradcam", cams[k], record)
+                drawn["explanation"] = self._draw(item, "gradcam", cams[k], answer)
             if lesion_maps is not None:
                 lesion = lesion_maps[k]
-                if record["label"] == "normal":  # a lesion is drawn only where the model sees one
+                if answer.label == "normal":  # a lesion is drawn only where the model sees one
                     lesion, area = np.zeros_like(lesion), None
                 else:
                     area = round(float((lesion >= 0.5).mean()), 4)
-                record["lesion_area_fraction"] = area
-                record["lesion_map"] = self._draw(item, "lesion", lesion, record)
-        return records
+                drawn.update(lesion_area_fraction=area, lesion_map=self._draw(item, "lesion", lesion, answer))
+            explained.append(replace(answer, **drawn))
+        return explained
 
-    def _draw(self, item: Frame, kind: str, heat: np.ndarray, record: dict[str, Any]) -> str:
+    def _draw(self, item: Frame, kind: str, heat: np.ndarray, answer: Prediction) -> str:
         from mammacls.nets.gradcam import gradcam_panel, lesion_panel
 
-        caption = f"{record['label']} {max(record['probabilities'].values()):.2f}"
-        if kind == "lesion" and record["label"] == "normal":
+        caption = f"{answer.label} {max(answer.probabilities.values()):.2f}"
+        if kind == "lesion" and answer.label == "normal":
             caption += ": no lesion drawn"
         panel = gradcam_panel if kind == "gradcam" else lesion_panel
         return self.keep(item, kind, panel(item.original, heat, caption))

@@ -16,7 +16,7 @@ from mammacls.choices import Backend, Device
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.pixels import ImageReadError
 from mammacls.inference.inputs import collect_inputs, in_shard
-from mammacls.inference.predictor import Frame, Predictor, cine_summary
+from mammacls.inference.predictor import Frame, Prediction, Predictor, cine_summary
 from mammacls.inference.results_file import ResultsFile
 from mammacls.overlays import OverlayFolders, Overlays
 from mammacls.schemas import PREDICTIONS
@@ -91,7 +91,8 @@ def predict_paths(
         if sink is not None:
             sink.close()
     return {"schema": PREDICTIONS, "model": predictor.describe(), "status_counts": tally.counts, "calibrated": calibrated,
-            "predictions": tally.predictions, "cine": tally.cine, "errors": tally.errors,
+            "predictions": [p.to_record() for p in tally.predictions], "cine": [c.to_record() for c in tally.cine],
+            "errors": tally.errors,
             "ignored_files": inputs.ignored,
             "inputs": {"found": len(inputs.files), "in_shard": len(files) + already,
                        "already_answered": already, "shard": shard_text},
@@ -134,16 +135,16 @@ class _Tally:
     """What a run returns: everything when kept in memory, counts only when streamed to a file."""
     keep: bool
     counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "uncertain": 0, "rejected": 0})
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-    cine: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    cine: list[Prediction] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
 
-    def add(self, entries: list[dict[str, Any]], summaries: list[dict[str, Any]], errors: list[dict[str, str]]) -> None:
-        for entry in entries:
-            self.counts[entry["status"]] += 1
+    def add(self, answers: list[Prediction], summaries: list[Prediction], errors: list[dict[str, str]]) -> None:
+        for answer in answers:
+            self.counts[answer.status] += 1
         self.errors.extend(errors)  # errors are few and the CLI's exit code needs them
         if self.keep:
-            self.predictions.extend(entries)
+            self.predictions.extend(answers)
             self.cine.extend(summaries)
 
 
@@ -166,11 +167,11 @@ def _stream(predictor: Predictor, overlays: Overlays | None, files: list[Path], 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for decoded in _prefetched(pool, decode, files, batch_size):
             frames = [f for _, file_frames, _ in decoded for f in file_frames]
-            entries: list[dict[str, Any]] = []
+            answers: list[Prediction] = []
             for start in range(0, len(frames), batch_size):  # a cine loop may hold many frames
-                entries.extend(classify(frames[start:start + batch_size]))
-            records, summaries, errors = records_in_file_order(decoded, iter(entries))
-            tally.add(entries, summaries, [])
+                answers.extend(classify(frames[start:start + batch_size]))
+            records, summaries, errors = records_in_file_order(decoded, iter(answers))
+            tally.add(answers, summaries, [])
             if sink is not None:
                 sink.write(records)
             _report_errors(tally, None, errors, on_error)
@@ -180,8 +181,9 @@ def _stream(predictor: Predictor, overlays: Overlays | None, files: list[Path], 
     return tally
 
 
-def records_in_file_order(decoded, entries):
-    """Each file's records together, a cine loop's summary after its frames; errors in place."""
+def records_in_file_order(decoded, answers):
+    """Each file's records together, a cine loop's summary after its frames; errors in place. Returns the
+    records (JSON, for a results file), the cine loops' summaries and the errors."""
     records, summaries, errors = [], [], []
     for path, file_frames, error in decoded:
         if error is not None:
@@ -189,11 +191,11 @@ def records_in_file_order(decoded, entries):
             errors.append(failure)
             records.append({**failure, "status": "error"})
             continue
-        mine = [next(entries) for _ in file_frames]
-        records.extend(mine)
+        mine = [next(answers) for _ in file_frames]
+        records.extend(answer.to_record() for answer in mine)
         if file_frames and file_frames[0].frame is not None:
             summaries.append(cine_summary(str(path), mine))
-            records.append(summaries[-1])
+            records.append(summaries[-1].to_record())
     return records, summaries, errors
 
 

@@ -49,11 +49,11 @@ class TorchBackend:
 
         return predict_lesion_maps(self.net, self.arch, batch, self.device, batch_size=len(batch))
 
-    def explain(self, batch: np.ndarray, arch: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits, Grad-CAM heatmaps of the predicted classes and penultimate features."""
         from mammacls.nets.gradcam import grad_cam
 
-        return grad_cam(self.net, arch, batch, self.mean, self.std, self.device)
+        return grad_cam(self.net, self.arch, batch, self.mean, self.std, self.device)
 
 
 def nvidia_gpu_visible() -> bool:

@@ -29,12 +29,11 @@ from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.images import load_grayscale, load_mask_union
 from mammacls.inference.pixels import ImageReadError
-from mammacls.data.dedup import (  # noqa: F401  (re-exported: the fingerprints are part of data's API)
-    PHASH_MAX_DISTANCE, assign_groups, hamming_distances, merge_across_sources, near_duplicate_pairs,
-    perceptual_hash, phash_from_hex, phash_to_hex, pixel_sha256, read_groups_csv, thumbnail_vector,
+from mammacls.data.dedup import (
+    assign_groups, merge_across_sources, perceptual_hash, pixel_sha256, read_groups_csv, thumbnail_vector,
 )
-from mammacls.data.sources import (  # noqa: F401  (scan_dataset re-exported)
-    ImageRecord, ScanResult, Source, absent_classes, open_source, relative_or_absolute, scan_dataset, scan_source,
+from mammacls.data.sources import (
+    ImageRecord, ScanResult, Source, absent_classes, open_source, relative_or_absolute, scan_source,
 )
 from mammacls.data.prepared import MANIFEST_NAME, SPLITS, SUMMARY_NAME, dataset_lock_key
 from mammacls.store import atomic_write_json, cache_lock, current_umask, datasets_dir, record_latest_dataset, sha256_file
@@ -217,7 +216,8 @@ def _decode_all(records: list[ImageRecord], decoded_dir: Path, workers: int, pro
     def task(item):
         i, record = item
         try:
-            return i, _decode_one(record, decoded_dir / f"{i:05d}.npy", decoded_dir / f"{i:05d}_mask.npy"), None
+            return i, _decode_one(record, decoded_dir / f"{record.cache_name}.npy",
+                                  decoded_dir / f"{record.cache_name}_mask.npy"), None
         except ImageReadError as exc:
             return i, [], str(exc)
 
@@ -235,11 +235,9 @@ def _decode_all(records: list[ImageRecord], decoded_dir: Path, workers: int, pro
     return ok, problems
 
 
-def _group_sources(records: list[ImageRecord], sources: list[Source], extra_groups) -> tuple[dict, int, dict]:
-    """Duplicate and patient groups within each source, then duplicates across sources.
-
-    Also returns each record's group within its own source (by ``id``), which its split uses.
-    """
+def _group_sources(records: list[ImageRecord], sources: list[Source], extra_groups) -> tuple[dict, int]:
+    """Duplicate and patient groups within each source (kept as ``source_group_id``, which its split
+    uses), then duplicates across sources."""
     several = len(sources) > 1
     link_stats: Counter = Counter()
     for source in sources:
@@ -247,13 +245,13 @@ def _group_sources(records: list[ImageRecord], sources: list[Source], extra_grou
         link_stats.update(assign_groups(members, extra_groups, f"{source.name}:" if several else ""))
     if extra_groups and link_stats["csv_matched"] == 0:
         raise MammaclsError("no row of the groups CSV names an image of this dataset (check its path column)")
-    within_source = {id(r): r.group_id for r in records}
+    for record in records:
+        record.source_group_id = record.group_id
     cross_pairs = merge_across_sources(records) if several else 0
-    return dict(link_stats), cross_pairs, within_source
+    return dict(link_stats), cross_pairs
 
 
-def _split_sources(kept: list[ImageRecord], sources: list[Source], within_source: dict[int, str],
-                   options: PrepareOptions) -> int:
+def _split_sources(kept: list[ImageRecord], sources: list[Source], options: PrepareOptions) -> int:
     """Split each source on its own (stratified by class, its groups whole, the same seed), so a
     source's split does not depend on what else is prepared with it; then a group that spans
     sources follows its member from the earliest source. Returns how many images that moved."""
@@ -262,7 +260,7 @@ def _split_sources(kept: list[ImageRecord], sources: list[Source], within_source
         if not members:
             continue
         try:
-            splits = split_by_group([r.label for r in members], [within_source[id(r)] for r in members],
+            splits = split_by_group([r.label for r in members], [r.source_group_id for r in members],
                                     options.val_fraction, options.test_fraction, options.seed)
         except MammaclsError as exc:
             raise MammaclsError(f"source {source.name}: {exc}") from None
@@ -283,16 +281,17 @@ def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, pro
     decoded_dir.mkdir()
     sources = [scan.source for scan in scans]
     records = [r for scan in scans for r in scan.records]
+    for i, record in enumerate(records):
+        record.cache_name = f"{i:05d}"
     ok, problems = _decode_all(records, decoded_dir, options.workers, progress)
     skipped = [item for scan in scans for item in scan.skipped] + problems
-    cache_names = {id(r): f"{i:05d}" for i, r in enumerate(records)}
     found = records
     records = [r for i, r in enumerate(records) if ok[i]]
     if not records:
         raise MammaclsError(f"none of the {len(found)} images in {', '.join(str(s.path) for s in sources)} "
                             "could be read")
 
-    link_stats, cross_pairs, within_source = _group_sources(records, sources, extra_groups)
+    link_stats, cross_pairs = _group_sources(records, sources, extra_groups)
     duplicates: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in records:
         duplicates[record.duplicate_id].append(record)
@@ -302,12 +301,12 @@ def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, pro
     if not kept:
         raise MammaclsError(f"every image is in a conflicting group; nothing left to split "
                             f"(try {param('keep_conflicts')})")
-    moved = _split_sources(kept, sources, within_source, options)
+    moved = _split_sources(kept, sources, options)
 
     several = len(sources) > 1
     label_of = (lambda r: f"{r.source}:{r.relpath}") if several else (lambda r: r.relpath)
     manifest_path = out / MANIFEST_NAME
-    _write_manifest(work / MANIFEST_NAME, kept, cache_names, decoded_dir, {src.name: src.root for src in sources})
+    _write_manifest(work / MANIFEST_NAME, kept, decoded_dir, {src.name: src.root for src in sources})
     dup_groups = {g: rs for g, rs in duplicates.items() if len(rs) > 1}
     summary = {
         "source": ", ".join(str(s.path.resolve()) for s in sources),
@@ -352,7 +351,7 @@ def _prepare_into(work, out, scans: list[ScanResult], extra_groups, options, pro
     from mammacls.reporting.plots import dataset_overview_figure
 
     figure = dataset_overview_figure(kept, summary["counts"],
-                                     lambda r: np.load(decoded_dir / f"{cache_names[id(r)]}.npy"))
+                                     lambda r: np.load(decoded_dir / f"{r.cache_name}.npy"))
     figure.savefig(work / OVERVIEW_NAME, dpi=110)
     return summary
 
@@ -380,12 +379,12 @@ def count_table(records: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _write_manifest(target: Path, records, cache_names, decoded_dir: Path, roots: dict[str, Path]) -> None:
+def _write_manifest(target: Path, records, decoded_dir: Path, roots: dict[str, Path]) -> None:
     with open(target, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for r in records:
-            name = cache_names[id(r)]
+            name = r.cache_name
             has_mask = (decoded_dir / f"{name}_mask.npy").exists()
             root = roots[r.source]
             writer.writerow([

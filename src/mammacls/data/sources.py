@@ -49,7 +49,9 @@ class ImageRecord:
     thumb: np.ndarray | None = None
     duplicate_id: str = ""  # duplicates only
     group_id: str = ""  # duplicates and patients: what the split keeps together
+    source_group_id: str = ""  # the group within its own source, before groups across sources merge
     split: str = ""
+    cache_name: str = ""  # its decoded pixels: decoded/NAME.npy (and NAME_mask.npy)
 
 
 @dataclass(frozen=True)

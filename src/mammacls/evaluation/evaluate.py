@@ -54,7 +54,7 @@ class EvalSet:
 
     def phashes(self) -> np.ndarray:
         if self._phashes is None:
-            from mammacls.data.prepare import perceptual_hash
+            from mammacls.data.dedup import perceptual_hash
 
             self._phashes = np.stack([perceptual_hash(img) for img in self.images])
         return self._phashes
@@ -68,7 +68,7 @@ class EvalSet:
 
     def content_hashes(self) -> list[str]:
         if not self.sha256:
-            from mammacls.data.prepare import pixel_sha256
+            from mammacls.data.dedup import pixel_sha256
 
             self.sha256 = [pixel_sha256(img) for img in self.images]
         return self.sha256
@@ -299,12 +299,12 @@ def selective_metrics(ref: ModelRef, eval_set: EvalSet, logits: np.ndarray, feat
     frames = [predictor.frame(img, None, path, resized=resized[i])
               for i, (img, path) in enumerate(zip(eval_set.images, eval_set.paths))]
     answers = predictor.classify(frames, outputs=(logits, features))
-    statuses = np.array([answer["status"] for answer in answers])
-    correct = np.array([CLASSES.index(answer["label"]) for answer in answers]) == eval_set.labels
+    statuses = np.array([answer.status for answer in answers])
+    correct = np.array([CLASSES.index(answer.label) for answer in answers]) == eval_set.labels
     accepted = statuses != "rejected"
     confident = statuses == "ok"
     sources = np.array(eval_set.sources or ["data"] * len(statuses))
-    rejected = [{"path": eval_set.paths[i], "reason": answers[i]["reason"]} for i in np.flatnonzero(~accepted)]
+    rejected = [{"path": eval_set.paths[i], "reason": answers[i].reason} for i in np.flatnonzero(~accepted)]
     return {
         "coverage_by_source": {name: float(accepted[sources == name].mean()) for name in dict.fromkeys(sources)},
         "checked": bool(record),
@@ -359,7 +359,7 @@ def score(name: str, description: dict[str, Any], logits: np.ndarray, card: Mode
           probabilities: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics with bootstrap intervals, malignant operating points and calibration figures
     (``card`` None: averaged probabilities, nothing calibrated)."""
-    from mammacls.inference.predictor import softmax
+    from mammacls.inference.probabilities import softmax
     from mammacls.evaluation.metrics import bootstrap_ci, calibration_metrics, malignant_metrics, reliability_bins
 
     temperature = card.temperature if card else 1.0

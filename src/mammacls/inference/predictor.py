@@ -24,17 +24,12 @@ from mammacls.inference.gate import distances, image_check, model_density, statu
 from mammacls.inference.images import is_dicom, load_grayscale, resize_square, to_grayscale
 from mammacls.inference.pixels import ImageReadError, InMemoryFile
 from mammacls.inference.model_files import ModelRef
+from mammacls.inference.probabilities import softmax
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities of N x C logits, divided by ``temperature`` first (calibration)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-class Backend(Protocol):
+class NetworkRunner(Protocol):
+    """What runs the network on uint8 N x S x S batches: ONNX Runtime (``OnnxBackend``) or PyTorch
+    (``mammacls.runtime.TorchBackend``, which is also an ``ExplainingRunner``)."""
     name: str
 
     def logits(self, batch: np.ndarray) -> np.ndarray: ...
@@ -42,10 +37,27 @@ class Backend(Protocol):
     def logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
+class ExplainingRunner(NetworkRunner, Protocol):
+    """A runner with gradients and the lesion decoder: Grad-CAM and lesion maps (PyTorch only)."""
+
+    def explain(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits, Grad-CAM heatmaps of the predicted classes (peak 1) and penultimate features."""
+        ...
+
+    def lesion_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits, lesion probability maps and penultimate features (mask-guided models)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One answer. ``status``: ok, uncertain (below the model's confidence floor), rejected
-    (the gate's ``reason``: not judged, ignore ``label``) or error (unreadable input)."""
+    (the gate's ``reason``: not judged, ignore ``label``) or error (unreadable input).
+
+    A DICOM cine loop's answer summarises its ``frames`` (``frame_status``, ``frame_votes``); a frame's
+    own answer names its ``file`` and ``frame`` (from 1). Explanations, when asked for, are PNGs: a path
+    (``predict --explain``) or a data URI (``mammacls serve``). ``to_record`` is the JSON record of
+    ``predict --json`` (schema ``mammacls-predictions/1``)."""
     source: str
     label: str | None
     probabilities: dict[str, float] | None
@@ -53,14 +65,47 @@ class Prediction:
     reason: str | None = None
     ood_distance: float | None = None
     frames: tuple[Prediction, ...] = ()  # a cine loop's frames; the loop's answer is their summary
+    file: str | None = None
+    frame: int | None = None
+    frame_status: dict[str, int] | None = None
+    frame_votes: dict[str, int] | None = None
+    explanation: str | None = None
+    lesion_map: str | None = None
+    lesion_area_fraction: float | None = None  # of the image the lesion map covers; None: no lesion drawn
 
     @property
     def accepted(self) -> bool:
         return self.status in ("ok", "uncertain")
 
+    @property
+    def is_cine(self) -> bool:
+        return self.frame_status is not None
+
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
         record["frames"] = [frame.to_dict() for frame in self.frames]
+        return record
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON record: an image or frame, a cine loop's summary, or an unreadable input's error."""
+        if self.status == "error":
+            return {"path": self.source, "error": self.reason}
+        record: dict[str, Any] = {"path": self.source}
+        if self.is_cine:
+            record["frames"] = len(self.frames)
+        if self.frame is not None:
+            record.update(file=self.file, frame=self.frame)
+        record.update(label=self.label, status=self.status, reason=self.reason, probabilities=self.probabilities)
+        if self.is_cine:
+            record["frame_status"] = self.frame_status
+            if self.frame_votes is not None:
+                record["frame_votes"] = self.frame_votes
+        if self.ood_distance is not None:
+            record["ood_distance"] = self.ood_distance
+        if self.explanation is not None:
+            record["explanation"] = self.explanation
+        if self.lesion_map is not None:
+            record.update(lesion_area_fraction=self.lesion_area_fraction, lesion_map=self.lesion_map)
         return record
 
 
@@ -83,7 +128,7 @@ class Frame:
 @dataclass
 class Predictor:
     ref: ModelRef
-    backend: Backend | None  # None: only ``classify(frames, outputs=...)`` on outputs computed elsewhere
+    backend: NetworkRunner | None  # None: only ``classify(frames, outputs=...)`` on outputs computed elsewhere
     calibrated: bool = True
     keep_originals: bool = False
     density: dict[str, np.ndarray] | None = field(init=False)
@@ -139,8 +184,8 @@ class Predictor:
 
     # ---------------------------------------------------------------- running ---
 
-    def classify(self, frames: list[Frame], *, outputs: tuple | None = None) -> list[dict[str, Any]]:
-        """One record per frame, in order. ``outputs`` = (logits, features) when the caller ran the
+    def classify(self, frames: list[Frame], *, outputs: tuple | None = None) -> list[Prediction]:
+        """One answer per frame, in order. ``outputs`` = (logits, features) when the caller ran the
         network itself (explanations); else the backend runs here."""
         if outputs is None:
             stacked = np.stack([f.resized for f in frames])
@@ -150,20 +195,16 @@ class Predictor:
                 outputs = (self.backend.logits(stacked), None)
         logits, features = outputs
         far = distances(self.density, features) if self.density is not None and features is not None else None
-        return [self._record(item, probs, None if far is None else float(far[k]))
+        return [self._answer(item, probs, None if far is None else float(far[k]))
                 for k, (item, probs) in enumerate(zip(frames, softmax(logits, self.temperature)))]
 
-    def _record(self, item: Frame, probs: np.ndarray, far: float | None) -> dict[str, Any]:
+    def _answer(self, item: Frame, probs: np.ndarray, far: float | None) -> Prediction:
         status, reason = status_of(item.reason, far, self.ood_record.threshold if self.ood_record else None,
                                    float(probs.max()), self.min_confidence)
-        record: dict[str, Any] = {"path": item.key}
-        if item.frame is not None:
-            record.update(file=item.source, frame=item.frame)
-        record.update(label=CLASSES[int(probs.argmax())], status=status, reason=reason,
-                      probabilities={c: round(float(p), 6) for c, p in zip(CLASSES, probs)})
-        if far is not None:
-            record["ood_distance"] = round(far, 3)
-        return record
+        in_loop = item.frame is not None
+        return Prediction(item.key, CLASSES[int(probs.argmax())], {c: round(float(p), 6) for c, p in zip(CLASSES, probs)},
+                          status, reason, None if far is None else round(far, 3),
+                          file=item.source if in_loop else None, frame=item.frame)
 
     def predict(self, images: Any, *, batch_size: int = 32) -> list[Prediction]:
         """Classify ``images``: one path, PIL image or array, or a sequence of them (mixed is fine).
@@ -182,8 +223,8 @@ class Predictor:
             except ImageReadError as exc:
                 per_input.append(str(exc))
         flat = [f for entry in per_input if not isinstance(entry, str) for f in entry]
-        records = [r for start in range(0, len(flat), batch_size) for r in self.classify(flat[start:start + batch_size])]
-        return _assemble(items, per_input, iter(records))
+        answers = [a for start in range(0, len(flat), batch_size) for a in self.classify(flat[start:start + batch_size])]
+        return _assemble(items, per_input, iter(answers))
 
     def _frames_of_input(self, item: Any, index: int) -> list[Frame]:
         if isinstance(item, (str, os.PathLike)):
@@ -196,38 +237,26 @@ def _is_single(images: Any) -> bool:
     return isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getbands")  # PIL images
 
 
-def cine_summary(source: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One record for a cine loop: the mean probabilities of its frames that were not rejected."""
-    accepted = [r for r in records if r["status"] != "rejected"]
-    statuses = {s: sum(r["status"] == s for r in records) for s in ("ok", "uncertain", "rejected")}
-    summary: dict[str, Any] = {"path": source, "frames": len(records)}
+def cine_summary(source: str, frames: list[Prediction]) -> Prediction:
+    """One answer for a cine loop: the mean probabilities of its frames that were not rejected."""
+    accepted = [f for f in frames if f.status != "rejected"]
+    statuses = {s: sum(f.status == s for f in frames) for s in ("ok", "uncertain", "rejected")}
     if not accepted:
-        return {**summary, "label": None, "status": "rejected", "reason": "every frame was rejected",
-                "probabilities": None, "frame_status": statuses}
-    mean = {c: round(float(np.mean([r["probabilities"][c] for r in accepted])), 6) for c in CLASSES}
+        return Prediction(source, None, None, "rejected", "every frame was rejected", frames=tuple(frames),
+                          frame_status=statuses)
+    mean = {c: round(float(np.mean([f.probabilities[c] for f in accepted])), 6) for c in CLASSES}
     status = "ok" if statuses["ok"] else "uncertain"
-    return {**summary, "label": max(mean, key=mean.get), "status": status,
-            "reason": None if status == "ok" else "no frame was confidently classified",
-            "probabilities": mean, "frame_status": statuses,
-            "frame_votes": {c: sum(r["label"] == c for r in accepted) for c in CLASSES}}
+    return Prediction(source, max(mean, key=mean.get), mean, status,
+                      None if status == "ok" else "no frame was confidently classified", frames=tuple(frames),
+                      frame_status=statuses, frame_votes={c: sum(f.label == c for f in accepted) for c in CLASSES})
 
 
-def _assemble(items: Sequence, per_input: list, records: Iterable[dict[str, Any]]) -> list[Prediction]:
-    answers = []
+def _assemble(items: Sequence, per_input: list, answers: Iterable[Prediction]) -> list[Prediction]:
+    assembled = []
     for index, entry in enumerate(per_input):
         if isinstance(entry, str):
-            answers.append(Prediction(str(items[index]), None, None, "error", entry))
+            assembled.append(Prediction(str(items[index]), None, None, "error", entry))
             continue
-        mine = [next(records) for _ in entry]
-        if entry[0].frame is None:
-            answers.append(_prediction(mine[0]))
-        else:
-            summary = cine_summary(entry[0].source, mine)
-            answers.append(Prediction(summary["path"], summary["label"], summary["probabilities"], summary["status"],
-                                      summary["reason"], frames=tuple(_prediction(r) for r in mine)))
-    return answers
-
-
-def _prediction(record: dict[str, Any]) -> Prediction:
-    return Prediction(record["path"], record["label"], record["probabilities"], record["status"], record["reason"],
-                      record.get("ood_distance"))
+        mine = [next(answers) for _ in entry]
+        assembled.append(mine[0] if entry[0].frame is None else cine_summary(entry[0].source, mine))
+    return assembled

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mammacls.archs import ARCH_SPECS, check_arch
+from mammacls.archs import ARCH_SPECS
+from mammacls.choices import check_arch
 from mammacls.errors import MammaclsError
 
 

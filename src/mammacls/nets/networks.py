@@ -5,9 +5,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from mammacls import CLASSES
-from mammacls.choices import Device, parse_choice
+from mammacls.choices import Device, check_arch, parse_choice
 from mammacls.errors import MammaclsError, param
-from mammacls.archs import ARCH_SPECS, check_arch
+from mammacls.archs import ARCH_SPECS
 from mammacls.inference.card import GRAY_MEAN, GRAY_STD
 from mammacls.nets.imagenet import load_imagenet_state_dict
 
@@ -123,7 +123,7 @@ def predict_logits(net, images, device: str = "cpu", batch_size: int = 64):
 
 def predict_proba(net, images, device: str = "cpu", batch_size: int = 64, temperature: float = 1.0):
     """Softmax probabilities (N x classes, numpy) for uint8 images of shape N x S x S."""
-    from mammacls.inference.predictor import softmax
+    from mammacls.inference.probabilities import softmax
 
     return softmax(predict_logits(net, images, device, batch_size), temperature)
 

@@ -11,11 +11,10 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
-from mammacls.inference.predictor import Frame
+from mammacls.inference.predictor import Frame, Prediction
 
-Classify = Callable[[list[Frame]], list[dict[str, Any]]]
+Classify = Callable[[list[Frame]], list[Prediction]]
 
 
 class Overloaded(Exception):
@@ -68,7 +67,7 @@ class DynamicBatcher:
     def queued(self) -> int:
         return self._queued
 
-    async def submit(self, frames: list[Frame]) -> list[dict[str, Any]]:
+    async def submit(self, frames: list[Frame]) -> list[Prediction]:
         """One record per frame, in order; ``Overloaded`` when the queue cannot take them now."""
         if not frames:
             return []
@@ -99,7 +98,7 @@ class DynamicBatcher:
     async def _classify_jobs(self, loop, jobs: list[_Job], count: int) -> None:
         frames = [f for job in jobs for f in job.frames]
         try:
-            records: list[dict[str, Any]] = []
+            records: list[Prediction] = []
             for start in range(0, len(frames), self.max_batch):  # a cine loop may hold more than a batch
                 chunk = frames[start:start + self.max_batch]
                 records.extend(await loop.run_in_executor(self._network, self.classify, chunk))

@@ -12,7 +12,7 @@ from typing import Any
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
 from mammacls.inference.pixels import ImageReadError, InMemoryFile
-from mammacls.inference.predictor import Frame, Predictor
+from mammacls.inference.predictor import Frame, Prediction, Predictor
 from mammacls.schemas import PREDICTIONS
 from mammacls.serve.batching import DynamicBatcher
 
@@ -106,13 +106,14 @@ class PredictionService:
             raise TooManyFrames(f"{len(frames)} frames in one request; the server takes at most "
                                 f"{self.options.max_queue} (mammacls serve --max-queue)")
         if explaining:
-            entries = await loop.run_in_executor(self._decoders, self._explain, frames, gradcam, lesion)
+            answers = await loop.run_in_executor(self._decoders, self._explain, frames, gradcam, lesion)
         else:
-            entries = await self.batcher.submit(frames)
-        records, cine, errors = records_in_file_order(decoded, iter(entries))
-        counts = {status: sum(r["status"] == status for r in entries) for status in ("ok", "uncertain", "rejected")}
-        return {"schema": PREDICTIONS, "model": {**self.model, "backend": predictor.backend.name}, "status_counts": counts, "calibrated": self.predictor.calibrated,
-                "predictions": entries, "cine": cine, "errors": errors,
+            answers = await self.batcher.submit(frames)
+        _, cine, errors = records_in_file_order(decoded, iter(answers))
+        counts = {status: sum(a.status == status for a in answers) for status in ("ok", "uncertain", "rejected")}
+        return {"schema": PREDICTIONS, "model": {**self.model, "backend": predictor.backend.name},
+                "status_counts": counts, "calibrated": self.predictor.calibrated,
+                "predictions": [a.to_record() for a in answers], "cine": [c.to_record() for c in cine], "errors": errors,
                 "inputs": {"received": len(files), "frames": len(frames)}}
 
     def _explaining(self) -> Predictor:
@@ -128,7 +129,7 @@ class PredictionService:
                                             keep_originals=True)
             return self._explainer
 
-    def _explain(self, frames: list[Frame], gradcam: bool, lesion: bool) -> list[dict[str, Any]]:
+    def _explain(self, frames: list[Frame], gradcam: bool, lesion: bool) -> list[Prediction]:
         from mammacls.overlays import Overlays, as_data_uri
 
         if not frames:

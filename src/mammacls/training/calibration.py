@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mammacls.inference.predictor import softmax
+from mammacls.inference.probabilities import softmax
 
 
 def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:

@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from mammacls.archs import ARCH_SPECS, DEFAULT_ARCH, check_arch
-from mammacls.choices import Augmentation, ClassWeights, Device, MemoryFormat, Precision, parse_choice
+from mammacls.archs import ARCH_SPECS, DEFAULT_ARCH
+from mammacls.choices import Augmentation, ClassWeights, Device, MemoryFormat, Precision, check_arch, parse_choice
 from mammacls.errors import MammaclsError, param
 
 

@@ -11,7 +11,7 @@ from mammacls import CLASSES
 from mammacls.errors import MammaclsError
 from mammacls.inference.card import Calibration, ModelCard, OodDensity, Refusal
 from mammacls.inference.model_files import METADATA_FILE
-from mammacls.inference.predictor import softmax
+from mammacls.inference.probabilities import softmax
 from mammacls.nets.networks import resolve_device
 from mammacls.training.batches import load_rows
 from mammacls.training.splits import model_rows, training_dataset

@@ -26,7 +26,7 @@ from mammacls.training.distributed import SINGLE, World, barrier, broadcast, wor
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import CHECKPOINT_FILE, MODEL_FILE, read_card
-from mammacls.inference.predictor import softmax
+from mammacls.inference.probabilities import softmax
 from mammacls.evaluation.metrics import compute_metrics
 from mammacls.nets.compute import Compute, choose_compute, to_layout
 from mammacls.nets.networks import (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mammacls.archs import check_arch
+from mammacls.choices import check_arch
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import ModelCard, Preprocessing
 from mammacls.inference.model_files import ModelRef
