@@ -180,7 +180,7 @@ def test_evaluate_cv_run_shows_folds_and_ensemble_with_intervals(cv_run, prepare
         assert metrics["per_class"]["malignant"]["recall_ci95"] is not None
         assert {"ece", "brier"} <= set(metrics["calibration"]["before"])
     ensemble = document["models"][-1]
-    assert ensemble["model"]["members"] == ["cv-fold1", "cv-fold2", "cv-fold3"]
+    assert ensemble["model"]["members"] == 3 and ensemble["model"]["member_names"] == ["cv-fold1", "cv-fold2", "cv-fold3"]
     folds = document["models"][:3]
     assert all("sensitivity_at_spec90" in f["metrics"]["malignant"] for f in folds)
     assert "cross-validation folds" in result.stderr

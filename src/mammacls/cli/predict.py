@@ -91,8 +91,7 @@ def _print_predictions(result: dict, console) -> None:
     from rich.text import Text
 
     model = result["model"]
-    members = model.get("members")
-    arch = f"{members} x {model['arch']}" if isinstance(members, int) and members > 1 else model["arch"]
+    arch = f"{model['members']} x {model['arch']}" if model["members"] > 1 else model["arch"]
     _console().print(f"model: {model['name']} ({arch}, {model['img_size']} px, {model['source']}, "
                      f"{model['backend']}): {model['chosen_by']}", soft_wrap=True, markup=False)
     rows = result["predictions"] + result.get("cine", [])

@@ -17,7 +17,8 @@ from mammacls.inference.pixels import ImageReadError
 from mammacls.evaluation.metrics import compute_metrics
 from mammacls.choices import Device
 from mammacls.inference.card import ModelCard
-from mammacls.inference.model_files import ModelRef, list_cached_models, resolve_model, seen_fingerprints
+from mammacls.inference.model_files import (ModelRef, ModelSummary, list_cached_models, resolve_model,
+                                           seen_fingerprints)
 from mammacls.schemas import EVALUATION
 
 
@@ -218,10 +219,8 @@ def _ensembles(refs, results, eval_set: EvalSet, calibrated: bool, resamples: in
             continue
         averaged = np.mean([result["probabilities"] for _, result in pairs], axis=0)
         first = pairs[0][0]
-        description = {"name": f"{run}-ensemble", "source": "ensemble", "path": None,
-                       "arch": first.card.arch, "img_size": first.card.img_size,
-                       "classes": list(CLASSES), "sha256": None, "members": [ref.name for ref, _ in pairs],
-                       "val_metrics": None}
+        description = ModelSummary(f"{run}-ensemble", "ensemble", first.card.arch, first.card.img_size, len(pairs),
+                                   member_names=tuple(ref.name for ref, _ in pairs)).to_record()
         entry = score(f"{run}-ensemble", description, np.log(np.clip(averaged, 1e-12, 1)), None, eval_set.labels,
                       calibrated, resamples, seed, probabilities=averaged)
         overlaps = [r["overlap"] for _, r in pairs]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mammacls import CLASSES
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import DIGEST_KEY, MODEL_FILE, SCHEMA, ModelCard, parse_record, without_machine_specific
 from mammacls.store import atomic_path, atomic_write_json, cache_dir, models_dir, sha256_file
@@ -122,17 +123,57 @@ class ModelRef:
         self.card = card
 
     def describe(self) -> dict[str, Any]:
+        return self.summary().to_record()
+
+    def summary(self) -> ModelSummary:
         card = self.card
         pretrained = card.provenance.pretrained
-        return {
-            "name": self.name, "source": self.source, "path": str(self.weights), "arch": card.arch,
-            "img_size": card.img_size, "classes": list(card.classes), "sha256": card.weights.sha256,
-            "val_metrics": card.training.val_metrics,
-            "pretrained": pretrained.get("weights") if isinstance(pretrained, dict) else pretrained,
-            "mask_guided": card.mask_guided, "members": card.members, "schema": card.schema,
-            "finished": card.training.status == "complete", "calibrated": card.calibration is not None,
-            "init": (card.provenance.init or {}).get("model"), "group": card.training.group,
-        }
+        return ModelSummary(
+            name=self.name, source=self.source, path=str(self.weights), arch=card.arch, img_size=card.img_size,
+            classes=tuple(card.classes), sha256=card.weights.sha256, members=card.members,
+            val_metrics=card.training.val_metrics,
+            pretrained=pretrained.get("weights") if isinstance(pretrained, dict) else pretrained,
+            mask_guided=card.mask_guided, schema=card.schema, finished=card.training.status == "complete",
+            calibrated=card.calibration is not None, init=(card.provenance.init or {}).get("model"),
+            group=card.training.group)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a model is, in one record: a model's own (``ModelRef.summary``) or an ensemble that
+    ``evaluate`` averages from cross-validation folds (``source`` "ensemble", ``member_names`` its folds).
+    ``members``: how many networks the answer averages, always a count."""
+    name: str
+    source: str
+    arch: str
+    img_size: int
+    members: int
+    classes: tuple[str, ...] = CLASSES
+    path: str | None = None
+    sha256: str | None = None
+    val_metrics: dict[str, Any] | None = None
+    pretrained: str | None = None
+    mask_guided: bool = False
+    schema: str | None = None
+    finished: bool = True
+    calibrated: bool = False
+    init: str | None = None
+    group: dict[str, Any] | None = None
+    member_names: tuple[str, ...] = ()
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.members > 1
+
+    def to_record(self) -> dict[str, Any]:
+        record = {"name": self.name, "source": self.source, "path": self.path, "arch": self.arch,
+                  "img_size": self.img_size, "classes": list(self.classes), "sha256": self.sha256,
+                  "val_metrics": self.val_metrics, "pretrained": self.pretrained, "mask_guided": self.mask_guided,
+                  "members": self.members, "schema": self.schema, "finished": self.finished,
+                  "calibrated": self.calibrated, "init": self.init, "group": self.group}
+        if self.member_names:
+            record["member_names"] = list(self.member_names)
+        return record
 
 
 def verify_weights(ref: ModelRef) -> None:

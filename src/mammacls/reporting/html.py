@@ -174,9 +174,7 @@ def model_tags(model: dict[str, Any]) -> list[str]:
         tags.append("ImageNet " + str(model["pretrained"]).rsplit(".", 1)[-1])
     if model.get("mask_guided"):
         tags.append("mask-guided")
-    if model.get("source") == "ensemble":
-        tags.append(f"ensemble of {len(model.get('members') or [])}")
-    elif isinstance(model.get("members"), int) and model["members"] > 1:  # one model holding several networks
+    if model.get("members", 1) > 1:  # averaged folds, or one model holding several networks
         tags.append(f"ensemble of {model['members']}")
     if model.get("source") == "shipped":
         tags.append("shipped")
