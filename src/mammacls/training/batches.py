@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,6 +36,25 @@ def load_rows(dataset: PreparedDataset, rows: list[dict[str, str]], size: int, f
     fingerprints.setdefault("name", []).extend(f"{row['source']}:{Path(row['path']).name}" for row in rows)
     labels = np.array([CLASSES.index(row["label"]) for row in rows], dtype=np.int64)
     return np.ascontiguousarray(cached.images[positions]), labels
+
+
+@dataclass(frozen=True)
+class FittingImages:
+    """A model's own train and validation images at its input size: what its calibration and refusal
+    gate are fitted on, with their fingerprints (train then val; ``training_data.json`` keeps them)."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    fingerprints: dict[str, list] = field(default_factory=dict)
+
+
+def load_fitting_images(dataset: PreparedDataset, train_rows: list[dict[str, str]], val_rows: list[dict[str, str]],
+                        size: int) -> FittingImages:
+    fingerprints: dict[str, list] = {"sha256": [], "phash": []}
+    train_x, train_y = load_rows(dataset, train_rows, size, fingerprints)
+    val_x, val_y = load_rows(dataset, val_rows, size, fingerprints)
+    return FittingImages(train_x, train_y, val_x, val_y, fingerprints)
 
 
 def load_masks(dataset: PreparedDataset, rows: list[dict[str, str]], size: int):

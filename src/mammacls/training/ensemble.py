@@ -10,7 +10,6 @@ ensemble as a whole, on the prepared validation split, which no member may have 
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 from pathlib import Path
 
 from mammacls.errors import MammaclsError, param
@@ -42,13 +41,11 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     checked against ``dataset``'s validation split, on which everything is fitted. ``training`` and
     ``provenance`` describe the members (recipe, selection, ImageNet start); the rest is filled here.
     """
-    from mammacls.nets.export import export_onnx
     from mammacls.nets.networks import LESION_DECODER
-    from mammacls.training.finalise import fit_calibration
-    from mammacls.training.batches import load_rows
+    from mammacls.training.finalise import finish_model
+    from mammacls.training.batches import load_fitting_images
     from mammacls.training.splits import data_summary, training_data_record
-    from mammacls.inference.model_files import MODEL_FILE, ModelRef
-    from mammacls.nets.weights import build_network, library_versions, save_model
+    from mammacls.nets.weights import build_network, library_versions
 
     say = reporter or (lambda text: None)
     train_rows, val_rows = dataset.split("train"), dataset.split("val")
@@ -62,15 +59,10 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     net = build_network(arch, len(states), state)
     net.load_state_dict(state, strict=True)
     net.eval()
-    fingerprints: dict[str, list] = {"sha256": [], "phash": []}
     say("loading the train and validation images")
-    train_x, train_y = load_rows(dataset, train_rows, img_size, fingerprints)
-    val_x, val_y = load_rows(dataset, val_rows, img_size, fingerprints)
+    images = load_fitting_images(dataset, train_rows, val_rows, img_size)
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    say("calibrating on validation, fitting the refusal densities (one per member)")
-    calibration, refusal = fit_calibration(net, arch, train_x, train_y, val_x, val_y, "cpu", target,
-                                           members=len(states))
     training = training or TrainingSummary()
     provenance = provenance or Provenance()
     card = ModelCard(
@@ -78,20 +70,17 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
         preprocessing=Preprocessing(img_size=img_size),
         weights=WeightsInfo(members=len(states), lesion_decoder=any(f".{LESION_DECODER}." in f".{key}"
                                                                     for key in state)),
-        calibration=calibration, refusal=refusal,
-        provenance=dataclasses.replace(
-            provenance, versions=library_versions(),
-            finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            data={**provenance.data, **data_summary(dataset, train_rows, val_rows)}),
+        provenance=dataclasses.replace(provenance, versions=library_versions(),
+                                       data={**provenance.data, **data_summary(dataset, train_rows, val_rows)}),
         training=dataclasses.replace(
             training, status="complete",
             ensemble=None if single else {**(training.ensemble or {}), "members": len(states),
                                           "combine": "mean of member logits"}),
     )
-    final = save_model(net, card, target,
-                       sidecars={"training_data": training_data_record(train_rows, val_rows, fingerprints)})
-    say("exporting to ONNX" + ("" if single else " (all members in one graph)"))
-    return export_onnx(ModelRef(name, target / MODEL_FILE, final, "cache"))
+    say("calibrating on validation, fitting the refusal densities (one per member)")
+    return finish_model(net, card, target, images, "cpu",
+                        sidecars={"training_data": training_data_record(train_rows, val_rows, images.fingerprints)},
+                        on_export=lambda: say("exporting to ONNX" + ("" if single else " (all members in one graph)")))
 
 
 def ensemble_from_models(specs: list[str], *, name: str, reporter=None) -> ModelCard:

@@ -1,8 +1,16 @@
 """After the epochs: calibration (temperature, thresholds) and the refusal gate, fitted on a model's
-own train and validation images; also for a model trained elsewhere (``mammacls calibrate``)."""
+own train and validation images; also for a model trained elsewhere (``mammacls calibrate``).
+
+``finish_model`` is the one way a model is finished, whether a training run (``loop``), an
+ensemble of trained members (``ensemble``) or a refit (``recalibrate``) made it: fitted, stamped,
+saved with its sidecars, exported to ONNX.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +21,13 @@ from mammacls.inference.card import Calibration, ModelCard, OodDensity, Refusal
 from mammacls.inference.model_files import METADATA_FILE
 from mammacls.inference.probabilities import softmax
 from mammacls.nets.networks import resolve_device
-from mammacls.training.batches import load_rows
+from mammacls.training.batches import FittingImages, load_fitting_images
 from mammacls.training.splits import model_rows, training_dataset
 from mammacls.nets.weights import save_model
 
 
-def fit_calibration(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: np.ndarray, device: str,
-                    run_dir: Path, members: int = 1) -> tuple[Calibration, Refusal]:
+def fit_calibration(net, arch: str, images: FittingImages, device: str, run_dir: Path,
+                    members: int = 1) -> tuple[Calibration, Refusal]:
     """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
     the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
     from mammacls.training.calibration import fit_temperature
@@ -30,6 +38,7 @@ def fit_calibration(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: 
 
     import torch
 
+    train_x, train_y, val_x, val_y = images.train_x, images.train_y, images.val_x, images.val_y
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # full fp32 features, as predict computes them on a CPU
     try:
@@ -52,6 +61,41 @@ def fit_calibration(net, arch: str, train_x, train_y, val_x: np.ndarray, val_y: 
     return calibration, Refusal(min_confidence=choose_min_confidence(calibrated, val_y), ood=OodDensity(**ood))
 
 
+def finish_model(net, card: ModelCard, folder: Path, images: FittingImages, device: str, *,
+                 sidecars: dict, stamp: bool = True, export: bool = True,
+                 on_export_error: Callable[[MammaclsError], None] | None = None,
+                 on_export: Callable[[], None] | None = None) -> ModelCard:
+    """Calibrate and gate ``net`` on ``images``, stamp when it finished (``stamp``), save weights, card and
+    sidecars into ``folder`` (atomically), export to ONNX. Returns the final card. An export that fails
+    is reported to ``on_export_error`` (the model itself is saved: predict falls back to PyTorch), or
+    raised when there is none."""
+    from mammacls.inference.model_files import MODEL_FILE, ModelRef
+    from mammacls.nets.export import export_onnx
+
+    calibration, refusal = fit_calibration(net, card.arch, images, device, folder, members=card.members)
+    provenance = card.provenance
+    if stamp:
+        provenance = dataclasses.replace(provenance, finished=finished_now())
+    final = save_model(net, card.replace(calibration=calibration, refusal=refusal, provenance=provenance), folder,
+                       sidecars=sidecars)
+    if not export:
+        return final
+    if on_export is not None:
+        on_export()
+    try:
+        return export_onnx(ModelRef(card.name, Path(folder) / MODEL_FILE, final, "cache"))
+    except MammaclsError as exc:
+        if on_export_error is None:
+            raise
+        on_export_error(exc)
+        return final
+
+
+def finished_now() -> str:
+    """The ``finished`` stamp of a model card: UTC, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def recalibrate(ref, *, device: str = "auto") -> ModelCard:
     """Refit a saved model's temperature, thresholds and out-of-distribution density on its own
     train/validation images (for models trained by an older mammacls, or on another machine).
@@ -66,27 +110,23 @@ def recalibrate(ref, *, device: str = "auto") -> ModelCard:
     if not ref.read_only and not (ref.weights.parent / METADATA_FILE).is_file():
         raise MammaclsError(f"calibrate needs a model folder with {METADATA_FILE}")
     dataset = training_dataset(ref)
-    train_rows, val_rows = model_rows(dataset, card)
-    prints: dict[str, list] = {"sha256": [], "phash": []}
-    train_x, train_y = load_rows(dataset, train_rows, card.img_size, prints)
-    val_x, val_y = load_rows(dataset, val_rows, card.img_size, prints)
+    images = load_fitting_images(dataset, *model_rows(dataset, card), card.img_size)
     device = resolve_device(device)
     net = load_network(ref, device)
-    calibration, refusal = fit_calibration(net, card.arch, train_x, train_y, val_x, val_y, device, ref.files_dir,
-                                           members=card.members)
-    if ref.read_only:
+    if ref.read_only:  # the refit lives in the cache, beside what is derived from the shipped model
+        calibration, refusal = fit_calibration(net, card.arch, images, device, ref.files_dir, members=card.members)
         ref.update_card(calibration=calibration, refusal=refusal)
-    else:  # written again as the current schema, whatever schema it was read as
-        training_data = {**(ref.sidecar("training_data") or {}), "train_val_fingerprints": prints}
-        sidecars = {"training_data": training_data}
-        history = ref.sidecar("history")
-        if history is not None:
-            sidecars["history"] = history
-        ref.card = save_model(net, card.replace(calibration=calibration, refusal=refusal), ref.weights.parent,
-                              sidecars=sidecars)
-        ref.legacy_sidecars = {}
-    if card.onnx is not None:
-        from mammacls.nets.export import export_onnx
+        if card.onnx is not None:
+            from mammacls.nets.export import export_onnx
 
-        export_onnx(ref)
+            export_onnx(ref)
+        return ref.card
+    # written again as the current schema, whatever schema it was read as; when training finished stays
+    sidecars = {"training_data": {**(ref.sidecar("training_data") or {}), "train_val_fingerprints": images.fingerprints}}
+    history = ref.sidecar("history")
+    if history is not None:
+        sidecars["history"] = history
+    ref.card = finish_model(net, card, ref.weights.parent, images, device, sidecars=sidecars, stamp=False,
+                            export=card.onnx is not None)
+    ref.legacy_sidecars = {}
     return ref.card

@@ -34,10 +34,10 @@ from mammacls.nets.networks import (
     predict_lesion_maps, predict_proba, resolve_device,
 )
 from mammacls.store import cache_lock, check_model_name, models_dir
-from mammacls.training.batches import EpochRunner, lesion_dice
+from mammacls.training.batches import EpochRunner, FittingImages, lesion_dice
 from mammacls.training.checkpoint import find_resumable, read_checkpoint, write_checkpoint
 from mammacls.training.config import TrainConfig, TrainReporter
-from mammacls.training.finalise import fit_calibration
+from mammacls.training.finalise import finish_model
 from mammacls.training.loss import ClassWeightedLoss
 from mammacls.training.run_setup import base_card, load_run_data, run_start, training_data_sidecar
 from mammacls.training.splits import rows_for
@@ -326,26 +326,17 @@ def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> ModelCard:
     summary = dataclasses.replace(saved.training, status="complete", epochs_run=len(run.history),
                                   val_metrics=val_metrics)
     # the selected epoch may come from before a resume: processes and compute are those that finished the run
-    finished = dataclasses.replace(saved.provenance, processes=run.card.provenance.processes,
-                                   compute=run.card.provenance.compute,
-                                   finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    provenance = dataclasses.replace(saved.provenance, processes=run.card.provenance.processes,
+                                     compute=run.card.provenance.compute)
     run.net.load_state_dict(load_file(str(run.run_dir / MODEL_FILE), device=run.device))  # the selected epoch
     data = run.data
-    calibration, refusal = fit_calibration(run.net, run.config.arch, data["train_x"], data["train_y"], data["val_x"],
-                                           data["val_y"], run.device, run.run_dir, members=run.card.members)
-    final = save_model(run.net, saved.replace(training=summary, provenance=finished, calibration=calibration,
-                                              refusal=refusal), run.run_dir,
-                       sidecars={"history": run.history, "training_data": run.training_data})
+    images = FittingImages(data["train_x"], data["train_y"], data["val_x"], data["val_y"])
+    final = finish_model(run.net, saved.replace(training=summary, provenance=provenance), run.run_dir, images,
+                         run.device, sidecars={"history": run.history, "training_data": run.training_data},
+                         export=export, on_export=lambda: reporter.stage("exporting to ONNX"),
+                         on_export_error=lambda exc: reporter.message(
+                             f"warning: {exc}; predict will use PyTorch for this model"))
     (run.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    if export:
-        from mammacls.nets.export import export_onnx
-        from mammacls.inference.model_files import ModelRef
-
-        reporter.stage("exporting to ONNX")
-        try:
-            final = export_onnx(ModelRef(run.name, run.run_dir / MODEL_FILE, final, "cache"))
-        except MammaclsError as exc:  # the model itself is saved; only the fast predict path is missing
-            reporter.message(f"warning: {exc}; predict will use PyTorch for this model")
     barrier(run.current)
     return final
 
