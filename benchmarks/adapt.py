@@ -126,16 +126,16 @@ def score(name: str, sets) -> dict:
     ref = resolve_model(name)
     busbra = evaluate_models([ref], sets[BUSBRA], resamples=1000)[0]
     busi = evaluate_models([ref], sets[BUSI], resamples=1000)[0]
-    figures = busbra["metrics"]["sources"][BUSBRA]
-    ci = figures["ci95"]
+    figures = busbra.metrics.sources[BUSBRA]
+    point, ci = figures.point, figures.ci95
     return {
-        "busbra_malignant_auc": figures["malignant_auc"], "busbra_malignant_auc_ci95": ci.get("malignant_auc"),
-        "busbra_sensitivity_at_val_spec90": figures.get("malignant_sensitivity_at_val_threshold"),
-        "busbra_specificity_at_val_spec90": figures.get("malignant_specificity_at_val_threshold"),
-        "busbra_called_normal": figures["predicted_absent"].get("normal"),
-        "busbra_accepted": busbra["metrics"]["selective"]["coverage"],
-        "busi_accuracy": busi["metrics"]["accuracy"], "busi_accuracy_ci95": busi["metrics"]["ci95"].get("accuracy"),
-        "busi_macro_f1": busi["metrics"]["macro_f1"], "busi_accepted": busi["metrics"]["selective"]["coverage"],
+        "busbra_malignant_auc": point.malignant_auc, "busbra_malignant_auc_ci95": ci.malignant_auc,
+        "busbra_sensitivity_at_val_spec90": point.malignant_sensitivity_at_val_threshold,
+        "busbra_specificity_at_val_spec90": point.malignant_specificity_at_val_threshold,
+        "busbra_called_normal": figures.predicted_absent.get("normal"),
+        "busbra_accepted": busbra.metrics.selective.coverage,
+        "busi_accuracy": busi.metrics.accuracy, "busi_accuracy_ci95": busi.metrics.ci95.accuracy,
+        "busi_macro_f1": busi.metrics.macro_f1, "busi_accepted": busi.metrics.selective.coverage,
     }
 
 

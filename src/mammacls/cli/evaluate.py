@@ -40,7 +40,7 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Score models on held-out data, with 95% bootstrap intervals, calibration and malignant operating points."""
-    from mammacls.evaluation.evaluate import evaluate_models, load_eval_set, models_to_evaluate, results_json
+    from mammacls.evaluation.evaluate import evaluate_models, evaluation_of, load_eval_set, models_to_evaluate
 
     with _errors(json_out):
         if bootstrap < 100:
@@ -51,19 +51,20 @@ def evaluate(
         results = evaluate_models(refs, eval_set, device=device, batch_size=batch_size, calibrated=calibration,
                                   resamples=bootstrap, seed=seed, allow_overlap=allow_overlap,
                                   drop_overlap=drop_overlap)
-        document = results_json(results, eval_set, calibration)
-        html_path = None
+        evaluation = evaluation_of(results, eval_set, calibration)
         if report or report_dir is not None:
+            from dataclasses import replace
+
             from mammacls.reporting.html import write_report
 
-            html_path = write_report(results, eval_set, report_dir or Path("mammacls-report"), document)
-            document["report"] = str(html_path.resolve())
+            html_path = write_report(evaluation, eval_set, report_dir or Path("mammacls-report"))
+            evaluation = replace(evaluation, report=str(html_path.resolve()))
     console = _console(stderr=json_out)
-    _print_evaluation(document, console)
-    if html_path:
-        console.print(f"report: {html_path.resolve()}", soft_wrap=True, markup=False)
+    _print_evaluation(evaluation, console)
+    if evaluation.report:
+        console.print(f"report: {evaluation.report}", soft_wrap=True, markup=False)
     if json_out:
-        _emit_json(document)
+        _emit_json(evaluation.to_record())
 
 
 def _ci(value: Any, interval: Any) -> str:
@@ -72,61 +73,57 @@ def _ci(value: Any, interval: Any) -> str:
     return format_ci(value, interval)
 
 
-def _print_evaluation(document: dict, console) -> None:
+def _print_evaluation(evaluation, console) -> None:
     from rich.table import Table
 
-    data = document["data"]
-    for item in data.get("skipped") or []:  # every row left out is named, as prepare does
-        console.print(f"skipped {item['path']}: {item['reason']}", style="yellow", soft_wrap=True, markup=False)
-    for item in data.get("dropped_overlap") or []:
-        what = "a copy" if item["kind"] == "identical" else "a near-duplicate"
-        console.print(f"dropped {item['path']}: {what} of {item['matches']}, which {item['model']} was "
+    data = evaluation.data
+    for item in data.skipped:  # every row left out is named, as prepare does
+        console.print(f"skipped {item.path}: {item.reason}", style="yellow", soft_wrap=True, markup=False)
+    for item in data.dropped_overlap:
+        what = "a copy" if item.match.kind == "identical" else "a near-duplicate"
+        console.print(f"dropped {item.match.path}: {what} of {item.match.matches}, which {item.model} was "
                       "trained or validated on", style="yellow", soft_wrap=True, markup=False)
-    skipped = f", {len(data['skipped'])} skipped" if data.get("skipped") else ""
-    dropped = {item["path"] for item in data.get("dropped_overlap") or []}
+    skipped = f", {len(data.skipped)} skipped" if data.skipped else ""
+    dropped = {item.match.path for item in data.dropped_overlap}
     skipped += f", {len(dropped)} dropped as seen in training" if dropped else ""
-    console.print(f"{data['description']}: {data['n']} images{skipped} "
-                  f"({', '.join(f'{c} {n}' for c, n in data['counts'].items())}); "
-                  f"{'calibrated' if document['calibrated'] else 'raw (uncalibrated)'} probabilities; "
+    console.print(f"{data.description}: {data.n} images{skipped} "
+                  f"({', '.join(f'{c} {n}' for c, n in data.counts.items())}); "
+                  f"{'calibrated' if evaluation.calibrated else 'raw (uncalibrated)'} probabilities; "
                   "95% stratified bootstrap intervals", soft_wrap=True, markup=False)
     table = Table(title="model comparison")
     for column in ("model", "px", "accuracy", "macro F1", "AUC macro", "mal. sensitivity"):
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
-    for entry in document["models"]:
-        m, ci = entry["metrics"], entry["metrics"]["ci95"]
-        name = entry["name"] + (" [overlap!]" if (entry.get("overlap") or {}).get("images") else "") \
-            + ("" if entry["model"].get("finished", True) else " [unfinished]")
-        table.add_row(name, str(entry["model"]["img_size"]), _ci(m["accuracy"], ci.get("accuracy")),
-                      _ci(m["macro_f1"], ci.get("macro_f1")), _ci(m["roc_auc_macro"], ci.get("roc_auc_macro")),
-                      _ci(m["malignant"]["sensitivity"], m["malignant"].get("sensitivity_ci95")))
+    for entry in evaluation.models:
+        m, ci = entry.metrics, entry.metrics.ci95
+        name = entry.name + (" [overlap!]" if entry.overlap and entry.overlap.images else "") \
+            + ("" if entry.model.finished else " [unfinished]")
+        table.add_row(name, str(entry.model.img_size), _ci(m.accuracy, ci.accuracy), _ci(m.macro_f1, ci.macro_f1),
+                      _ci(m.roc_auc_macro, ci.roc_auc_macro), _ci(m.malignant.sensitivity, m.malignant.sensitivity_ci95))
     console.print(table)
-    _print_sources(document, console)
-    for entry in document["models"]:
-        overlap = entry.get("overlap") or {}
-        if overlap.get("images"):
-            console.print(f"warning: {entry['name']} was trained or validated on {overlap['images']} of these "
-                          f"images ({overlap['identical']} identical, {overlap['near_duplicate']} near-duplicates):"
+    _print_sources(evaluation, console)
+    for entry in evaluation.models:
+        overlap = entry.overlap
+        if overlap and overlap.images:
+            console.print(f"warning: {entry.name} was trained or validated on {overlap.images} of these "
+                          f"images ({overlap.identical} identical, {overlap.near_duplicate} near-duplicates):"
                           " its figures are inflated", style="bold red", soft_wrap=True, markup=False)
         _print_model_detail(entry, console)
-    for group in document.get("groups", []):
+    for group in evaluation.groups:
         _print_group_evaluation(group, console)
 
 
-def _print_sources(document: dict, console) -> None:
+def _print_sources(evaluation, console) -> None:
     """Per source: only the classes it holds; malignant vs the other classes present, with intervals."""
     from rich.table import Table
 
-    from mammacls.reporting.text import (
-        SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, show_sources, source_rows,
-    )
+    from mammacls.reporting.text import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, source_rows
 
-    if not show_sources(document):
+    if not evaluation.data.shows_sources:
         return
-    absent = document["data"].get("classes_absent")
-    if absent:
-        console.print(absent_classes_note(absent), soft_wrap=True, markup=False)
-    for entry in document["models"]:
-        table = Table(title=f"{entry['name']}: per source (malignant vs the other classes present)")
+    if evaluation.data.classes_absent:
+        console.print(absent_classes_note(evaluation.data.classes_absent), soft_wrap=True, markup=False)
+    for entry in evaluation.models:
+        table = Table(title=f"{entry.name}: per source (malignant vs the other classes present)")
         for column in SOURCE_COLUMNS:
             table.add_column(column, justify="left" if column == "source" else "right", overflow="fold")
         for row in source_rows(entry):
@@ -135,55 +132,52 @@ def _print_sources(document: dict, console) -> None:
     console.print(SOURCE_COLUMNS_NOTE, soft_wrap=True, markup=False, style="dim")
 
 
-def _print_model_detail(entry: dict, console) -> None:
+def _print_model_detail(entry, console) -> None:
     from rich.table import Table
 
-    m = entry["metrics"]
-    detail = Table(title=f"{entry['name']}: per class")
+    m = entry.metrics
+    detail = Table(title=f"{entry.name}: per class")
     for column in ("class", "precision", "recall", "F1", "AUC", "n"):
         detail.add_column(column, justify="left" if column == "class" else "right", no_wrap=True)
     for c in CLASSES:
-        pc = m["per_class"][c]
-        detail.add_row(c, _ci(pc["precision"], pc.get("precision_ci95")), _ci(pc["recall"], pc.get("recall_ci95")),
-                       _fmt(pc["f1"]), _fmt(pc["roc_auc"]), str(pc["support"]))
+        pc = m.per_class[c]
+        detail.add_row(c, _ci(pc.precision, pc.precision_ci95), _ci(pc.recall, pc.recall_ci95),
+                       _fmt(pc.f1), _fmt(pc.roc_auc), str(pc.support))
     console.print(detail)
     confusion = Table(title="confusion matrix (rows true, columns predicted)")
     confusion.add_column("true \\ predicted")
     for c in CLASSES:
         confusion.add_column(c, justify="right")
-    for c, row in zip(CLASSES, m["confusion_matrix"]):
+    for c, row in zip(CLASSES, m.confusion_matrix):
         confusion.add_row(c, *map(str, row))
     console.print(confusion)
     from mammacls.reporting.text import describe_malignant
 
-    cal = m["calibration"]
-    console.print(describe_malignant(m["malignant"]), soft_wrap=True, markup=False)
-    selective = m.get("selective")
+    cal = m.calibration
+    console.print(describe_malignant(m.malignant), soft_wrap=True, markup=False)
+    selective = m.selective
     if selective:
-        console.print(f"refusal: predict would reject {selective['rejected']} of these images and mark "
-                      f"{selective['uncertain']} uncertain; accuracy on the {selective['coverage']:.1%} it accepts "
-                      f"{_fmt(selective['accuracy_accepted'])}, on the {selective['coverage_ok']:.1%} it marks ok "
-                      f"{_fmt(selective['accuracy_ok'])}", soft_wrap=True, markup=False)
-    console.print(f"calibration (T = {cal['temperature']:.2f}): ECE {cal['before']['ece']:.3f} -> "
-                  f"{cal['after']['ece']:.3f}, Brier {cal['before']['brier']:.3f} -> {cal['after']['brier']:.3f}, "
-                  f"NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}", soft_wrap=True, markup=False)
+        console.print(f"refusal: predict would reject {selective.rejected} of these images and mark "
+                      f"{selective.uncertain} uncertain; accuracy on the {selective.coverage:.1%} it accepts "
+                      f"{_fmt(selective.accuracy_accepted)}, on the {selective.coverage_ok:.1%} it marks ok "
+                      f"{_fmt(selective.accuracy_ok)}", soft_wrap=True, markup=False)
+    console.print(f"calibration (T = {cal.temperature:.2f}): ECE {cal.before.ece:.3f} -> "
+                  f"{cal.after.ece:.3f}, Brier {cal.before.brier:.3f} -> {cal.after.brier:.3f}, "
+                  f"NLL {cal.before.nll:.3f} -> {cal.after.nll:.3f}", soft_wrap=True, markup=False)
 
 
-def _print_group_evaluation(group: dict, console) -> None:
+def _print_group_evaluation(group, console) -> None:
     from rich.table import Table
 
-    kind = "cross-validation folds" if group["kind"] == "cv" else "repeated runs"
-    table = Table(title=f"{group['run']}: {kind}")
-    columns = ("val_accuracy", "val_macro_f1", "val_roc_auc_macro", "test_accuracy", "test_macro_f1",
-               "test_roc_auc_macro")
+    from mammacls.evaluation.results import GROUP_COLUMNS
+
+    kind = "cross-validation folds" if group.kind == "cv" else "repeated runs"
+    table = Table(title=f"{group.run}: {kind}")
     table.add_column("member", no_wrap=True)
-    for column in columns:
+    for column in GROUP_COLUMNS:
         table.add_column(column.replace("_roc_auc_macro", " AUC").replace("_", " "), justify="right")
-    label = "fold" if group["kind"] == "cv" else "run"
-    for row in group["members"]:
-        table.add_row(f"{label} {row['member']}", *(_fmt(row[c]) for c in columns))
-    table.add_row("mean ± std", *(f"{_fmt(group['summary'][c]['mean'])} ± {_fmt(group['summary'][c]['std'])}"
-                                  for c in columns), style="bold")
+    label = "fold" if group.kind == "cv" else "run"
+    for row in group.members:
+        table.add_row(f"{label} {row.member}", *(_fmt(v) for v in row.values))
+    table.add_row("mean ± std", *(f"{_fmt(s.mean)} ± {_fmt(s.std)}" for s in group.summary), style="bold")
     console.print(table)
-
-

@@ -122,15 +122,14 @@ def precision_recall_figure(y_true: np.ndarray, probabilities: np.ndarray, title
     return figure
 
 
-def reliability_figure(bins_before: list[dict], bins_after: list[dict], ece_before: float, ece_after: float,
-                       title: str):
+def reliability_figure(bins_before, bins_after, ece_before: float, ece_after: float, title: str):
     """Accuracy against confidence per bin, before and after temperature scaling."""
     figure = _figure(5, 4.5)
     ax = figure.add_subplot()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
     for bins, name, ece, marker in ((bins_before, "raw", ece_before, "o"), (bins_after, "calibrated", ece_after, "s")):
-        used = [b for b in bins if b["count"]]
-        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker=marker,
+        used = [b for b in bins if b.count]  # evaluation.results.ReliabilityBin
+        ax.plot([b.confidence for b in used], [b.accuracy for b in used], marker=marker,
                 label=f"{name} (ECE {ece:.3f})")
     ax.set_xlabel("confidence (top-class probability)")
     ax.set_ylabel("accuracy")

@@ -3,10 +3,11 @@ the malignant operating points in a sentence."""
 
 from __future__ import annotations
 
-from typing import Any
+from mammacls.evaluation.results import MalignantFigures, ModelResult
+from mammacls.evaluation.scoring import ALL_SOURCES
 
 
-def format_ci(value: float | None, interval: list[float] | None) -> str:
+def format_ci(value: float | None, interval: tuple[float, float] | None) -> str:
     """``0.874 [0.82–0.92]``, or the bare value when there is no interval."""
     if value is None:
         return "–"
@@ -22,37 +23,35 @@ SOURCE_COLUMNS_NOTE = ("sens @ val thr.: malignant sensitivity at the model's ow
                        "source holds")
 
 
-def source_rows(entry: dict[str, Any]) -> list[tuple[str, ...]]:
+def source_rows(entry: ModelResult) -> list[tuple[str, ...]]:
     """One formatted row per source of a model's result (``SOURCE_COLUMNS``), for the CLI and the report."""
     rows = []
-    selective = entry["metrics"].get("selective") or {}
-    for name, m in (entry["metrics"].get("sources") or {}).items():
-        ci = m["ci95"]
-        called = ", ".join(f"{c} {share:.1%}" for c, share in m["predicted_absent"].items()) or "–"
-        coverage = (selective.get("coverage") if name == "all sources"
-                    else (selective.get("coverage_by_source") or {}).get(name))
-        rows.append((name, str(m["n"]), *(format_ci(m.get(k), ci.get(k)) for k in (
-            "accuracy", "macro_f1", "malignant_auc", "malignant_sensitivity_at_val_threshold",
-            "malignant_sensitivity_at_set_spec90")), called, "–" if coverage is None else f"{coverage:.1%}"))
+    selective = entry.metrics.selective
+    for name, m in entry.metrics.sources.items():
+        called = ", ".join(f"{c} {share:.1%}" for c, share in m.predicted_absent.items()) or "–"
+        if selective is None:
+            coverage = None
+        else:
+            coverage = selective.coverage if name == ALL_SOURCES else selective.coverage_by_source.get(name)
+        point, ci = m.point, m.ci95
+        rows.append((name, str(m.n), format_ci(point.accuracy, ci.accuracy), format_ci(point.macro_f1, ci.macro_f1),
+                     format_ci(point.malignant_auc, ci.malignant_auc),
+                     format_ci(point.malignant_sensitivity_at_val_threshold, ci.malignant_sensitivity_at_val_threshold),
+                     format_ci(point.malignant_sensitivity_at_set_spec90, ci.malignant_sensitivity_at_set_spec90),
+                     called, "–" if coverage is None else f"{coverage:.1%}"))
     return rows
 
 
-def absent_classes_note(absent: list[str]) -> str:
+def absent_classes_note(absent) -> str:
     return f"classes absent from this set: {', '.join(absent)} — no recall, F1 or AUC is reported for them"
 
 
-def show_sources(document: dict[str, Any]) -> bool:
-    """Per-source figures matter when there are several sources or the set lacks a class."""
-    data = document["data"]
-    return len(data.get("sources", {})) > 1 or bool(data.get("classes_absent"))
-
-
-def describe_malignant(mal: dict[str, Any]) -> str:
+def describe_malignant(mal: MalignantFigures) -> str:
     """One sentence on the malignant-vs-rest operating points, with intervals."""
-    text = (f"malignant vs rest: sensitivity {format_ci(mal['sensitivity'], mal.get('sensitivity_ci95'))}, "
-            f"specificity {format_ci(mal['specificity'], mal.get('specificity_ci95'))}")
-    if "sensitivity_at_spec90" in mal:
-        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal['threshold_spec90']:.3f}): "
-                 f"sensitivity {format_ci(mal['sensitivity_at_spec90'], mal.get('sensitivity_at_spec90_ci95'))}, "
-                 f"specificity {format_ci(mal['specificity_at_spec90'], None)}")
+    text = (f"malignant vs rest: sensitivity {format_ci(mal.sensitivity, mal.sensitivity_ci95)}, "
+            f"specificity {format_ci(mal.specificity, mal.specificity_ci95)}")
+    if mal.has_threshold:
+        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal.threshold_spec90:.3f}): "
+                 f"sensitivity {format_ci(mal.sensitivity_at_spec90, mal.sensitivity_at_spec90_ci95)}, "
+                 f"specificity {format_ci(mal.specificity_at_spec90, None)}")
     return text
