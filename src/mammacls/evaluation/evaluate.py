@@ -13,9 +13,10 @@ from mammacls import CLASSES
 from mammacls.data.prepared import is_prepared_dir, load_prepared
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.images import load_grayscale, resize_square
+from mammacls.inference.card import RunGroup
 from mammacls.inference.pixels import ImageReadError
 from mammacls.evaluation.results import (
-    DataSummary, DroppedImage, Evaluation, ModelResult, Overlap, OverlapMatch, RunGroup, SkippedFile,
+    DataSummary, DroppedImage, Evaluation, ModelResult, Overlap, OverlapMatch, SkippedFile,
 )
 from mammacls.evaluation.scoring import (
     group_summaries, malignant_threshold, score, selective_metrics, source_breakdown, with_parts,
@@ -188,7 +189,7 @@ def evaluate_models(
         sources = source_breakdown(eval_set, probabilities, malignant_threshold(ref.card, calibrated), resamples, seed)
         results.append(ModelResult(ref.name, ref.summary(), with_parts(metrics, selective=selective, sources=sources),
                                    probabilities, statuses, tuple(ref.sidecar("history") or ()), overlaps[ref.name],
-                                   RunGroup.from_card(ref.card.training.group)))
+                                   ref.card.training.group))
     results.extend(_ensembles(refs, results, eval_set, calibrated, resamples, seed))
     return results
 

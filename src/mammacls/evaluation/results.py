@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mammacls import CLASSES
+from mammacls.inference.card import RunGroup
 from mammacls.inference.model_files import ModelSummary
 
 Interval = tuple[float, float]
@@ -268,22 +269,6 @@ class Overlap:
 
     def to_record(self) -> dict[str, Any]:
         return _record(self, skip_none=("matches",))
-
-
-@dataclass(frozen=True)
-class RunGroup:
-    """A cross-validation fold, a seed repeat, or a fold ensemble (``member`` None)."""
-    kind: str  # cv | repeat | cv-ensemble
-    run: str
-    member: int | None
-    of: int
-
-    @classmethod
-    def from_card(cls, group: dict[str, Any] | None) -> RunGroup | None:
-        return None if not group else cls(group["kind"], group["run"], group.get("member"), group.get("of", 0))
-
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
 
 
 @dataclass(frozen=True)

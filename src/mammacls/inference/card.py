@@ -128,6 +128,19 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class RunGroup:
+    """The run a model belongs to: a cross-validation fold or a seed repeat (``member`` of ``of``), or,
+    in evaluate, the ensemble of a run's folds (kind ``cv-ensemble``, ``member`` None)."""
+    kind: str  # cv | repeat | cv-ensemble
+    run: str
+    member: int | None
+    of: int
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class TrainingSummary:
     status: Status = "training"
     config: dict[str, Any] = field(default_factory=dict)  # TrainConfig as a dict
@@ -135,7 +148,7 @@ class TrainingSummary:
     best_epoch: int | None = None
     epochs_run: int | None = None
     val_metrics: dict[str, Any] | None = None
-    group: dict[str, Any] | None = None  # a cross-validation fold or seed repeat: kind, run, member, of
+    group: RunGroup | None = None  # a cross-validation fold or seed repeat
     ensemble: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # anything else a builder recorded (recipe search, ...)
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError, param
-from mammacls.inference.card import DIGEST_KEY, MODEL_FILE, SCHEMA, ModelCard, parse_record, without_machine_specific
+from mammacls.inference.card import (DIGEST_KEY, MODEL_FILE, SCHEMA, ModelCard, RunGroup, parse_record,
+                                    without_machine_specific)
 from mammacls.store import atomic_path, atomic_write_json, cache_dir, models_dir, sha256_file
 
 METADATA_FILE = "metadata.json"
@@ -158,7 +159,7 @@ class ModelSummary:
     finished: bool = True
     calibrated: bool = False
     init: str | None = None
-    group: dict[str, Any] | None = None
+    group: RunGroup | None = None
     member_names: tuple[str, ...] = ()
 
     @property
@@ -170,7 +171,8 @@ class ModelSummary:
                   "img_size": self.img_size, "classes": list(self.classes), "sha256": self.sha256,
                   "val_metrics": self.val_metrics, "pretrained": self.pretrained, "mask_guided": self.mask_guided,
                   "members": self.members, "schema": self.schema, "finished": self.finished,
-                  "calibrated": self.calibrated, "init": self.init, "group": self.group}
+                  "calibrated": self.calibrated, "init": self.init,
+                  "group": None if self.group is None else self.group.to_record()}
         if self.member_names:
             record["member_names"] = list(self.member_names)
         return record

@@ -12,7 +12,7 @@ from typing import Any
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
 from mammacls.evaluation.results import (
-    GROUP_COLUMNS, ClassFigures, Evaluation, GroupSummary, ModelResult, Overlap, RunGroup, SelectiveFigures,
+    GROUP_COLUMNS, ClassFigures, Evaluation, GroupSummary, ModelResult, Overlap, SelectiveFigures,
 )
 from mammacls.inference.model_files import ModelSummary
 from mammacls.reporting.text import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, describe_malignant, source_rows
@@ -180,7 +180,7 @@ def model_tags(model: ModelSummary) -> list[str]:
         tags.append(f"fine-tuned from {model.init}")
     elif not model.pretrained and model.source != "ensemble":
         tags.append("from scratch")
-    group = RunGroup.from_card(model.group)
+    group = model.group
     if group is not None and group.kind in ("cv", "repeat"):
         tags.append(f"{'fold' if group.kind == 'cv' else 'seed run'} {group.member} of {group.of}")
     if not model.finished:

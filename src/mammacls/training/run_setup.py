@@ -9,7 +9,7 @@ from typing import Any
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError, param
-from mammacls.inference.card import ModelCard, Preprocessing, Provenance, TrainingSummary, WeightsInfo
+from mammacls.inference.card import ModelCard, Preprocessing, Provenance, RunGroup, TrainingSummary, WeightsInfo
 from mammacls.nets.networks import attach_lesion_decoder, build_model, build_pretrained_model
 from mammacls.nets.weights import build_network, library_versions
 from mammacls.training.batches import load_masks, load_rows
@@ -91,8 +91,14 @@ def base_card(config, name, compute, current, dataset, start: RunStart, rows, cr
                                             "members_are": f"the {start.members} members of {start.init['model']}, "
                                                            "each fine-tuned on this run's training images"}
                                            if start.members > 1 else None),
-                                 **(extra_training or {})),
+                                 **_typed(extra_training or {})),
     )
+
+
+def _typed(extra_training: dict[str, Any]) -> dict[str, Any]:
+    """``extra_training`` as kept in a checkpoint (JSON), with its run group as the card's record."""
+    group = extra_training.get("group")
+    return {**extra_training, "group": RunGroup(**group)} if isinstance(group, dict) else extra_training
 
 
 def training_data_sidecar(dataset, rows, fingerprints, inherited) -> dict[str, Any]:

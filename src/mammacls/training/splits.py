@@ -45,9 +45,9 @@ def cv_fold_rows(dataset: PreparedDataset, folds: int, seed: int) -> list[dict[s
 def model_rows(dataset: PreparedDataset, card: ModelCard):
     """The train and val rows a model was trained and selected on: its cross-validation fold's, or
     the prepared split."""
-    group = card.training.group or {}
-    split_rows = (cv_fold_rows(dataset, group["of"], card.training.config["seed"])[group["member"] - 1]
-                  if group.get("kind") == "cv" else None)
+    group = card.training.group
+    split_rows = (cv_fold_rows(dataset, group.of, card.training.config["seed"])[group.member - 1]
+                  if group is not None and group.kind == "cv" else None)
     return rows_for(dataset, split_rows)
 
 
