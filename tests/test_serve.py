@@ -234,7 +234,7 @@ def test_page_and_docs_load_nothing_from_outside(client):
             for chunk in text.split(attribute)[1:]:
                 target = chunk.lstrip("\"'( ")
                 assert not target.startswith(("http:", "https:", "//")), target[:80]
-    assert client.get("/static/swagger/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/static/apidocs/swagger-ui-bundle.js").status_code == 200
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["files"]["items"]["format"] == "binary"

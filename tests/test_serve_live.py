@@ -128,6 +128,23 @@ def _browser(downloads: Path):
 
 
 @pytest.mark.slow
+def test_the_api_page_renders_every_endpoint_offline(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser(tmp_path)
+    try:
+        driver.get(server.url + "/docs")  # Swagger UI must read FastAPI's OpenAPI 3.1 document
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 3)
+        shown = {e.text for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    finally:
+        driver.quit()
+    assert {"/healthz", "/v1/model", "/v1/predict"} <= shown, shown
+    assert all(url.startswith(server.url) or url.startswith("data:") for url in resources), resources
+
+
+@pytest.mark.slow
 def test_real_browser_uploads_a_scan_and_downloads_the_csv(server, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

@@ -165,12 +165,12 @@ def _add_page(app: FastAPI, service: PredictionService) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="mammacls API",
-                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
-                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_js_url="/static/apidocs/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/apidocs/swagger-ui.css",
                                    swagger_favicon_url="/static/favicon.svg",
                                    swagger_ui_parameters={"validatorUrl": None})  # its badge would call out
 
-    import swagger_ui_bundle
-
-    app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
+    # Swagger UI 5 (it reads OpenAPI 3.1, which FastAPI writes), from the fastapi-offline wheel: no CDN
+    apidocs = resources.files("fastapi_offline") / "static"
+    app.mount("/static/apidocs", StaticFiles(directory=str(apidocs)), name="apidocs")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
