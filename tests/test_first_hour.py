@@ -68,6 +68,11 @@ def test_help_shows_real_metavars(tmp_path):
             assert leftover not in done.stdout, (command, leftover)
     assert "PATH..." in _run(["predict", "--help"], _env(tmp_path)).stdout
     assert "resnet18|vgg16|mobilenet_v2" in _run(["train", "--help"], _env(tmp_path)).stdout
+    for command in ("train", "predict", "evaluate", "serve"):  # each choice listed once, by its metavar
+        shown = _run([command, "--help"], _env(tmp_path)).stdout
+        assert shown.count("auto|cpu|cuda") == 1 and "auto | cpu | cuda" not in shown, (command, shown)
+    top = _run(["--help"], _env(tmp_path)).stdout
+    assert "--version" in top and not re.search(r"--version\s+<bool>", top), top
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,7 +25,7 @@ def evaluate(
         "Write an HTML report with figures and metrics.json; --report DIR names its folder."))] = False,
     report_dir: Annotated[Optional[Path], typer.Option(
         help="Folder for the report (implies --report; default ./mammacls-report).")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="Where the network runs (auto: CUDA when there is a GPU).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     calibration: Annotated[bool, typer.Option(
         help="Use the temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,

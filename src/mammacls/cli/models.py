@@ -38,7 +38,7 @@ def export(
 @app.command()
 def calibrate(
     model: Annotated[list[str], typer.Option(help="Model cache name or folder; repeat for several.")],
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="Where the network runs (auto: CUDA when there is a GPU).")] = "auto",
 ) -> None:
     """Refit a model's calibration, thresholds and out-of-distribution density on its own validation data."""
     from mammacls.training import recalibrate

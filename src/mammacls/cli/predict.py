@@ -18,9 +18,9 @@ def predict(
         help="Model cache name, folder, .safetensors file or 'default' (default: the model chosen with "
              "mammacls use, else the shipped one).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (cuda runs PyTorch).")] = "auto",
+    device: Annotated[str, typer.Option(help="Where the network runs (cuda runs PyTorch).")] = "auto",
     backend: Annotated[str, typer.Option(
-        help="auto | onnx | torch. auto: ONNX Runtime on the CPU when the model has an export.")] = "auto",
+        help="auto: ONNX Runtime on the CPU when the model has an export.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     calibration: Annotated[bool, typer.Option(
         help="Temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,

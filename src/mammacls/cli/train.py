@@ -95,7 +95,7 @@ def train(
     img_size: Annotated[Optional[int], typer.Option(
         help=f"Square input size in pixels (default {DEFAULT_IMG_SIZE}; with --init, the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 42,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA when available).")] = "auto",
+    device: Annotated[str, typer.Option(help="Where it trains (auto: CUDA when available).")] = "auto",
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
     augment: Annotated[Optional[str], typer.Option(
