@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from mammacls.evaluation.results import (
     DataSummary, DroppedImage, Evaluation, ModelResult, Overlap, OverlapMatch, SkippedFile,
 )
 from mammacls.evaluation.scoring import (
-    group_summaries, malignant_threshold, score, selective_metrics, source_breakdown, with_parts,
+    group_summaries, malignant_threshold, score, selective_metrics, source_breakdown,
 )
 from mammacls.choices import Device
 from mammacls.inference.model_files import (ModelRef, ModelSummary, list_cached_models, resolve_model,
@@ -187,7 +187,7 @@ def evaluate_models(
         metrics, probabilities = score(logits, ref.card, eval_set.labels, calibrated, resamples, seed)
         selective, statuses = selective_metrics(ref, eval_set, logits, features, calibrated)
         sources = source_breakdown(eval_set, probabilities, malignant_threshold(ref.card, calibrated), resamples, seed)
-        results.append(ModelResult(ref.name, ref.summary(), with_parts(metrics, selective=selective, sources=sources),
+        results.append(ModelResult(ref.name, ref.summary(), replace(metrics, selective=selective, sources=sources),
                                    probabilities, statuses, tuple(ref.sidecar("history") or ()), overlaps[ref.name],
                                    ref.card.training.group))
     results.extend(_ensembles(refs, results, eval_set, calibrated, resamples, seed))
@@ -228,7 +228,7 @@ def _ensembles(refs, results: list[ModelResult], eval_set: EvalSet, calibrated: 
         overlap = Overlap(all(o.checked for o in overlaps), max(o.images for o in overlaps),
                           max(o.identical for o in overlaps), max(o.near_duplicate for o in overlaps),
                           tuple(sorted({p for o in overlaps for p in o.paths})))
-        metrics = with_parts(metrics, selective=None,  # the folds' densities differ; see each fold
+        metrics = replace(metrics, selective=None,  # the folds' densities differ; see each fold
                              sources=source_breakdown(eval_set, averaged, None, resamples, seed))
         ensembles.append(ModelResult(summary.name, summary, metrics, averaged, overlap=overlap,
                                      group=RunGroup("cv-ensemble", run, None, len(pairs))))

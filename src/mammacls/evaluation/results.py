@@ -9,7 +9,7 @@ that turns the tree into dictionaries, in the key order the JSON has always had.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -41,8 +41,17 @@ def _record(obj, *, skip_none: tuple[str, ...] = ()) -> dict[str, Any]:
             if not (f.name in skip_none and getattr(obj, f.name) is None)}
 
 
+class Record:
+    """A record of the tree: ``to_record`` gives its fields in order as JSON, leaving out those named in
+    ``SKIP_NONE`` when they are None (figures that were not computed have no key)."""
+    SKIP_NONE: ClassVar[tuple[str, ...]] = ()
+
+    def to_record(self) -> dict[str, Any]:
+        return _record(self, skip_none=self.SKIP_NONE)
+
+
 @dataclass(frozen=True)
-class ClassFigures:
+class ClassFigures(Record):
     precision: float | None
     recall: float | None
     f1: float | None
@@ -51,12 +60,9 @@ class ClassFigures:
     recall_ci95: Interval | None = None
     precision_ci95: Interval | None = None
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class MalignantFigures:
+class MalignantFigures(Record):
     """Malignant vs the rest: at the argmax, and at the validation threshold for 90 % specificity."""
     sensitivity: float | None
     specificity: float | None
@@ -78,39 +84,32 @@ class MalignantFigures:
 
 
 @dataclass(frozen=True)
-class HeadlineIntervals:
+class HeadlineIntervals(Record):
     accuracy: Interval | None = None
     macro_f1: Interval | None = None
     roc_auc_macro: Interval | None = None
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self, skip_none=("accuracy", "macro_f1", "roc_auc_macro"))
+    SKIP_NONE: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "roc_auc_macro")  # absent: not computed
 
 
 @dataclass(frozen=True)
-class CalibrationScores:
+class CalibrationScores(Record):
     ece: float
     brier: float
     nll: float
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class ReliabilityBin:
+class ReliabilityBin(Record):
     low: float
     high: float
     count: int
     confidence: float | None
     accuracy: float | None
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class CalibrationFigures:
+class CalibrationFigures(Record):
     temperature: float
     applied: bool  # the model's temperature was applied to these probabilities
     before: CalibrationScores
@@ -118,32 +117,23 @@ class CalibrationFigures:
     bins_before: tuple[ReliabilityBin, ...]
     bins_after: tuple[ReliabilityBin, ...]
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class Bootstrap:
+class Bootstrap(Record):
     resamples: int
     seed: int
     stratified: bool = True
     level: float = 0.95
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class RejectedImage:
+class RejectedImage(Record):
     path: str
     reason: str | None
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class SelectiveFigures:
+class SelectiveFigures(Record):
     """What predict's refusal gate would do with these images: coverage, and accuracy on what it accepts."""
     coverage_by_source: dict[str, float]
     checked: bool
@@ -156,9 +146,6 @@ class SelectiveFigures:
     min_confidence: float | None
     ood_threshold: float | None
     rejected_images: tuple[RejectedImage, ...] = ()
-
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
 
 
 # The figures of one source (only the classes it holds), each with its interval under the same name.
@@ -216,7 +203,7 @@ class SourceFigures:
 
 
 @dataclass(frozen=True)
-class Metrics:
+class Metrics(Record):
     n: int
     accuracy: float
     balanced_accuracy: float
@@ -241,24 +228,20 @@ class Metrics:
         """How often each class was predicted (the confusion matrix's columns)."""
         return [int(v) for v in np.asarray(self.confusion_matrix).sum(axis=0)]
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class OverlapMatch:
+class OverlapMatch(Record):
     path: str
     kind: str  # identical | near-duplicate
     matches: str  # the training image it matches
     phash_distance: int
     thumbnail_correlation: float | None = None
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self, skip_none=("thumbnail_correlation",))
+    SKIP_NONE: ClassVar[tuple[str, ...]] = ("thumbnail_correlation",)  # fingerprints without thumbnails
 
 
 @dataclass(frozen=True)
-class Overlap:
+class Overlap(Record):
     """Evaluation images the model trained or validated on."""
     checked: bool
     images: int
@@ -267,8 +250,7 @@ class Overlap:
     paths: tuple[str, ...] = ()
     matches: tuple[OverlapMatch, ...] | None = None  # None: an ensemble's, merged from its folds
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self, skip_none=("matches",))
+    SKIP_NONE: ClassVar[tuple[str, ...]] = ("matches",)
 
 
 @dataclass(frozen=True)
@@ -302,12 +284,9 @@ class GroupRow:
 
 
 @dataclass(frozen=True)
-class MeanStd:
+class MeanStd(Record):
     mean: float | None
     std: float
-
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
 
 
 @dataclass(frozen=True)
@@ -334,16 +313,13 @@ class DroppedImage:
 
 
 @dataclass(frozen=True)
-class SkippedFile:
+class SkippedFile(Record):
     path: str
     reason: str
 
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
-
 
 @dataclass(frozen=True)
-class DataSummary:
+class DataSummary(Record):
     description: str
     n: int
     counts: dict[str, int]
@@ -356,9 +332,6 @@ class DataSummary:
     def shows_sources(self) -> bool:
         """Per-source figures matter when there are several sources or the set lacks a class."""
         return len(self.sources) > 1 or bool(self.classes_absent)
-
-    def to_record(self) -> dict[str, Any]:
-        return _record(self)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ and the summaries of cross-validation and repeat runs."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -120,11 +119,6 @@ def selective_metrics(ref: ModelRef, eval_set, logits: np.ndarray, features: np.
         min_confidence=predictor.min_confidence, ood_threshold=record.threshold if record else None,
         rejected_images=tuple(RejectedImage(eval_set.paths[i], answers[i].reason) for i in np.flatnonzero(~accepted)),
     ), tuple(statuses.tolist())
-
-
-def with_parts(metrics: Metrics, **parts) -> Metrics:
-    """``metrics`` with its selective and per-source figures."""
-    return dataclasses.replace(metrics, **parts)
 
 
 def group_summaries(results: list[ModelResult]) -> tuple[GroupSummary, ...]:
