@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from typing import Any
 from mammacls import __version__
 from mammacls.choices import Backend, Device
 from mammacls.errors import MammaclsError, param
-from mammacls.inference.pixels import ImageReadError
+from mammacls.inference.pixels import ImageReadError, InMemoryFile
 from mammacls.inference.inputs import collect_inputs, in_shard
 from mammacls.inference.predictor import Frame, Prediction, Predictor, cine_summary
 from mammacls.inference.results_file import ResultsFile
@@ -155,17 +156,11 @@ def _stream(predictor: Predictor, overlays: Overlays | None, files: list[Path], 
     _report_errors(tally, sink, early_errors, on_error)
     classify = overlays.classify if overlays is not None else predictor.classify
 
-    def decode(path: Path) -> tuple[Path, list[Frame], str | None]:
-        try:
-            return path, predictor.frames_of(path), None
-        except ImageReadError as exc:
-            return path, [], str(exc)
-
     done = 0
     if progress:
         progress(0, len(files))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for decoded in _prefetched(pool, decode, files, batch_size):
+        for decoded in _prefetched(pool, partial(decode_file, predictor), files, batch_size):
             frames = [f for _, file_frames, _ in decoded for f in file_frames]
             answers: list[Prediction] = []
             for start in range(0, len(frames), batch_size):  # a cine loop may hold many frames
@@ -179,6 +174,15 @@ def _stream(predictor: Predictor, overlays: Overlays | None, files: list[Path], 
             if progress:
                 progress(done, len(files))
     return tally
+
+
+def decode_file(predictor: Predictor, path: Path | InMemoryFile) -> tuple[Path | InMemoryFile, list[Frame], str | None]:
+    """A file's frames, or why it cannot be read (reported per file, never fatal): what
+    ``records_in_file_order`` takes, for predict's files and serve's uploads alike."""
+    try:
+        return path, predictor.frames_of(path), None
+    except ImageReadError as exc:
+        return path, [], str(exc)
 
 
 def records_in_file_order(decoded, answers):

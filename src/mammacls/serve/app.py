@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mammacls import __version__
 from mammacls.errors import MammaclsError
 from mammacls.serve.batching import Overloaded
-from mammacls.serve.service import PredictionService
+from mammacls.serve.service import PredictionService, TooManyFrames
 from mammacls.serve.uploads import FILES_FIELD, UploadLimits, UploadRefused, read_upload
 
 # The page may load only what this server serves (its own scripts, styles and the overlays it returns).
@@ -139,7 +139,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(MammaclsError)
     async def mammacls_error(_request, exc: MammaclsError):
-        return _refusal(413 if type(exc).__name__ == "TooManyFrames" else 400, exc.with_option_names())
+        return _refusal(413 if isinstance(exc, TooManyFrames) else 400, exc.with_option_names())
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):

@@ -11,7 +11,7 @@ from typing import Any
 
 from mammacls import CLASSES, __version__
 from mammacls.errors import MammaclsError
-from mammacls.inference.pixels import ImageReadError, InMemoryFile
+from mammacls.inference.pixels import InMemoryFile
 from mammacls.inference.predictor import Frame, Prediction, Predictor
 from mammacls.schemas import PREDICTIONS
 from mammacls.serve.batching import DynamicBatcher
@@ -92,15 +92,16 @@ class PredictionService:
 
     async def predict(self, files: list[InMemoryFile], *, gradcam: bool = False, lesion: bool = False) -> dict:
         """The document ``mammacls predict --json`` prints, for uploaded files (one record per input)."""
-        from mammacls.predict import records_in_file_order
+        from mammacls.predict import decode_file, records_in_file_order
 
         explaining = gradcam or lesion
         if lesion and not self.predictor.ref.card.mask_guided:
             raise MammaclsError(f"model {self.predictor.ref.name} was not trained with --mask-guided: "
                                 "it draws no lesion map")
-        predictor = self._explaining() if explaining else self.predictor
         loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(self._decoders, _decode, predictor, f) for f in files))
+        # the first explanation imports torch and loads the weights: off the event loop, which keeps serving
+        predictor = await loop.run_in_executor(self._decoders, self._explaining) if explaining else self.predictor
+        decoded = await asyncio.gather(*(loop.run_in_executor(self._decoders, decode_file, predictor, f) for f in files))
         frames = [frame for _, file_frames, _ in decoded for frame in file_frames]
         if len(frames) > self.options.max_queue:
             raise TooManyFrames(f"{len(frames)} frames in one request; the server takes at most "
@@ -139,9 +140,3 @@ class PredictionService:
             return [r for start in range(0, len(frames), self.options.max_batch)
                     for r in overlays.classify(frames[start:start + self.options.max_batch])]
 
-
-def _decode(predictor: Predictor, upload: InMemoryFile) -> tuple[InMemoryFile, list[Frame], str | None]:
-    try:
-        return upload, predictor.frames_of(upload), None
-    except ImageReadError as exc:
-        return upload, [], str(exc)
