@@ -80,7 +80,7 @@ def assemble_ensemble(states: list[dict], *, arch: str, img_size: int, dataset, 
     say("calibrating on validation, fitting the refusal densities (one per member)")
     return finish_model(net, card, target, images, "cpu",
                         sidecars={"training_data": training_data_record(train_rows, val_rows, images.fingerprints)},
-                        on_export=lambda: say("exporting to ONNX" + ("" if single else " (all members in one graph)")))
+                        on_saved=lambda: say("exporting to ONNX" + ("" if single else " (all members in one graph)")))
 
 
 def ensemble_from_models(specs: list[str], *, name: str, reporter=None) -> ModelCard:

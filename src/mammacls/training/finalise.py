@@ -64,11 +64,11 @@ def fit_calibration(net, arch: str, images: FittingImages, device: str, run_dir:
 def finish_model(net, card: ModelCard, folder: Path, images: FittingImages, device: str, *,
                  sidecars: dict, stamp: bool = True, export: bool = True,
                  on_export_error: Callable[[MammaclsError], None] | None = None,
-                 on_export: Callable[[], None] | None = None) -> ModelCard:
+                 on_saved: Callable[[], None] | None = None) -> ModelCard:
     """Calibrate and gate ``net`` on ``images``, stamp when it finished (``stamp``), save weights, card and
     sidecars into ``folder`` (atomically), export to ONNX. Returns the final card. An export that fails
     is reported to ``on_export_error`` (the model itself is saved: predict falls back to PyTorch), or
-    raised when there is none."""
+    raised when there is none; ``on_saved`` runs once the model is complete on disk, before the export."""
     from mammacls.inference.model_files import MODEL_FILE, ModelRef
     from mammacls.nets.export import export_onnx
 
@@ -78,10 +78,10 @@ def finish_model(net, card: ModelCard, folder: Path, images: FittingImages, devi
         provenance = dataclasses.replace(provenance, finished=finished_now())
     final = save_model(net, card.replace(calibration=calibration, refusal=refusal, provenance=provenance), folder,
                        sidecars=sidecars)
+    if on_saved is not None:  # the model is complete on disk, before the (slower) export
+        on_saved()
     if not export:
         return final
-    if on_export is not None:
-        on_export()
     try:
         return export_onnx(ModelRef(card.name, Path(folder) / MODEL_FILE, final, "cache"))
     except MammaclsError as exc:

@@ -34,7 +34,7 @@ from mammacls.nets.networks import (
     predict_lesion_maps, predict_proba, resolve_device,
 )
 from mammacls.store import cache_lock, check_model_name, models_dir
-from mammacls.training.batches import EpochRunner, FittingImages, lesion_dice
+from mammacls.training.batches import EpochRunner, lesion_dice
 from mammacls.training.checkpoint import find_resumable, read_checkpoint, write_checkpoint
 from mammacls.training.config import TrainConfig, TrainReporter
 from mammacls.training.finalise import finish_model
@@ -197,8 +197,7 @@ def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_training,
     net = to_layout(start.net, compute)
     frozen = frozen_modules(net, config.arch, config.freeze)
     train_rows, val_rows = rows_for(dataset, split_rows)
-    fingerprints: dict[str, list] = {"sha256": [], "phash": []}
-    data = load_run_data(dataset, config, train_rows, val_rows, fingerprints, allow_missing=start.init is not None)
+    data = load_run_data(dataset, config, train_rows, val_rows, allow_missing=start.init is not None)
     train_sources = np.array([row["source"] for row in train_rows])
     criterion = ClassWeightedLoss(config.class_weights, data["train_y"], train_sources, config.label_smoothing)
     data["val_weights"] = criterion.image_weights(data["val_y"], [row["source"] for row in val_rows])
@@ -225,7 +224,7 @@ def _setup(config: TrainConfig, data_dir, name: str, split_rows, extra_training,
                        "extra_training": extra_training, "imagenet": start.imagenet, "init": start.init,
                        "members": start.members, "inherited_fingerprints": start.inherited}
     return _Run(config, name, models_dir() / name, device, current, net, optimizer, scheduler, criterion, step, data,
-                card, training_data_sidecar(dataset, rows, fingerprints, start.inherited), checkpoint_info, history, best,
+                card, training_data_sidecar(dataset, rows, data["fitting"].fingerprints, start.inherited), checkpoint_info, history, best,
                 compute)
 
 
@@ -329,14 +328,18 @@ def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> ModelCard:
     provenance = dataclasses.replace(saved.provenance, processes=run.card.provenance.processes,
                                      compute=run.card.provenance.compute)
     run.net.load_state_dict(load_file(str(run.run_dir / MODEL_FILE), device=run.device))  # the selected epoch
-    data = run.data
-    images = FittingImages(data["train_x"], data["train_y"], data["val_x"], data["val_y"])
-    final = finish_model(run.net, saved.replace(training=summary, provenance=provenance), run.run_dir, images,
-                         run.device, sidecars={"history": run.history, "training_data": run.training_data},
-                         export=export, on_export=lambda: reporter.stage("exporting to ONNX"),
+
+    def complete() -> None:  # the model is saved: nothing left to resume, whatever the export does
+        (run.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        if export:
+            reporter.stage("exporting to ONNX")
+
+    final = finish_model(run.net, saved.replace(training=summary, provenance=provenance), run.run_dir,
+                         run.data["fitting"], run.device,
+                         sidecars={"history": run.history, "training_data": run.training_data},
+                         export=export, on_saved=complete,
                          on_export_error=lambda exc: reporter.message(
                              f"warning: {exc}; predict will use PyTorch for this model"))
-    (run.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     barrier(run.current)
     return final
 

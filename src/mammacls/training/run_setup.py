@@ -12,7 +12,7 @@ from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import ModelCard, Preprocessing, Provenance, RunGroup, TrainingSummary, WeightsInfo
 from mammacls.nets.networks import attach_lesion_decoder, build_model, build_pretrained_model
 from mammacls.nets.weights import build_network, library_versions
-from mammacls.training.batches import load_masks, load_rows
+from mammacls.training.batches import load_fitting_images, load_masks
 from mammacls.training.config import TrainConfig
 from mammacls.training.splits import data_summary, training_data_record
 from mammacls.inference.model_files import INHERITED, seen_fingerprints
@@ -51,14 +51,17 @@ def run_start(config: TrainConfig, state: dict[str, Any] | None) -> RunStart:
     return RunStart(net, 1, imagenet_record)
 
 
-def load_run_data(dataset, config: TrainConfig, train_rows, val_rows, fingerprints, allow_missing: bool) -> dict[str, Any]:
-    train_x, train_y = load_rows(dataset, train_rows, config.img_size, fingerprints)
-    val_x, val_y = load_rows(dataset, val_rows, config.img_size, fingerprints)
+def load_run_data(dataset, config: TrainConfig, train_rows, val_rows, allow_missing: bool) -> dict[str, Any]:
+    """The run's images, labels and masks; ``fitting`` holds the images (and fingerprints) that its
+    calibration and refusal gate are fitted on at the end."""
+    fitting = load_fitting_images(dataset, train_rows, val_rows, config.img_size)
+    train_x, train_y, val_x, val_y = fitting.train_x, fitting.train_y, fitting.val_x, fitting.val_y
     missing = [c for k, c in enumerate(CLASSES) if not (train_y == k).any()]
     if missing and not allow_missing:
         raise MammaclsError(f"the train split has no {', '.join(missing)} images; cannot train a 3-class model "
                             f"(starting from a model that knows them, {param('init')}, can)")
     data = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y, "missing": missing,
+            "fitting": fitting,
             "train_masks": None, "train_known": None, "val_masks": None, "val_known": None}
     if config.mask_guided:
         data["train_masks"], data["train_known"] = load_masks(dataset, train_rows, config.img_size)
