@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mammacls import CLASSES
 from mammacls.inference.card import RunGroup
 from mammacls.inference.model_files import ModelSummary
 
@@ -148,15 +147,10 @@ class SelectiveFigures(Record):
     rejected_images: tuple[RejectedImage, ...] = ()
 
 
-# The figures of one source (only the classes it holds), each with its interval under the same name.
-SOURCE_POINT_FIGURES = ("accuracy", "macro_f1", "roc_auc_macro", *(f"recall_{c}" for c in CLASSES), "malignant_auc",
-                        "malignant_sensitivity", "malignant_specificity", "malignant_sensitivity_at_set_spec90",
-                        "malignant_sensitivity_at_val_threshold", "malignant_specificity_at_val_threshold")
-
-
 @dataclass(frozen=True)
 class SourcePoint:
-    """Point figures of one source, or their intervals (then each field is an Interval)."""
+    """Point figures of one source (only the classes it holds), or their intervals (then each field is an
+    Interval, under the same name)."""
     accuracy: Any = None
     macro_f1: Any = None
     roc_auc_macro: Any = None
@@ -173,7 +167,8 @@ class SourcePoint:
 
     @classmethod
     def from_figures(cls, figures: dict[str, Any], intervals: bool = False) -> SourcePoint:
-        known = {k: (as_interval(v) if intervals else v) for k, v in figures.items() if k in SOURCE_POINT_FIGURES}
+        names = {f.name for f in fields(cls)} - {"present"}
+        known = {k: (as_interval(v) if intervals else v) for k, v in figures.items() if k in names}
         return cls(**known, present=tuple(known))
 
     def to_record(self) -> dict[str, Any]:
