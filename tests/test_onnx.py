@@ -106,7 +106,7 @@ def test_tampered_onnx_file_is_refused(model_copy, scans, cache):
 
 def test_unknown_backend_is_a_clear_error(tiny_model, use_session_cache, scans):
     result = runner.invoke(app, ["predict", str(scans), "--backend", "tensorrt"])
-    assert result.exit_code == 1 and "unknown backend" in result.stderr
+    assert result.exit_code == 2 and "unknown backend 'tensorrt'" in result.stderr and "onnx" in result.stderr
 
 
 def test_prefetch_keeps_order_and_covers_every_file(tiny_model, use_session_cache, scans):

@@ -15,63 +15,13 @@ from mammacls.cli import evaluate  # noqa: F401
 from mammacls.cli import predict  # noqa: F401
 from mammacls.cli import models  # noqa: F401
 from mammacls.cli import serve  # noqa: F401
-from mammacls.choices import Arch, Augmentation, Backend, ClassWeights, Device, MemoryFormat, Precision
 from mammacls.cli.common import _report_option_value, app
 
 __all__ = ["app", "main"]
 
 
-_METAVARS = {"data": "DIR_OR_CSV", "out": "DIR", "report_dir": "DIR", "explain": "DIR", "lesion_map": "DIR",
-             "groups": "CSV", "model": "NAME", "name": "NAME", "imagenet_weights": "auto|VARIANT|FILE",
-             # the choices, from the Enums that define them (parsed forgivingly: VGG16, MobileNet-V2)
-             "arch": "|".join(Arch.values()), "device": "|".join(Device.values()),
-             "backend": "|".join(Backend.values()), "augment": "|".join(Augmentation.values()),
-             "precision": "|".join(Precision.values()), "memory_format": "|".join(MemoryFormat.values()),
-             "class_weights": "|".join(ClassWeights.values()), "init": "MODEL",
-             "cors": "ORIGIN", "host": "HOST", "token": "TOKEN"}
-# by Typer's bare type name, or click's type name (other Typer versions)
-_TYPE_METAVARS = {"int": "N", "integer": "N", "float": "NUM", "str": "TEXT", "text": "TEXT", "Path": "PATH",
-                  "path": "PATH", "list[str]": "NAME"}
-
-
-def _with_metavars(command):
-    """Real metavars in --help (FILE, DIR, the choices) instead of Typer's <bool>, <str>, {paths}."""
-    for sub in getattr(command, "commands", {}).values():
-        sub.get_help_option = _flag_without_metavar(sub.get_help_option)  # --help is made per context
-        for param in sub.params:
-            if param.metavar is not None:
-                continue
-            if param.param_type_name == "argument":
-                word = param.name.upper().rstrip("S") if param.nargs != 1 else param.name.upper()
-                param.metavar = word
-                shown = f"{word}..." if param.nargs != 1 else word
-                if not param.required:
-                    shown = f"[{shown}]"
-                # Typer's own hooks (guarded: internal) would print {PATH}... and <list[Path]>
-                if hasattr(param, "_usage_display_name"):
-                    param._usage_display_name = lambda shown=shown: shown
-                if hasattr(param, "display_type_rich"):
-                    param.display_type_rich = lambda ctx: None
-            elif getattr(param, "is_flag", False) or getattr(param, "bare_type", lambda: "")() == "bool":
-                param.metavar = ""
-            else:
-                kind = (param.bare_type() if hasattr(param, "bare_type")
-                        else getattr(getattr(param, "type", None), "name", ""))
-                param.metavar = _METAVARS.get(param.name) or _TYPE_METAVARS.get(kind)
-    return command
-
-
-def _flag_without_metavar(make_option):
-    def wrapped(ctx):
-        option = make_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-    return wrapped
-
-
 def main() -> None:
-    command = _with_metavars(typer.main.get_command(app))
+    command = typer.main.get_command(app)
     try:
         code = command.main(args=_report_option_value(sys.argv[1:]), prog_name="mammacls", standalone_mode=False)
     except Exception as exc:  # click's usage errors (its own or Typer's copy of click): one line, not a panel

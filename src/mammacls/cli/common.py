@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from mammacls import __version__
+from mammacls.choices import Choice, parse_choice
 from mammacls.errors import MammaclsError
 
 app = typer.Typer(
@@ -84,6 +85,19 @@ def _quiet_console():
 def _emit_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def choice_option(kind: type[Choice], help: str, what: str | None = None, **settings: Any) -> Any:
+    """An option whose value is a member of ``kind``: --help lists the Enum's values once, as the metavar;
+    any obvious spelling is accepted (``VGG16``, ``MobileNet-V2``) and a typo gets one line with the
+    closest choice, through Typer's own ``parser`` hook."""
+    def parse(value: Any) -> Choice:
+        try:
+            return parse_choice(kind, value, kind.__name__.lower(), what=what)
+        except MammaclsError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return typer.Option(help=help, parser=parse, metavar="|".join(kind.values()), **settings)
 
 
 def _version(value: bool) -> None:

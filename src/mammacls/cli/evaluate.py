@@ -9,23 +9,25 @@ import typer
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
-from mammacls.cli.common import app, _console, _errors, _emit_json, _fmt
+from mammacls.choices import Device
+from mammacls.cli.common import app, _console, _errors, _emit_json, _fmt, choice_option
 
 
 @app.command()
 def evaluate(
     model: Annotated[Optional[list[str]], typer.Option(
-        help="Model cache name, folder, .safetensors file or 'default'; repeat to compare (default: all cached).")
+        metavar="NAME", help="Model cache name, folder, .safetensors file or 'default'; repeat to compare (default: all cached).")
     ] = None,
     data: Annotated[Optional[Path], typer.Option(
-        help="Prepared dataset (its test split), or every image of a labelled set never prepared: a BUSI-layout "
+        metavar="DIR_OR_CSV", help="Prepared dataset (its test split), or every image of a labelled set never prepared: a BUSI-layout "
              "folder, a BUS-BRA folder or a CSV (path,label[,patient][,mask]). Default: the latest test split.")
     ] = None,
     report: Annotated[bool, typer.Option("--report", help=(
         "Write an HTML report with figures and metrics.json; --report DIR names its folder."))] = False,
     report_dir: Annotated[Optional[Path], typer.Option(
-        help="Folder for the report (implies --report; default ./mammacls-report).")] = None,
-    device: Annotated[str, typer.Option(help="Where the network runs (auto: CUDA when there is a GPU).")] = "auto",
+        metavar="DIR", help="Folder for the report (implies --report; default ./mammacls-report).")] = None,
+    device: Annotated[Device, choice_option(Device, help="Where the network runs (auto: CUDA when there is a GPU).")
+                      ] = Device.auto,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     calibration: Annotated[bool, typer.Option(
         help="Use the temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,

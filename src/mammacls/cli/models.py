@@ -7,13 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from mammacls.cli.common import app, _console, _errors
+from mammacls.choices import Device
+from mammacls.cli.common import app, _console, _errors, choice_option
 
 
 @app.command()
 def export(
     model: Annotated[Optional[list[str]], typer.Option(
-        help="Model cache name or folder; repeat for several (default: every cached model without an export).")
+        metavar="NAME", help="Model cache name or folder; repeat for several (default: every cached model without an export).")
     ] = None,
 ) -> None:
     """Write an ONNX copy of a model beside its weights, for the fast torch-free predict path."""
@@ -37,8 +38,9 @@ def export(
 
 @app.command()
 def calibrate(
-    model: Annotated[list[str], typer.Option(help="Model cache name or folder; repeat for several.")],
-    device: Annotated[str, typer.Option(help="Where the network runs (auto: CUDA when there is a GPU).")] = "auto",
+    model: Annotated[list[str], typer.Option(metavar="NAME", help="Model cache name or folder; repeat for several.")],
+    device: Annotated[Device, choice_option(Device, help="Where the network runs (auto: CUDA when there is a GPU).")
+                      ] = Device.auto,
 ) -> None:
     """Refit a model's calibration, thresholds and out-of-distribution density on its own validation data."""
     from mammacls.training import recalibrate
@@ -55,8 +57,8 @@ def calibrate(
 
 @app.command()
 def ensemble(
-    model: Annotated[list[str], typer.Option(help="A member: model cache name or folder; repeat for each.")],
-    name: Annotated[str, typer.Option(help="Name of the ensemble in the cache.")],
+    model: Annotated[list[str], typer.Option(metavar="NAME", help="A member: model cache name or folder; repeat for each.")],
+    name: Annotated[str, typer.Option(metavar="NAME", help="Name of the ensemble in the cache.")],
 ) -> None:
     """Combine trained models (e.g. train --repeat N) into one model that averages them, calibrated,
     gated and exported like the shipped default."""
@@ -74,7 +76,7 @@ def ensemble(
 @app.command()
 def use(
     model: Annotated[Optional[str], typer.Argument(
-        help="Cache name, model folder or 'default' (the shipped model). Omit to show the choice.")
+        metavar="MODEL", help="Cache name, model folder or 'default' (the shipped model). Omit to show the choice.")
     ] = None,
 ) -> None:
     """Choose the model predict uses when --model is not given (kept in the cache)."""

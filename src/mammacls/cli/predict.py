@@ -8,34 +8,35 @@ from typing import Annotated, Optional
 import typer
 
 from mammacls import CLASSES
-from mammacls.cli.common import app, _console, _emit_json, _errors, _transient_bar
+from mammacls.choices import Backend, Device
+from mammacls.cli.common import app, _console, _emit_json, _errors, _transient_bar, choice_option
 
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Image files and/or folders (searched recursively).")],
     model: Annotated[Optional[str], typer.Option(
-        help="Model cache name, folder, .safetensors file or 'default' (default: the model chosen with "
+        metavar="NAME", help="Model cache name, folder, .safetensors file or 'default' (default: the model chosen with "
              "mammacls use, else the shipped one).")
     ] = None,
-    device: Annotated[str, typer.Option(help="Where the network runs (cuda runs PyTorch).")] = "auto",
-    backend: Annotated[str, typer.Option(
-        help="auto: ONNX Runtime on the CPU when the model has an export.")] = "auto",
+    device: Annotated[Device, choice_option(Device, help="Where the network runs (cuda runs PyTorch).")] = Device.auto,
+    backend: Annotated[Backend, choice_option(
+        Backend, help="auto: ONNX Runtime on the CPU when the model has an export.")] = Backend.auto,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     calibration: Annotated[bool, typer.Option(
         help="Temperature-calibrated probabilities (--no-calibration: raw softmax).")] = True,
     explain: Annotated[Optional[Path], typer.Option(
-        help="Write a Grad-CAM heatmap beside each image into this folder (uses PyTorch).")] = None,
+        metavar="DIR", help="Write a Grad-CAM heatmap beside each image into this folder (uses PyTorch).")] = None,
     lesion_map: Annotated[Optional[Path], typer.Option(
-        help="Write the predicted lesion mask over each image into this folder (--mask-guided models).")] = None,
+        metavar="DIR", help="Write the predicted lesion mask over each image into this folder (--mask-guided models).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
     output: Annotated[Optional[Path], typer.Option(
-        help="Append each result to this .jsonl or .csv file as soon as its batch is done (constant memory; "
+        metavar="FILE", help="Append each result to this .jsonl or .csv file as soon as its batch is done (constant memory; "
              "nothing printed per image).")] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue --output: skip the inputs it already answers (after a crash or a kill).")] = False,
     shard: Annotated[Optional[str], typer.Option(
-        help="K/N: predict only a deterministic 1/N of the inputs (K = 1..N), e.g. $SLURM_ARRAY_TASK_ID/16.")
+        metavar="K/N", help="K/N: predict only a deterministic 1/N of the inputs (K = 1..N), e.g. $SLURM_ARRAY_TASK_ID/16.")
     ] = None,
     workers: Annotated[Optional[int], typer.Option(
         help="Threads decoding images (default: every core).")] = None,

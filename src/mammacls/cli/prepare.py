@@ -14,15 +14,15 @@ from mammacls.cli.common import app, _console, _emit_json, _errors, _transient_b
 @app.command()
 def prepare(
     sources: Annotated[Optional[list[str]], typer.Argument(
-        help="One or more sources, prepared as one dataset: a BUSI-layout folder (benign/ malignant/ normal/), "
+        metavar="SOURCE", help="One or more sources, prepared as one dataset: a BUSI-layout folder (benign/ malignant/ normal/), "
              "a BUS-BRA folder (bus_data.csv, Images/, Masks/) or a CSV file (path,label[,patient][,mask]); "
              "NAME=PATH names a source. Default: ./Dataset_BUSI_with_GT")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the prepared dataset here (default: the cache).")] = None,
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the prepared dataset here (default: the cache).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
     val_fraction: Annotated[float, typer.Option(help="Share of images for validation.")] = 0.15,
     test_fraction: Annotated[float, typer.Option(help="Share of images for test.")] = 0.15,
     groups: Annotated[Optional[Path], typer.Option(
-        help="CSV (path,group_id) of known duplicate groups to merge into the detected ones.")] = None,
+        metavar="CSV", help="CSV (path,group_id) of known duplicate groups to merge into the detected ones.")] = None,
     keep_conflicts: Annotated[bool, typer.Option(
         help="Keep duplicate groups whose images carry different labels (left out by default).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,

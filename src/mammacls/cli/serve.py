@@ -6,25 +6,27 @@ from typing import Annotated, Optional
 
 import typer
 
-from mammacls.cli.common import _console, _errors, app
+from mammacls.choices import Device
+from mammacls.cli.common import _console, _errors, app, choice_option
 
 
 @app.command()
 def serve(
     model: Annotated[Optional[str], typer.Option(
-        help="Model cache name, folder, .safetensors file or 'default' (default: the model chosen with "
+        metavar="NAME", help="Model cache name, folder, .safetensors file or 'default' (default: the model chosen with "
              "mammacls use, else the shipped one).")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token.")
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on; anything but loopback needs --token.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8765,
     token: Annotated[Optional[str], typer.Option(
-        envvar="MAMMACLS_TOKEN", show_envvar=True,
+        metavar="TOKEN", envvar="MAMMACLS_TOKEN", show_envvar=True,
         help="Bearer token every /v1 request must carry (Authorization: Bearer TOKEN).")] = None,
     workers: Annotated[int, typer.Option(help="Threads decoding uploads (one process holds the model and "
                                               "batches every request's frames together).")] = 2,
-    device: Annotated[str, typer.Option(help="Where the network runs (cuda: PyTorch; auto: CUDA when there is a GPU).")] = "auto",
+    device: Annotated[Device, choice_option(
+        Device, help="Where the network runs (cuda: PyTorch; auto: CUDA when there is a GPU).")] = Device.auto,
     cors: Annotated[Optional[list[str]], typer.Option(
-        help="Allow this web origin to call the API from a browser (repeatable; none by default).")] = None,
+        metavar="ORIGIN", help="Allow this web origin to call the API from a browser (repeatable; none by default).")] = None,
     max_upload_mb: Annotated[int, typer.Option(help="Largest request body, in MB.")] = 64,
     max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 32,
     max_batch: Annotated[int, typer.Option(help="Most frames in one network call.")] = 32,

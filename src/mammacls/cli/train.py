@@ -12,7 +12,8 @@ import typer
 from mammacls.archs import DEFAULT_ARCH
 from mammacls.training.config import DEFAULT_IMG_SIZE, DEFAULT_LR, INIT_LR
 from mammacls.errors import MammaclsError
-from mammacls.cli.common import app, _console, _errors, _quiet_console, _emit_json, _fmt
+from mammacls.choices import Arch, Augmentation, ClassWeights, Device, MemoryFormat, Precision
+from mammacls.cli.common import app, _console, _errors, _quiet_console, _emit_json, _fmt, choice_option
 
 
 class _RichReporter:
@@ -81,13 +82,12 @@ def _interrupt_on_sigterm(signum, frame) -> None:
 
 @app.command()
 def train(
-    arch: Annotated[Optional[str], typer.Option(
-        help=f"The network (default {DEFAULT_ARCH}; with --init, the model's).")] = None,
+    arch: Annotated[Optional[Arch], choice_option(
+        Arch, what="architecture", help=f"The network (default {DEFAULT_ARCH}; with --init, the model's).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (torch hub cache).")] = True,
-    imagenet_weights: Annotated[str, typer.Option(
-        help="Which ImageNet weights: auto (torchvision's default, or a variant already in the torch hub "
-             "cache), a variant such as IMAGENET1K_V1, or a torchvision .pth file (checked by its sha256).")
-    ] = "auto",
+    imagenet_weights: Annotated[str, typer.Option(metavar="auto|VARIANT|FILE", help=(
+        "Which ImageNet weights: auto (torchvision's default, or a variant already in the torch hub cache), a "
+        "variant such as IMAGENET1K_V1, or a torchvision .pth file (checked by its sha256)."))] = "auto",
     epochs: Annotated[int, typer.Option(help="Most epochs to run.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     lr: Annotated[Optional[float], typer.Option(
@@ -95,11 +95,11 @@ def train(
     img_size: Annotated[Optional[int], typer.Option(
         help=f"Square input size in pixels (default {DEFAULT_IMG_SIZE}; with --init, the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 42,
-    device: Annotated[str, typer.Option(help="Where it trains (auto: CUDA when available).")] = "auto",
+    device: Annotated[Device, choice_option(Device, help="Where it trains (auto: CUDA when available).")] = Device.auto,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
-    augment: Annotated[Optional[str], typer.Option(
-        help="Augmentation (default standard; with --init, scanner): strong adds gamma and speckle; scanner, "
+    augment: Annotated[Optional[Augmentation], choice_option(
+        Augmentation, what="augmentation", help="Augmentation (default standard; with --init, scanner): strong adds gamma and speckle; scanner, "
              "the shipped model's, zooms out and varies gain, TGC, blur, resolution, speckle, burned-in marks "
              "(batched on the device).")] = None,
     mask_guided: Annotated[Optional[bool], typer.Option(
@@ -107,22 +107,21 @@ def train(
              "with --init, as the model was trained.")] = None,
     mask_weight: Annotated[float, typer.Option(help="λ, the weight of the mask loss with --mask-guided.")] = 0.5,
     init: Annotated[Optional[str], typer.Option(
-        help="Start from a trained model (a cache name, folder, .safetensors file, or default: the shipped one), "
+        metavar="MODEL", help="Start from a trained model (a cache name, folder, .safetensors file, or default: the shipped one), "
              "keeping its architecture, input size, classes and lesion decoder; an ensemble fine-tunes every "
              "member. Adapting to a new scanner: prepare its scans together with a source that has normal scans.")
     ] = None,
     freeze: Annotated[int, typer.Option(
         help="Keep the first N backbone stages fixed (5 stages in each architecture; 0: train everything).")] = 0,
-    precision: Annotated[str, typer.Option(
-        help="auto: bf16 where the CPU runs it natively (AMX, AVX512-BF16), else fp32; mixed precision on CUDA.")
-    ] = "auto",
-    memory_format: Annotated[str, typer.Option(
-        help="Tensor layout (auto: the faster one, channels-last).")] = "auto",
-    class_weights: Annotated[str, typer.Option(
-        help="How the loss balances the classes: per-source (within each source, so a source without normal "
-             "scans does not inflate the weight of BUSI's), pooled over all sources, or none.")] = "per-source",
-    data: Annotated[Optional[Path], typer.Option(help="Prepared dataset (default: the latest).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Name of the model in the cache.")] = None,
+    precision: Annotated[Precision, choice_option(Precision, help="auto: bf16 where the CPU runs it natively (AMX, "
+                                                  "AVX512-BF16), else fp32; mixed precision on CUDA.")] = Precision.auto,
+    memory_format: Annotated[MemoryFormat, choice_option(MemoryFormat, what="memory format", help="Tensor layout (auto: "
+                                                         "the faster one, channels-last).")] = MemoryFormat.auto,
+    class_weights: Annotated[ClassWeights, choice_option(ClassWeights, what="class weighting", help="How the loss "
+        "balances the classes: per-source (within each source, so a source without normal scans does not inflate "
+        "the weight of BUSI's), pooled over all sources, or none.")] = ClassWeights.per_source,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Prepared dataset (default: the latest).")] = None,
+    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="Name of the model in the cache.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--name, or the latest).")] = False,
     folds: Annotated[int, typer.Option(
         help="K-fold cross-validation over train+val (groups whole, classes stratified); 0 = off.")] = 0,
