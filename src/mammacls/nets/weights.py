@@ -69,9 +69,15 @@ def load_network(ref: ModelRef, device: str = "cpu"):
         state = load(data)
     except Exception as exc:  # safetensors' own error type
         raise MammaclsError(f"{ref.weights} is not a valid safetensors file ({str(exc)[:100]})") from None
-    net = build_network(ref.card.arch, ref.card.members, state)
+    import torch
+
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced (VGG16: seconds)
+        net = build_network(ref.card.arch, ref.card.members, state)
+    expected = net.state_dict()
+    # float16-stored kernels come back as the network's float32 (assign keeps the file's dtype otherwise)
+    state = {key: value.to(expected[key].dtype) if key in expected else value for key, value in state.items()}
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:160]
         raise MammaclsError(f"{ref.weights} does not fit a {ref.card.arch} model: {first}") from None
