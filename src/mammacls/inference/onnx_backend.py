@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from mammacls.errors import MammaclsError
@@ -30,6 +32,9 @@ class OnnxBackend:
                                 f"(run mammacls export --model {ref.spec} to rewrite it)")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:  # ONNX Runtime ignores it; a shared node's limit should hold
+            options.intra_op_num_threads = int(threads)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own error types for bad files
