@@ -10,9 +10,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # tests side by side (pytest -n): one thread each, not two busy-waiting threads per worker on 2 cores;
+    # subprocesses started by tests inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REAL_BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset_BUSI_with_GT"
 IMAGES_PER_CLASS = 14
 SIZE = (48, 40)  # width, height
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first (stable: a file stays whole and in order), so that under pytest -n the
+    long ones start at once and the short ones fill the gaps, instead of one worker finishing alone."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 def textured_image(rng: np.random.Generator, label_index: int, size=SIZE) -> np.ndarray:

@@ -48,6 +48,7 @@ def _fake_search(run: Path, dataset, img_size: int = 32) -> None:
                   str(run / f"members-scanner-mask-{part}.safetensors"))
 
 
+@pytest.mark.slow
 def test_members_become_one_calibrated_exported_model(assemble, prepared, cache, tmp_path, monkeypatch):
     from mammacls.data.prepared import load_prepared
     from mammacls.inference.onnx_backend import OnnxBackend

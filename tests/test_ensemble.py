@@ -142,6 +142,7 @@ def test_an_image_is_refused_by_an_ensemble_gate_when_every_member_finds_it_far(
     assert entry["status"] == "rejected", entry
 
 
+@pytest.mark.slow
 def test_cli_combines_repeated_runs_and_refuses_fold_models(prepared, cache, busi_dir):
     import shutil
 

@@ -118,6 +118,7 @@ def test_streamed_results_match_the_in_memory_ones(tmp_path, cache):
     assert len(records) == len(scans) + 1
 
 
+@pytest.mark.slow
 def test_kill_in_the_middle_then_resume_predicts_every_input_exactly_once(tmp_path, cache):
     scans = _scans(tmp_path / "scans", 80)
     out = tmp_path / "results.jsonl"

@@ -46,6 +46,7 @@ def test_ctrl_c_before_the_first_epoch_says_nothing_was_saved(prepared, cache, m
     assert not (cache / "models" / "early").exists()
 
 
+@pytest.mark.slow
 def test_an_unfinished_model_is_refused_by_predict_and_evaluate_unless_allowed(prepared, cache, tmp_path):
     from PIL import Image
 
@@ -80,6 +81,7 @@ def test_an_unfinished_model_is_refused_by_predict_and_evaluate_unless_allowed(p
     assert resumed.training.status == "complete" and mammacls.load_model("cut").calibrated is True
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_a_resumable_run_or_nothing(prepared, cache, monkeypatch):
     from mammacls.training import loop
 

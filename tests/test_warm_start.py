@@ -27,6 +27,7 @@ def _states(name: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_network(resolve_model(name)).state_dict().items()}
 
 
+@pytest.mark.slow
 def test_init_keeps_the_design_records_lineage_and_inherits_what_it_saw(prepared, cache, tmp_path):
     base = train_model(TrainConfig(arch="resnet18", mask_guided=True, **TINY), data_dir=prepared[0], name="base")
     other_data = tmp_path / "more"
@@ -52,6 +53,7 @@ def test_init_keeps_the_design_records_lineage_and_inherits_what_it_saw(prepared
     assert again.provenance.init["lineage"][0]["model"] == "base"
 
 
+@pytest.mark.slow
 def test_an_ensemble_init_fine_tunes_every_member_and_freeze_keeps_its_stages(prepared, cache):
     from mammacls.training.ensemble import ensemble_from_models
 
@@ -81,6 +83,7 @@ def test_an_ensemble_init_fine_tunes_every_member_and_freeze_keeps_its_stages(pr
         assert max((after[key] - before[key]).abs().max().item() for key in moving) > 1e-5
 
 
+@pytest.mark.slow
 def test_lesion_only_data_trains_from_a_model_and_only_from_one(prepared, cache, tmp_path):
     from mammacls.data.prepare import prepare_dataset
 

@@ -109,6 +109,7 @@ class _StopAfter(TrainReporter):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_equals_an_uninterrupted_run(prepared, cache):
     config = dict(arch="mobilenet_v2", pretrained=False, epochs=3, img_size=32, batch_size=16, patience=5)
     train_model(TrainConfig(**config), data_dir=prepared[0], name="full")
