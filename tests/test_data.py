@@ -226,3 +226,15 @@ def test_manifest_paths_are_relative_so_a_prepared_dataset_can_move(prepared, tm
     assert all(Path(r["path"]).is_file() for r in there.rows)
     assert here.manifest_sha256 == there.manifest_sha256
     assert np.array_equal(here.load_image(here.rows[0]), there.load_image(there.rows[0]))
+
+
+def test_manifest_rows_have_exactly_the_typed_columns(prepared):
+    """The manifest is written in ManifestRow's column order and read back with exactly its keys."""
+    from mammacls.data.prepared import ManifestRow
+
+    with open(prepared[0] / "manifest.csv", newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle))
+    assert tuple(header) == tuple(ManifestRow.__annotations__)
+    rows = load_prepared(prepared[0]).rows
+    assert rows and all(set(row) == set(ManifestRow.__annotations__) for row in rows)
+    assert all(int(row["width"]) > 0 and int(row["height"]) > 0 for row in rows)

@@ -35,14 +35,10 @@ from mammacls.data.dedup import (
 from mammacls.data.sources import (
     ImageRecord, ScanResult, Source, absent_classes, open_source, relative_or_absolute, scan_source,
 )
-from mammacls.data.prepared import MANIFEST_NAME, SPLITS, SUMMARY_NAME, dataset_lock_key
+from mammacls.data.prepared import MANIFEST_COLUMNS, MANIFEST_NAME, SPLITS, SUMMARY_NAME, dataset_lock_key
 from mammacls.store import atomic_write_json, cache_lock, current_umask, datasets_dir, record_latest_dataset, sha256_file
 
 OVERVIEW_NAME = "overview.png"
-MANIFEST_COLUMNS = (
-    "path", "label", "split", "group_id", "sha256", "file_sha256",
-    "width", "height", "mask_paths", "cache_file", "mask_file", "source", "patient",
-)
 
 # ---------------------------------------------------------------- decoding ---
 

@@ -8,6 +8,7 @@ import contextlib
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -21,6 +22,29 @@ MANIFEST_NAME = "manifest.csv"
 SUMMARY_NAME = "summary.json"
 
 
+class ManifestRow(TypedDict):
+    """One image of a prepared dataset: a line of ``manifest.csv``, in its column order. Every value is
+    the CSV's string (width and height too); read back, paths are absolute and ``source``/``patient``
+    are filled in for manifests of earlier versions."""
+
+    path: str
+    label: str
+    split: str
+    group_id: str
+    sha256: str  # of the decoded pixels
+    file_sha256: str
+    width: str
+    height: str
+    mask_paths: str  # ";"-separated
+    cache_file: str  # the decoded pixels, relative to the dataset folder
+    mask_file: str  # the bit-packed mask union, or ""
+    source: str
+    patient: str
+
+
+MANIFEST_COLUMNS = tuple(ManifestRow.__annotations__)
+
+
 def dataset_lock_key(prepared_dir: Path) -> str:
     return f"dataset-{Path(prepared_dir).resolve().name}"
 
@@ -28,24 +52,24 @@ def dataset_lock_key(prepared_dir: Path) -> str:
 @dataclass
 class PreparedDataset:
     root: Path
-    rows: list[dict[str, str]]
+    rows: list[ManifestRow]
     summary: dict
     manifest_sha256: str
 
-    def split(self, name: str) -> list[dict[str, str]]:
+    def split(self, name: str) -> list[ManifestRow]:
         return [row for row in self.rows if row["split"] == name]
 
     def source_names(self) -> list[str]:
         """The sources in manifest order."""
         return list(dict.fromkeys(row["source"] for row in self.rows))
 
-    def load_image(self, row: dict[str, str]) -> np.ndarray:
+    def load_image(self, row: ManifestRow) -> np.ndarray:
         cached = self.root / row["cache_file"]
         if cached.is_file():
             return np.load(cached, allow_pickle=False)
         return load_grayscale(Path(row["path"]))
 
-    def load_mask(self, row: dict[str, str]) -> np.ndarray:
+    def load_mask(self, row: ManifestRow) -> np.ndarray:
         shape = (int(row["height"]), int(row["width"]))
         if not row.get("mask_file"):
             return np.zeros(shape, dtype=np.uint8)

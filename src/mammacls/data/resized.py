@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mammacls.data.dedup import perceptual_hash, phash_to_hex, thumbnail
+from mammacls.data.prepared import ManifestRow
 from mammacls.inference.images import resize_square
 from mammacls.store import atomic_path, atomic_write_json
 
@@ -35,7 +36,7 @@ class ResizedImages:
     thumbs: np.ndarray  # N x 32 x 32 uint8 thumbnails of the full-size images (dedup.thumbnail)
     positions: dict[str, int]  # manifest path -> row position
 
-    def rows(self, rows: list[dict[str, str]]) -> np.ndarray:
+    def rows(self, rows: list[ManifestRow]) -> np.ndarray:
         return np.array([self.positions[row["path"]] for row in rows], dtype=np.int64)
 
     def masks(self, positions: np.ndarray) -> np.ndarray:

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 
 from mammacls import CLASSES
-from mammacls.data.prepared import PreparedDataset
+from mammacls.data.prepared import ManifestRow, PreparedDataset
 from mammacls.training.distributed import World, sum_over_ranks, wrap_for_training
 from mammacls.errors import MammaclsError, param
 from mammacls.nets.networks import forward_with_lesion, members_of, normalise
 from mammacls.training.config import TrainConfig
 
 
-def load_rows(dataset: PreparedDataset, rows: list[dict[str, str]], size: int, fingerprints: dict[str, list]):
+def load_rows(dataset: PreparedDataset, rows: list[ManifestRow], size: int, fingerprints: dict[str, list]):
     """Resized images and labels of ``rows`` (from the dataset's cache at ``size``); records each
     image's fingerprints (pixel sha256, perceptual hash, thumbnail) and name (``source:file``)."""
     from mammacls.data.resized import resized_images
@@ -49,7 +49,7 @@ class FittingImages:
     fingerprints: dict[str, list] = field(default_factory=dict)
 
 
-def load_fitting_images(dataset: PreparedDataset, train_rows: list[dict[str, str]], val_rows: list[dict[str, str]],
+def load_fitting_images(dataset: PreparedDataset, train_rows: list[ManifestRow], val_rows: list[ManifestRow],
                         size: int) -> FittingImages:
     fingerprints: dict[str, list] = {"sha256": [], "phash": []}
     train_x, train_y = load_rows(dataset, train_rows, size, fingerprints)
@@ -57,7 +57,7 @@ def load_fitting_images(dataset: PreparedDataset, train_rows: list[dict[str, str
     return FittingImages(train_x, train_y, val_x, val_y, fingerprints)
 
 
-def load_masks(dataset: PreparedDataset, rows: list[dict[str, str]], size: int):
+def load_masks(dataset: PreparedDataset, rows: list[ManifestRow], size: int):
     """Lesion masks (N x S x S, uint8 0/1) resized like the images, and whether each is known.
 
     A normal image's mask is empty; a benign or malignant image without a mask file has an

@@ -10,7 +10,7 @@ import numpy as np
 
 from mammacls.errors import MammaclsError, param
 from mammacls.inference.card import ModelCard
-from mammacls.data.prepared import PreparedDataset, load_prepared
+from mammacls.data.prepared import ManifestRow, PreparedDataset, load_prepared
 
 
 def rows_for(dataset: PreparedDataset, split_rows: dict[str, list[str]] | None):
@@ -71,14 +71,14 @@ def training_dataset(ref) -> PreparedDataset:
     return dataset
 
 
-def data_summary(dataset: PreparedDataset, train_rows: list[dict[str, str]],
-                 val_rows: list[dict[str, str]]) -> dict[str, Any]:
+def data_summary(dataset: PreparedDataset, train_rows: list[ManifestRow],
+                 val_rows: list[ManifestRow]) -> dict[str, Any]:
     """A model card's ``provenance.data``: which prepared dataset, how many images per source and class."""
     return {"manifest_sha256": dataset.manifest_sha256, "train_images": len(train_rows),
             "val_images": len(val_rows), "sources": source_counts(train_rows, val_rows)}
 
 
-def training_data_record(train_rows: list[dict[str, str]], val_rows: list[dict[str, str]],
+def training_data_record(train_rows: list[ManifestRow], val_rows: list[ManifestRow],
                          fingerprints: dict[str, list]) -> dict[str, Any]:
     """The ``training_data`` sidecar: which duplicate groups and pixels the model trained and was selected
     on (evaluate's overlap guard, calibrate's dataset check)."""
@@ -86,7 +86,7 @@ def training_data_record(train_rows: list[dict[str, str]], val_rows: list[dict[s
             "train_val_fingerprints": fingerprints}
 
 
-def source_counts(train_rows: list[dict[str, str]], val_rows: list[dict[str, str]]) -> dict[str, dict]:
+def source_counts(train_rows: list[ManifestRow], val_rows: list[ManifestRow]) -> dict[str, dict]:
     """Images per source and class in train and val (a source may lack a class: BUS-BRA has no normal)."""
     counts: dict[str, dict] = {}
     for split, rows in (("train", train_rows), ("val", val_rows)):
