@@ -25,7 +25,7 @@ def blob_image(rng, bright: bool, centre=None, radius=7):
     return img.astype(np.uint8)
 
 
-def train_blob_model(arch: str, steps: int = 60):
+def train_blob_model(arch: str, steps: int = 40):
     """Class 1 ('malignant') when a bright blob is present, class 0 otherwise."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
