@@ -61,25 +61,34 @@ class ClassFigures(Record):
 
 
 @dataclass(frozen=True)
-class MalignantFigures(Record):
-    """Malignant vs the rest: at the argmax, and at the validation threshold for 90 % specificity."""
+class Spec90Point:
+    """Malignant vs the rest at the threshold that gave 90 % specificity on the validation split."""
+    threshold: float
     sensitivity: float | None
     specificity: float | None
-    threshold_spec90: float | None = None
-    sensitivity_at_spec90: float | None = None
-    specificity_at_spec90: float | None = None
+    sensitivity_ci95: Interval | None = None
+
+
+@dataclass(frozen=True)
+class MalignantFigures:
+    """Malignant vs the rest: at the argmax, and at the validation threshold for 90 % specificity when the
+    model has one."""
+    sensitivity: float | None
+    specificity: float | None
     sensitivity_ci95: Interval | None = None
     specificity_ci95: Interval | None = None
-    sensitivity_at_spec90_ci95: Interval | None = None
-
-    @property
-    def has_threshold(self) -> bool:
-        return self.threshold_spec90 is not None
+    at_spec90: Spec90Point | None = None
 
     def to_record(self) -> dict[str, Any]:
-        optional = () if self.has_threshold else ("threshold_spec90", "sensitivity_at_spec90",
-                                                  "specificity_at_spec90", "sensitivity_at_spec90_ci95")
-        return _record(self, skip_none=optional)
+        """Flat, in the key order of mammacls-evaluation/1; the threshold's figures only when there is one."""
+        at = self.at_spec90
+        at_spec90 = {} if at is None else {"threshold_spec90": at.threshold, "sensitivity_at_spec90": at.sensitivity,
+                                           "specificity_at_spec90": at.specificity}
+        record = {"sensitivity": self.sensitivity, "specificity": self.specificity, **at_spec90,
+                  "sensitivity_ci95": _plain(self.sensitivity_ci95), "specificity_ci95": _plain(self.specificity_ci95)}
+        if at is not None:
+            record["sensitivity_at_spec90_ci95"] = _plain(at.sensitivity_ci95)
+        return record
 
 
 @dataclass(frozen=True)
@@ -149,14 +158,12 @@ class SelectiveFigures(Record):
 
 @dataclass(frozen=True)
 class SourcePoint:
-    """Point figures of one source (only the classes it holds), or their intervals (then each field is an
+    """Point figures of one source (only the classes it holds), or their intervals (then each figure is an
     Interval, under the same name)."""
     accuracy: Any = None
     macro_f1: Any = None
     roc_auc_macro: Any = None
-    recall_benign: Any = None
-    recall_malignant: Any = None
-    recall_normal: Any = None
+    recall: dict[str, Any] = field(default_factory=dict)  # by class the source holds (``recall_<class>``)
     malignant_auc: Any = None
     malignant_sensitivity: Any = None
     malignant_specificity: Any = None
@@ -165,14 +172,20 @@ class SourcePoint:
     malignant_specificity_at_val_threshold: Any = None
     present: tuple[str, ...] = field(default=(), compare=False)  # the figures computed (the JSON's keys)
 
+    RECALL: ClassVar[str] = "recall_"
+
     @classmethod
     def from_figures(cls, figures: dict[str, Any], intervals: bool = False) -> SourcePoint:
-        names = {f.name for f in fields(cls)} - {"present"}
-        known = {k: (as_interval(v) if intervals else v) for k, v in figures.items() if k in names}
-        return cls(**known, present=tuple(known))
+        names = {f.name for f in fields(cls)} - {"present", "recall"}
+        value = as_interval if intervals else (lambda figure: figure)
+        known = {k: value(v) for k, v in figures.items() if k in names}
+        recall = {k[len(cls.RECALL):]: value(v) for k, v in figures.items() if k.startswith(cls.RECALL)}
+        present = tuple(k for k in figures if k in names or k.startswith(cls.RECALL))
+        return cls(**known, recall=recall, present=present)
 
     def to_record(self) -> dict[str, Any]:
-        return {name: _plain(getattr(self, name)) for name in self.present}
+        return {name: _plain(self.recall[name[len(self.RECALL):]] if name.startswith(self.RECALL)
+                             else getattr(self, name)) for name in self.present}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from mammacls.evaluation.metrics import compute_metrics
 from mammacls.evaluation.results import (
     GROUP_COLUMNS, Bootstrap, CalibrationFigures, CalibrationScores, ClassFigures, GroupRow, GroupSummary,
     HeadlineIntervals, MalignantFigures, MeanStd, Metrics, ModelResult, RejectedImage, ReliabilityBin,
-    SelectiveFigures, SourceFigures, as_interval,
+    SelectiveFigures, SourceFigures, Spec90Point, as_interval,
 )
 from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import ModelRef
@@ -28,10 +28,12 @@ def metrics_from_figures(figures: dict[str, Any], malignant: dict[str, Any], ci:
     per_class = {c: ClassFigures(**figures["per_class"][c], recall_ci95=as_interval(ci.get(f"recall_{c}")),
                                  precision_ci95=as_interval(ci.get(f"precision_{c}"))) for c in CLASSES}
     threshold = malignant.get("threshold_spec90")
-    mal = MalignantFigures(**malignant, sensitivity_ci95=as_interval(ci.get("malignant_sensitivity")),
-                           specificity_ci95=as_interval(ci.get("malignant_specificity")),
-                           sensitivity_at_spec90_ci95=(as_interval(ci.get("malignant_sensitivity_at_spec90"))
-                                                       if threshold is not None else None))
+    at_spec90 = None if threshold is None else Spec90Point(
+        threshold, malignant["sensitivity_at_spec90"], malignant["specificity_at_spec90"],
+        as_interval(ci.get("malignant_sensitivity_at_spec90")))
+    mal = MalignantFigures(malignant["sensitivity"], malignant["specificity"],
+                           sensitivity_ci95=as_interval(ci.get("malignant_sensitivity")),
+                           specificity_ci95=as_interval(ci.get("malignant_specificity")), at_spec90=at_spec90)
     headline = HeadlineIntervals(**{k: as_interval(ci.get(k)) for k in ("accuracy", "macro_f1", "roc_auc_macro")})
     cal = CalibrationFigures(calibration["temperature"], calibration["applied"],
                              CalibrationScores(**calibration["before"]), CalibrationScores(**calibration["after"]),

@@ -50,8 +50,9 @@ def describe_malignant(mal: MalignantFigures) -> str:
     """One sentence on the malignant-vs-rest operating points, with intervals."""
     text = (f"malignant vs rest: sensitivity {format_ci(mal.sensitivity, mal.sensitivity_ci95)}, "
             f"specificity {format_ci(mal.specificity, mal.specificity_ci95)}")
-    if mal.has_threshold:
-        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {mal.threshold_spec90:.3f}): "
-                 f"sensitivity {format_ci(mal.sensitivity_at_spec90, mal.sensitivity_at_spec90_ci95)}, "
-                 f"specificity {format_ci(mal.specificity_at_spec90, None)}")
+    at = mal.at_spec90
+    if at is not None:
+        text += (f"; at the threshold giving 90% specificity on validation (p ≥ {at.threshold:.3f}): "
+                 f"sensitivity {format_ci(at.sensitivity, at.sensitivity_ci95)}, "
+                 f"specificity {format_ci(at.specificity, None)}")
     return text
