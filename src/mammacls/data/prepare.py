@@ -57,15 +57,18 @@ def _decode_one(record: ImageRecord, cache_path: Path, mask_cache_path: Path) ->
     np.save(cache_path, gray)
     problems = []
     good_masks = []
+    union = None  # each mask decoded once: checked, then ORed in
     for mask in record.mask_paths:
         try:
-            load_mask_union([mask], gray.shape, **crop)
-            good_masks.append(mask)
+            one = load_mask_union([mask], gray.shape, **crop)
         except (ImageReadError, OSError, ValueError) as exc:
             problems.append({"path": str(mask), "reason": f"mask skipped: {exc}"})
+            continue
+        good_masks.append(mask)
+        union = one if union is None else union | one
     record.mask_paths = good_masks
-    if good_masks:
-        np.save(mask_cache_path, np.packbits(load_mask_union(good_masks, gray.shape, **crop), axis=None))
+    if union is not None:
+        np.save(mask_cache_path, np.packbits(union, axis=None))
     return problems
 
 

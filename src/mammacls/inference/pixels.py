@@ -60,7 +60,10 @@ def check_dimensions(width: int, height: int, *, what: str = "image", before_dec
 def colour_fraction_rgb(rgb: np.ndarray) -> float:
     """``colour_fraction`` of an H x W x 3 uint8 array."""
     sample = rgb[::4, ::4].astype(np.int16)  # a share: every 4th pixel will do
-    return float(((sample.max(axis=2) - sample.min(axis=2)) > CHROMA_LIMIT).mean())
+    red, green, blue = sample[..., 0], sample[..., 1], sample[..., 2]
+    # channel by channel: max/min along a length-3 axis is ~20x slower in numpy (2.5 ms for a BUSI scan)
+    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return float((spread > CHROMA_LIMIT).mean())
 
 
 def read_error(exc: BaseException, doing: str) -> ImageReadError:
