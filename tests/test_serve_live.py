@@ -2,6 +2,7 @@
 browser (Debian's chromium + chromium-driver, which .ci/run installs) driving the page."""
 
 import csv
+import io
 import os
 import shutil
 import signal
@@ -59,18 +60,38 @@ def _upload(*paths: Path):
     return [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
 
 
+class _LastUpload(io.BytesIO):
+    """The last file of a request: once httpx has read it to its end, the whole body has been sent."""
+
+    def __init__(self, data: bytes, sent: threading.Event):
+        super().__init__(data)
+        self.sent = sent
+
+    def read(self, *args) -> bytes:
+        chunk = super().read(*args)
+        if not chunk:
+            self.sent.set()
+        return chunk
+
+
 def test_sigterm_lets_requests_in_flight_finish(tmp_path):
     server = Server(tmp_path / "cache")
     scans = sorted(EXAMPLES.glob("*.png")) * 10  # 30 scans: a second or more of network time
     answer: dict = {}
+    sent = threading.Event()
+    files = _upload(*scans)
+    name, data, kind = files[-1][1]
+    files[-1] = ("files", (name, _LastUpload(data, sent), kind))
 
     def post() -> None:
-        answer["response"] = httpx.post(f"{server.url}/v1/predict", files=_upload(*scans), timeout=120)
+        answer["response"] = httpx.post(f"{server.url}/v1/predict", files=files, timeout=120)
 
     try:
         client = threading.Thread(target=post)
         client.start()
-        time.sleep(0.4)  # the request is in flight
+        # in flight: the whole request sent (a fixed sleep was too short on a loaded machine)
+        assert sent.wait(timeout=60), "the request was never sent"
+        time.sleep(0.2)
         code = server.stop()
         client.join(timeout=120)
     finally:
