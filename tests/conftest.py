@@ -23,11 +23,9 @@ SIZE = (48, 40)  # width, height
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker more than the CPUs this process may use (measured on 2 cores: 7:48 with 3
     workers, 8:13 with 2): while one waits on a child process, a server or a browser, the others compute."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return cpus + 1
+    from mammacls.nets.compute import usable_cpus  # affinity and a container's CPU quota
+
+    return usable_cpus() + 1
 
 
 def pytest_collection_modifyitems(config, items):

@@ -70,14 +70,21 @@ class Augmentation(Choice):
 
 C = TypeVar("C", bound=Choice)
 
+# How a message names a kind of choice, where its class name would not say it
+WORDS: dict[type[Choice], str] = {Arch: "architecture", MemoryFormat: "memory format", ClassWeights: "class weighting"}
+
+
+def choice_word(kind: type[Choice]) -> str:
+    return WORDS.get(kind, kind.__name__.lower())
+
 
 def _squash(text: str) -> str:
     return "".join(ch for ch in str(text).lower() if ch.isalnum())
 
 
-def parse_choice(kind: type[C], value: str | C, parameter: str, what: str | None = None) -> C:
+def parse_choice(kind: type[C], value: str | C, parameter: str) -> C:
     """The member of ``kind`` that ``value`` spells; else a :class:`MammaclsError` about ``parameter``
-    ("unknown <what> 'x': choose one of a, b, c (did you mean b?)")."""
+    ("unknown <choice_word(kind)> 'x': choose one of a, b, c (did you mean b?)")."""
     if isinstance(value, kind):
         return value
     by_squashed = {_squash(member.value): member for member in kind}
@@ -85,11 +92,11 @@ def parse_choice(kind: type[C], value: str | C, parameter: str, what: str | None
         return by_squashed[_squash(value)]
     close = difflib.get_close_matches(_squash(value), list(by_squashed), n=1, cutoff=0.6)
     hint = f" (did you mean {by_squashed[close[0]].value}?)" if close else ""
-    raise MammaclsError(f"unknown {what or parameter} {str(value)!r}: choose one of {', '.join(kind.values())}{hint}",
+    raise MammaclsError(f"unknown {choice_word(kind)} {str(value)!r}: choose one of {', '.join(kind.values())}{hint}",
                         parameter=parameter)
 
 
 def check_arch(arch: str) -> str:
     """The architecture ``arch`` names, in any obvious spelling (``VGG16``, ``MobileNet-V2``); a close
     match is suggested for a typo."""
-    return parse_choice(Arch, arch, "arch", what="architecture").value
+    return parse_choice(Arch, arch, "arch").value

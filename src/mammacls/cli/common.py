@@ -87,13 +87,13 @@ def _emit_json(document: Any) -> None:
     sys.stdout.flush()
 
 
-def choice_option(kind: type[Choice], help: str, what: str | None = None, **settings: Any) -> Any:
+def choice_option(kind: type[Choice], help: str, **settings: Any) -> Any:
     """An option whose value is a member of ``kind``: --help lists the Enum's values once, as the metavar;
     any obvious spelling is accepted (``VGG16``, ``MobileNet-V2``) and a typo gets one line with the
     closest choice, through Typer's own ``parser`` hook."""
     def parse(value: Any) -> Choice:
         try:
-            return parse_choice(kind, value, kind.__name__.lower(), what=what)
+            return parse_choice(kind, value, kind.__name__.lower())
         except MammaclsError as exc:
             raise typer.BadParameter(str(exc)) from None
 

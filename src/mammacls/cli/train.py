@@ -83,7 +83,7 @@ def _interrupt_on_sigterm(signum, frame) -> None:
 @app.command()
 def train(
     arch: Annotated[Optional[Arch], choice_option(
-        Arch, what="architecture", help=f"The network (default {DEFAULT_ARCH}; with --init, the model's).")] = None,
+        Arch, help=f"The network (default {DEFAULT_ARCH}; with --init, the model's).")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from ImageNet weights (torch hub cache).")] = True,
     imagenet_weights: Annotated[str, typer.Option(metavar="auto|VARIANT|FILE", help=(
         "Which ImageNet weights: auto (torchvision's default, or a variant already in the torch hub cache), a "
@@ -99,7 +99,7 @@ def train(
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val macro-F1.")] = 10,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = 0.0,
     augment: Annotated[Optional[Augmentation], choice_option(
-        Augmentation, what="augmentation", help="Augmentation (default standard; with --init, scanner): strong adds gamma and speckle; scanner, "
+        Augmentation, help="Augmentation (default standard; with --init, scanner): strong adds gamma and speckle; scanner, "
              "the shipped model's, zooms out and varies gain, TGC, blur, resolution, speckle, burned-in marks "
              "(batched on the device).")] = None,
     mask_guided: Annotated[Optional[bool], typer.Option(
@@ -115,9 +115,9 @@ def train(
         help="Keep the first N backbone stages fixed (5 stages in each architecture; 0: train everything).")] = 0,
     precision: Annotated[Precision, choice_option(Precision, help="auto: bf16 where the CPU runs it natively (AMX, "
                                                   "AVX512-BF16), else fp32; mixed precision on CUDA.")] = Precision.auto,
-    memory_format: Annotated[MemoryFormat, choice_option(MemoryFormat, what="memory format", help="Tensor layout (auto: "
+    memory_format: Annotated[MemoryFormat, choice_option(MemoryFormat, help="Tensor layout (auto: "
                                                          "the faster one, channels-last).")] = MemoryFormat.auto,
-    class_weights: Annotated[ClassWeights, choice_option(ClassWeights, what="class weighting", help="How the loss "
+    class_weights: Annotated[ClassWeights, choice_option(ClassWeights, help="How the loss "
         "balances the classes: per-source (within each source, so a source without normal scans does not inflate "
         "the weight of BUSI's), pooled over all sources, or none.")] = ClassWeights.per_source,
     data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Prepared dataset (default: the latest).")] = None,

@@ -90,7 +90,7 @@ def choose_compute(arch: str, device: str, precision: str | Precision = "auto",
     backends must agree within 1e-4, which bf16 would break.
     """
     precision = parse_choice(Precision, precision, "precision")
-    memory_format = parse_choice(MemoryFormat, memory_format, "memory_format", what="memory format")
+    memory_format = parse_choice(MemoryFormat, memory_format, "memory_format")
     spec = ARCH_SPECS[arch]
     cuda = device.startswith("cuda")
     if memory_format == MemoryFormat.auto:

@@ -74,8 +74,8 @@ class TrainConfig:
         self.mask_guided = bool(self.mask_guided)
         self.device = parse_choice(Device, self.device, "device").value
         self.precision = parse_choice(Precision, self.precision, "precision").value
-        self.memory_format = parse_choice(MemoryFormat, self.memory_format, "memory_format", what="memory format").value
-        self.class_weights = parse_choice(ClassWeights, self.class_weights, "class_weights", what="class weighting").value
+        self.memory_format = parse_choice(MemoryFormat, self.memory_format, "memory_format").value
+        self.class_weights = parse_choice(ClassWeights, self.class_weights, "class_weights").value
         if self.lr is None:
             self.lr = INIT_LR if self.init else DEFAULT_LR
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
