@@ -40,3 +40,19 @@ def test_auc_is_none_when_a_class_is_absent():
     m = compute_metrics(y, probs)
     assert m["per_class"]["normal"]["roc_auc"] is None
     assert m["roc_auc_macro"] == pytest.approx(1.0)
+
+
+def test_the_bootstraps_auc_equals_scikit_learns_ties_included():
+    from mammacls.evaluation.metrics import _fast_auc
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        n = int(rng.integers(5, 300))
+        positive = rng.random(n) < rng.uniform(0.1, 0.9)
+        score = np.round(rng.random(n), 1 + trial % 4)  # coarse rounding: many ties
+        if positive.all() or not positive.any():
+            assert _fast_auc(positive, score) is None
+            continue
+        assert _fast_auc(positive, score) == pytest.approx(roc_auc_score(positive, score), abs=1e-12)
+    assert _fast_auc(np.array([True, False, True]), np.array([0.9, 0.1, 0.5])) == 1.0
+    assert _fast_auc(np.array([True, False]), np.array([0.5, 0.5])) == 0.5

@@ -142,15 +142,17 @@ def _rate(hit: np.ndarray, among: np.ndarray) -> float | None:
 
 
 def _fast_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
-    """ROC-AUC by the rank-sum (Mann-Whitney) formula, ties counted half."""
-    from scipy.stats import rankdata
-
+    """ROC-AUC as the Mann-Whitney statistic: the share of (positive, negative) pairs the score orders
+    right, ties counted half; each positive's place among the sorted negatives (6-8x faster than ranking
+    everything with scipy, which the bootstrap does a thousand times per figure)."""
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    negatives, positives = np.sort(score[~positive]), score[positive]
+    below = np.searchsorted(negatives, positives, "left").sum()  # negatives strictly below
+    below_or_tied = np.searchsorted(negatives, positives, "right").sum()
+    return float((below + below_or_tied) / 2 / (n_pos * n_neg))
 
 
 def _class_rates(y: np.ndarray, pred: np.ndarray):
