@@ -179,9 +179,12 @@ def test_predict_uses_the_shipped_model_unless_another_is_chosen(cache):
         resolve_model("strnog")
 
 
-def test_vgg16_on_cpu_prints_a_time_estimate():
-    from mammacls.nets.compute import choose_compute
-    from mammacls.training.loop import estimate_cpu_time
+def test_vgg16_on_cpu_prints_a_time_estimate_from_the_runs_own_second_step():
+    from mammacls.nets.compute import Compute
+    from mammacls.training.batches import EpochRunner
+    from mammacls.training.distributed import SINGLE
+    from mammacls.training.loop import cpu_time_estimate
+    from mammacls.training.loss import ClassWeightedLoss
 
     messages = []
 
@@ -189,14 +192,29 @@ def test_vgg16_on_cpu_prints_a_time_estimate():
         def message(self, text):
             messages.append(text)
 
-    net = build_model("mobilenet_v2")
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    optimizer = torch.optim.AdamW(net.parameters())
-    images = np.zeros((8, 32, 32), dtype=np.uint8)
-    compute = choose_compute("mobilenet_v2", "cpu")
-    estimate_cpu_time(net, compute, optimizer, TrainConfig(arch="vgg16", img_size=32, epochs=5), images, 4, Capture())
-    assert len(messages) == 1 and "min per epoch for vgg16 at 32 px" in messages[0]
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the probe changed nothing
+    config = TrainConfig(arch="vgg16", img_size=32, epochs=5, batch_size=8)
+    cpu_time_estimate(config, batches=10, n_val=24, reporter=Capture())(3.0)  # 30 s + 3 s of validation
+    assert messages == ["CPU time estimate: about 0.6 min per epoch for vgg16 at 32 px (3 min for 5 epochs); "
+                        "a smaller --img-size or a CUDA GPU is faster"]
+    fast = TrainConfig(arch="resnet18", img_size=32, epochs=5, batch_size=8)
+    cpu_time_estimate(fast, batches=10, n_val=24, reporter=Capture())(3.0)  # 33 s an epoch: not worth a word
+    cpu_time_estimate(fast, batches=10, n_val=24, reporter=Capture())(6.0)  # 66 s: it is
+    assert len(messages) == 2 and "about 1.1 min per epoch for resnet18" in messages[1]
+    # the runner times its own second step once (the first pays one-off costs), preparation included
+    timed = []
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    labels = np.arange(24) % 3
+    runner = EpochRunner(TrainConfig(arch="resnet18", batch_size=8, img_size=12), SINGLE,
+                         Compute("cpu", "fp32", "contiguous"), net,
+                         ClassWeightedLoss("none", labels, np.zeros(len(labels)), label_smoothing=0.0),
+                         torch.optim.SGD(net.parameters(), lr=0.1), np.zeros((24, 12, 12), dtype=np.uint8), labels,
+                         None, None)
+    runner.on_step_timed = timed.append
+    for epoch in (1, 2):
+        runner.run(epoch, TrainReporter())
+    assert len(timed) == 1 and 0.0 < timed[0] < 30.0
 
 
 def test_progress_shows_the_steps_after_the_last_epoch(prepared, cache):

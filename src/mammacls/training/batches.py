@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -198,6 +198,10 @@ class EpochRunner:
         self.threads = (ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
                         if cuda and self.augment is not None else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and compute.precision == "fp16")
+        # called once with the seconds of this runner's second step, its inputs' preparation included
+        # (the first step pays one-off costs): what the run's steps really cost, measured for free
+        self.on_step_timed: Callable[[float], None] | None = None
+        self._steps = 0
 
     def run(self, epoch: int, reporter) -> tuple[float, float, int]:
         """Mean training loss over every process's images, this epoch's training seconds, and how many
@@ -211,6 +215,7 @@ class EpochRunner:
         self.sampler.set_epoch(epoch)
         order = np.fromiter(self.sampler, dtype=np.int64)
         total_loss, seen = 0.0, 0
+        step_started = time.perf_counter()
         for picked, (inputs, masks) in self._batches(order):
             targets = torch.from_numpy(self.labels[picked]).to(self.device)
             weights = torch.from_numpy(self.image_weights[picked]).to(self.device)
@@ -230,7 +235,11 @@ class EpochRunner:
             self.scaler.update()
             total_loss += loss * len(picked)
             seen += len(picked)
+            self._steps += 1
+            if self._steps == 2 and self.on_step_timed is not None:
+                self.on_step_timed(time.perf_counter() - step_started)
             reporter.batch_done(epoch, loss)
+            step_started = time.perf_counter()
         loss_sum, count = sum_over_ranks([total_loss, float(seen)], self.current)
         return loss_sum / count, time.perf_counter() - started, int(count)
 

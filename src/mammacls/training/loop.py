@@ -30,8 +30,7 @@ from mammacls.inference.probabilities import softmax
 from mammacls.evaluation.metrics import compute_metrics
 from mammacls.nets.compute import Compute, choose_compute, to_layout
 from mammacls.nets.networks import (
-    frozen_modules, members_of, normalise,
-    predict_lesion_maps, predict_proba, resolve_device,
+    frozen_modules, predict_lesion_maps, predict_proba, resolve_device,
 )
 from mammacls.store import cache_lock, check_model_name, models_dir
 from mammacls.training.batches import EpochRunner, lesion_dice
@@ -246,8 +245,7 @@ def _run_epochs(run: _Run, reporter: TrainReporter) -> None:
                              f"knows of them comes from {init['model']} alone and may fade; mix in a source that has "
                              "them (mammacls prepare Dataset_BUSI_with_GT hospital=scans.csv)")
     if run.device == "cpu" and first_epoch <= config.epochs and not run.current.distributed:
-        estimate_cpu_time(run.net, run.compute, run.optimizer, config, run.data["train_x"], len(run.data["val_y"]),
-                          reporter)
+        run.step.on_step_timed = cpu_time_estimate(config, run.step.batches, len(run.data["val_y"]), reporter)
     reporter.run_started(run.name, first_epoch, config.epochs, run.step.batches)
     since_best = first_epoch - 1 - run.best["epoch"] if run.best["epoch"] else 0
     for epoch in range(first_epoch, config.epochs + 1):
@@ -344,33 +342,16 @@ def _finalise(run: _Run, reporter: TrainReporter, export: bool) -> ModelCard:
     return final
 
 
-def estimate_cpu_time(net, compute: Compute, optimizer, config, train_x, n_val: int, reporter) -> None:
-    """Time one training step, as the run will take it, and say what an epoch will cost when it is slow."""
-    import torch
+def cpu_time_estimate(config, batches: int, n_val: int, reporter):
+    """For the run's own second training step (the first pays one-off costs): from its seconds, what
+    an epoch will cost, said when that is slow. No extra step is taken to measure it."""
+    def timed(seconds: float) -> None:
+        per_epoch = seconds * batches + seconds / 3 * (n_val / config.batch_size)  # validation: forward only
+        if per_epoch > SLOW_EPOCH_SECONDS or ARCH_SPECS[config.arch].slow_on_cpu:
+            reporter.message(
+                f"CPU time estimate: about {per_epoch / 60:.1f} min per epoch for {config.arch} at "
+                f"{config.img_size} px ({per_epoch * config.epochs / 60:.0f} min for {config.epochs} epochs); "
+                "a smaller --img-size or a CUDA GPU is faster"
+            )
 
-    size = min(config.batch_size, len(train_x))
-    inputs = normalise(torch.from_numpy(train_x[:size]).unsqueeze(1).float() / 255.0)
-    inputs = inputs.contiguous(memory_format=compute.torch_memory_format)
-    targets = torch.zeros(size, dtype=torch.long)
-    saved = {k: v.clone() for k, v in net.state_dict().items()}
-    net.train()
-
-    def step() -> None:
-        with compute.autocast():
-            loss = sum(torch.nn.functional.cross_entropy(member(inputs).float(), targets) for member in members_of(net))
-        loss.backward()
-
-    with torch.random.fork_rng(devices=[]):  # dropout here must not shift the run's random stream
-        step()  # warm-up: the first step pays one-off costs
-        started = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - started
-    optimizer.zero_grad(set_to_none=True)
-    net.load_state_dict(saved)  # the timing step must not change the model (BN statistics)
-    per_epoch = seconds * (len(train_x) / size) * 1.15 + seconds / 3 * (n_val / size)
-    if per_epoch > SLOW_EPOCH_SECONDS or ARCH_SPECS[config.arch].slow_on_cpu:
-        reporter.message(
-            f"CPU time estimate: about {per_epoch / 60:.1f} min per epoch for {config.arch} at "
-            f"{config.img_size} px ({per_epoch * config.epochs / 60:.0f} min for {config.epochs} epochs); "
-            "a smaller --img-size or a CUDA GPU is faster"
-        )
+    return timed
