@@ -21,8 +21,10 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def write_hospital_csv(busbra: Path, target: Path, patients: int | None = None) -> Path:
-    """Write the CSV of ``patients`` (all when None) patients of BUS-BRA's test split to ``target``."""
+def write_hospital_csv(busbra: Path, target: Path, patients: int | None = None, prepared: Path | None = None) -> Path:
+    """Write the CSV of ``patients`` (all when None) patients of BUS-BRA's test split to ``target``.
+    ``prepared``: a prepared dataset that holds BUS-BRA (a source's split does not depend on what else
+    was prepared with it); by default BUS-BRA is prepared alone in a throwaway cache."""
     import os
     import tempfile
 
@@ -30,17 +32,21 @@ def write_hospital_csv(busbra: Path, target: Path, patients: int | None = None) 
     from mammacls.data.prepared import load_prepared
 
     with tempfile.TemporaryDirectory(prefix="mammacls-hospital-") as scratch:
-        previous = os.environ.get("MAMMACLS_CACHE_DIR")
-        os.environ["MAMMACLS_CACHE_DIR"] = scratch  # a throwaway prepare: the user's cache is not touched
-        try:
-            dataset = load_prepared(Path(prepare_dataset(busbra)["prepared_dir"]))
-        finally:
-            if previous is None:
-                os.environ.pop("MAMMACLS_CACHE_DIR")
-            else:
-                os.environ["MAMMACLS_CACHE_DIR"] = previous
+        if prepared is None:
+            previous = os.environ.get("MAMMACLS_CACHE_DIR")
+            os.environ["MAMMACLS_CACHE_DIR"] = scratch  # a throwaway prepare: the user's cache is not touched
+            try:
+                prepared = Path(prepare_dataset(busbra)["prepared_dir"])
+            finally:
+                if previous is None:
+                    os.environ.pop("MAMMACLS_CACHE_DIR")
+                else:
+                    os.environ["MAMMACLS_CACHE_DIR"] = previous
+        dataset = load_prepared(prepared)
+        source = busbra.resolve()
+        test_rows = [r for r in dataset.split("test") if Path(r["path"]).is_relative_to(source)]
         chosen: dict[str, list[dict]] = {}
-        for row in sorted(dataset.split("test"), key=lambda r: (r["patient"], r["path"])):
+        for row in sorted(test_rows, key=lambda r: (r["patient"], r["path"])):
             if patients is None or len(chosen) < patients or row["patient"] in chosen:
                 chosen.setdefault(row["patient"], []).append(row)
     with open(target, "w", newline="", encoding="utf-8") as handle:

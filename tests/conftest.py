@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +31,15 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first (stable: a file stays whole and in order), so that under pytest -n the
-    long ones start at once and the short ones fill the gaps, instead of one worker finishing alone."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
+    """Files by a rough cost, heaviest first (stable: a file stays whole and in order), so that under
+    pytest -n (whole files per worker, in this order: ``--no-loadscope-reorder``) the long ones start at
+    once and the short ones fill the gaps at the end, instead of one worker finishing a long file alone.
+    A test costs 1, a slow one 10 more, one on the real data 20 more (measured: those take 20-100 s)."""
+    cost: dict = {}
+    for item in items:
+        weight = 1 + 10 * bool(item.get_closest_marker("slow")) + 20 * bool(item.get_closest_marker("realdata"))
+        cost[item.path] = cost.get(item.path, 0) + weight
+    items.sort(key=lambda item: -cost[item.path])
 
 
 def textured_image(rng: np.random.Generator, label_index: int, size=SIZE) -> np.ndarray:
@@ -155,6 +162,64 @@ def real_busi_or_skip() -> Path:
     if not REAL_BUSI.is_dir():
         pytest.skip(f"real BUSI copy not found at {REAL_BUSI}")
     return REAL_BUSI
+
+
+def _once_for_the_run(tmp_path_factory, name: str, make) -> Path:
+    """``make(folder)`` once for the whole run, all pytest -n workers together (a file lock in their
+    common temporary folder); returns the folder, which tests only read."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (folder / "complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / "complete").write_text("")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_busi_prepared(tmp_path_factory) -> tuple[Path, dict]:
+    """Real BUSI prepared once for the run, for tests where prepare is the setup, not the subject."""
+    from mammacls.data.prepare import prepare_dataset
+
+    root = real_busi_or_skip()
+
+    def make(folder: Path) -> None:
+        old = os.environ.get("MAMMACLS_CACHE_DIR")
+        os.environ["MAMMACLS_CACHE_DIR"] = str(folder / "cache")
+        try:
+            prepare_dataset(root, out=folder / "dataset")
+        finally:
+            _restore("MAMMACLS_CACHE_DIR", old)
+
+    dataset = _once_for_the_run(tmp_path_factory, "real-busi", make) / "dataset"
+    return dataset, json.loads((dataset / "summary.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def real_two_sources_prepared(tmp_path_factory) -> tuple[Path, dict, str]:
+    """``mammacls prepare BUSI BUS-BRA --json`` on the real data, once for the run: the prepared folder,
+    the JSON document it printed and what it wrote on stderr."""
+    from typer.testing import CliRunner
+
+    from mammacls.cli import app
+
+    busi, busbra = real_busi_or_skip(), real_busbra_or_skip()
+
+    def make(folder: Path) -> None:
+        done = CliRunner().invoke(app, ["prepare", str(busi), str(busbra), "--json"],
+                                  env={"MAMMACLS_CACHE_DIR": str(folder / "cache")})
+        assert done.exit_code == 0, done.stderr
+        (folder / "prepare.json").write_text(done.stdout, encoding="utf-8")
+        (folder / "prepare.stderr").write_text(done.stderr, encoding="utf-8")
+
+    folder = _once_for_the_run(tmp_path_factory, "real-two-sources", make)
+    document = json.loads((folder / "prepare.json").read_text(encoding="utf-8"))
+    return Path(document["prepared_dir"]), document, (folder / "prepare.stderr").read_text(encoding="utf-8")
 
 
 REAL_BUSBRA = REAL_BUSI.parent / "BUS-BRA"

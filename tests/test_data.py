@@ -169,9 +169,9 @@ def test_near_duplicate_rule_separates_unrelated_images():
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_real_busi_prepare_counts_and_duplicate_recall(tmp_path, cache):
+def test_real_busi_prepare_counts_and_duplicate_recall(real_busi_prepared):
     root = real_busi_or_skip()
-    summary = prepare_dataset(root, out=tmp_path / "busi")
+    summary = real_busi_prepared[1]
     assert summary["images_found"] == 780
     found = Counter_of(scan_dataset(root).records)
     assert found == {"benign": 437, "malignant": 210, "normal": 133}

@@ -39,7 +39,14 @@ def _json(done: subprocess.CompletedProcess) -> dict:
 
 def test_two_gloo_processes_write_one_model_close_to_a_single_process(prepared, tmp_path):
     data = ["--data", str(prepared[0]), "--epochs", "2", "--batch-size", "16", "--json"]
-    single = _json(_mammacls([*COMMON, *data, "--name", "one"], tmp_path))
+    from typer.testing import CliRunner
+
+    from mammacls.cli import app
+
+    # the single-process reference in this process (torch is imported already), the pair through torchrun
+    alone = CliRunner().invoke(app, [*COMMON, *data, "--name", "one"], env={"MAMMACLS_CACHE_DIR": str(tmp_path)})
+    assert alone.exit_code == 0, alone.stderr[-3000:]
+    single = json.loads(alone.stdout)
     double = _json(_mammacls([*COMMON, *data, "--name", "two", "--nproc-per-node", "2"], tmp_path))
     models = tmp_path / "models"
     assert sorted(p.name for p in models.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own

@@ -216,7 +216,7 @@ def test_concurrent_commands_refuse_in_one_true_line_and_sigterm_is_resumable(sy
     cache = tmp_path / "cache"
     env = _env(cache)
     assert _run(["prepare", str(synthetic["busi"])], env).returncode == 0
-    first = _start_training(env, "x", 12, tmp_path)
+    first = _start_training(env, "x", 6, tmp_path)  # stopped after epoch 1, resumed to the end
     try:
         _wait_for(cache / "models" / "x" / "checkpoint.safetensors", first)
         first.send_signal(signal.SIGSTOP)  # paused mid-run, holding its locks, while the others try

@@ -85,17 +85,15 @@ def test_publish_keeps_small_tensors_float32_and_predictions_close(tiny_model, u
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_evaluate_default_reproduces_the_model_card(cache):
+def test_evaluate_default_reproduces_the_model_card(real_busi_prepared, cache):
     busi = real_busi_or_skip()
     card = json.loads((SHIPPED / "card_figures.json").read_text())
-    prepared = runner.invoke(app, ["prepare", str(busi), "--json"])
-    assert prepared.exit_code == 0, prepared.stderr
     from mammacls.data.prepared import load_prepared
 
-    rows = load_prepared(Path(json.loads(prepared.stdout)["prepared_dir"])).rows
+    rows = load_prepared(real_busi_prepared[0]).rows
     test = sorted(Path(r["path"]).relative_to(busi.resolve()).as_posix() for r in rows if r["split"] == "test")
     assert test == card["test_images"]  # the same split
-    result = runner.invoke(app, ["evaluate", "--model", "default", "--json"])
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(real_busi_prepared[0]), "--json"])
     assert result.exit_code == 0, result.stderr
     metrics = json.loads(result.stdout)["models"][0]["metrics"]
     # Counts are exact. Figures that follow from the confusion matrix alone match to rounding; figures that

@@ -194,7 +194,7 @@ def test_real_busbra_rows_as_csv_prepare_the_same_as_the_native_reader(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_real_two_source_prepare_and_per_source_evaluation_of_the_shipped_model(tmp_path, cache):
+def test_real_two_source_prepare_and_per_source_evaluation_of_the_shipped_model(real_two_sources_prepared, cache):
     """BUSI + BUS-BRA: BUSI's test split is today's 116 images, no patient or duplicate group straddles
     splits; the shipped (BUSI-only) model's BUSI figures equal its card, BUS-BRA gets its own block."""
     from typer.testing import CliRunner
@@ -203,11 +203,9 @@ def test_real_two_source_prepare_and_per_source_evaluation_of_the_shipped_model(
 
     busi, busbra = real_busi_or_skip(), real_busbra_or_skip()
     runner = CliRunner()
-    prepared = runner.invoke(app, ["prepare", str(busi), str(busbra), "--json"])
-    assert prepared.exit_code == 0, prepared.stderr
-    summary = json.loads(prepared.stdout)
-    assert "per source" in prepared.stderr
-    rows = _manifest(Path(summary["prepared_dir"]))
+    prepared_dir, summary, shown = real_two_sources_prepared  # mammacls prepare BUSI BUS-BRA --json
+    assert "per source" in shown
+    rows = _manifest(prepared_dir)
     card = json.loads((REPO / "weights" / "default" / "card_figures.json").read_text())
     busi_test = sorted(Path(r["path"]).relative_to(busi.resolve()).as_posix() for r in rows
                        if r["source"] == "Dataset_BUSI_with_GT" and r["split"] == "test")
@@ -220,7 +218,8 @@ def test_real_two_source_prepare_and_per_source_evaluation_of_the_shipped_model(
     assert by_name["Dataset_BUSI_with_GT"]["images_used"] == 762
     assert summary["cross_source"]["groups"] == 0 and summary["conflicts"] == 8
 
-    result = runner.invoke(app, ["evaluate", "--model", "default", "--json", "--bootstrap", "200"])
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(prepared_dir), "--json",
+                                 "--bootstrap", "200"])
     assert result.exit_code == 0, result.stderr
     assert "per source" in result.stderr
     sources = json.loads(result.stdout)["models"][0]["metrics"]["sources"]
