@@ -166,7 +166,8 @@ def real_busi_or_skip() -> Path:
 
 def _once_for_the_run(tmp_path_factory, name: str, make) -> Path:
     """``make(folder)`` once for the whole run, all pytest -n workers together (a file lock in their
-    common temporary folder); returns the folder, which tests only read."""
+    common temporary folder); returns the folder. Tests use what it holds as a user's runs would (a
+    training may add its resized-image cache beside a prepared dataset: atomic writes), never change it."""
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
