@@ -42,6 +42,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -cost[item.path])
 
 
+def tiny_conv_net():
+    """A batch-norm-free 1-channel, 3-class net of 55 weights, initialised from torch's current seed."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
 def textured_image(rng: np.random.Generator, label_index: int, size=SIZE) -> np.ndarray:
     """Speckle plus a class-dependent blob, so that a tiny model has something to learn."""
     width, height = size
@@ -122,12 +130,9 @@ def prepared(busi_dir, session_cache) -> tuple[Path, dict]:
     """The synthetic dataset prepared once (read-only for tests)."""
     from mammacls.data.prepare import prepare_dataset
 
-    old = os.environ.get("MAMMACLS_CACHE_DIR")
-    os.environ["MAMMACLS_CACHE_DIR"] = str(session_cache)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # session scope: the monkeypatch fixture is per test
+        patch.setenv("MAMMACLS_CACHE_DIR", str(session_cache))
         summary = prepare_dataset(busi_dir[0])
-    finally:
-        _restore("MAMMACLS_CACHE_DIR", old)
     return Path(summary["prepared_dir"]), summary
 
 
@@ -136,26 +141,16 @@ def tiny_model(prepared, session_cache):
     """A 2-epoch resnet18 at 32 px trained on the synthetic set, in the session cache."""
     from mammacls.training import TrainConfig, train_model
 
-    old = os.environ.get("MAMMACLS_CACHE_DIR")
-    os.environ["MAMMACLS_CACHE_DIR"] = str(session_cache)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAMMACLS_CACHE_DIR", str(session_cache))
         return train_model(TrainConfig(arch="resnet18", pretrained=False, epochs=2, img_size=32, batch_size=16),
                            data_dir=prepared[0], name="tiny")
-    finally:
-        _restore("MAMMACLS_CACHE_DIR", old)
 
 
 @pytest.fixture
 def use_session_cache(session_cache, monkeypatch) -> Path:
     monkeypatch.setenv("MAMMACLS_CACHE_DIR", str(session_cache))
     return session_cache
-
-
-def _restore(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
 
 
 def real_busi_or_skip() -> Path:
@@ -190,12 +185,9 @@ def real_busi_prepared(tmp_path_factory) -> tuple[Path, dict]:
     root = real_busi_or_skip()
 
     def make(folder: Path) -> None:
-        old = os.environ.get("MAMMACLS_CACHE_DIR")
-        os.environ["MAMMACLS_CACHE_DIR"] = str(folder / "cache")
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MAMMACLS_CACHE_DIR", str(folder / "cache"))
             prepare_dataset(root, out=folder / "dataset")
-        finally:
-            _restore("MAMMACLS_CACHE_DIR", old)
 
     dataset = _once_for_the_run(tmp_path_factory, "real-busi", make) / "dataset"
     return dataset, json.loads((dataset / "summary.json").read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ from mammacls.training import TrainConfig, TrainReporter, train_model
 from mammacls.nets.compute import Compute
 from mammacls.training.batches import EpochRunner
 from mammacls.training.loss import ClassWeightedLoss
+from tests.conftest import tiny_conv_net
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +87,7 @@ def _one_epoch(rank: int, size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     current = world("cpu") if size > 1 else SINGLE
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    net = tiny_conv_net()
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 255, (40, 12, 12), dtype=np.uint8), rng.integers(0, 3, 40)
     config = TrainConfig(arch="resnet18", batch_size=10, img_size=12, seed=5)
@@ -112,8 +112,7 @@ def test_ddp_steps_equal_single_process_steps_on_the_same_global_batches(tmp_pat
     for key in one.files:
         np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6)
     torch.manual_seed(0)  # the same initial weights as in _one_epoch: four steps must have moved them
-    initial = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                  torch.nn.Flatten(), torch.nn.Linear(4, 3)).state_dict()
+    initial = tiny_conv_net().state_dict()
     assert np.abs(one["4.weight"] - initial["4.weight"].numpy()).max() > 1e-3
 
 
