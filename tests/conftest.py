@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -179,18 +180,25 @@ def _once_for_the_run(tmp_path_factory, name: str, make) -> Path:
 
 @pytest.fixture(scope="session")
 def real_busi_prepared(tmp_path_factory) -> tuple[Path, dict]:
-    """Real BUSI prepared once for the run, for tests where prepare is the setup, not the subject."""
-    from mammacls.data.prepare import prepare_dataset
+    """The README's BUSI ``mammacls prepare`` line, as written, on the real copy, once for the run (its
+    --json document: what the prepared folder's summary.json holds), for every test that starts from a
+    prepared BUSI: the README walk-through itself, the card's reproduction, the fast-path training."""
+    from typer.testing import CliRunner
+
+    from mammacls.cli import app
 
     root = real_busi_or_skip()
+    [line] = [c for c in readme_quickstart_commands() if c.startswith("mammacls prepare") and "BUS-BRA" not in c]
 
     def make(folder: Path) -> None:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("MAMMACLS_CACHE_DIR", str(folder / "cache"))
-            prepare_dataset(root, out=folder / "dataset")
+        args = shlex.split(line.replace("../shared/data/Dataset_BUSI_with_GT", str(root)))[1:] + ["--json"]
+        done = CliRunner().invoke(app, args, env={"MAMMACLS_CACHE_DIR": str(folder / "cache")})
+        assert done.exit_code == 0, done.stderr
+        (folder / "prepare.json").write_text(done.stdout, encoding="utf-8")
 
-    dataset = _once_for_the_run(tmp_path_factory, "real-busi", make) / "dataset"
-    return dataset, json.loads((dataset / "summary.json").read_text(encoding="utf-8"))
+    document = json.loads((_once_for_the_run(tmp_path_factory, "real-busi", make) / "prepare.json").read_text(
+        encoding="utf-8"))
+    return Path(document["prepared_dir"]), document
 
 
 @pytest.fixture(scope="session")

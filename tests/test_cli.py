@@ -219,24 +219,29 @@ def test_predict_with_a_corrupt_model_file_is_a_clear_error(tmp_path, cache):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_real_busi_end_to_end(cache, tmp_path, monkeypatch):
-    """The README quickstart's BUSI commands, as written, on the real dataset: prepare, 1-epoch train,
-    evaluate --report, predict a test-split scan."""
+def test_real_busi_end_to_end(real_busi_prepared, cache, tmp_path, monkeypatch):
+    """The README quickstart's BUSI commands, as written, on the real dataset: prepare (the run's shared
+    real_busi_prepared is that very line), 1-epoch train, evaluate --report, predict a test-split scan."""
+    from mammacls.store import record_latest_dataset
+
     root = real_busi_or_skip()
     commands = [c for c in readme_quickstart_commands() if "BUS-BRA" not in c and "--model" not in c
                 and "--name" not in c and "examples/" not in c and c.split()[1] != "serve"]
     assert [c.split()[1] for c in commands] == ["prepare", "train", "evaluate", "predict"]
+    prepared_dir, summary = real_busi_prepared
+    record_latest_dataset(prepared_dir)  # what that prepare left in the user's cache for the next lines
     monkeypatch.chdir(tmp_path)
     documents = []
-    for command in commands:
+    for command in commands[1:]:
         args = shlex.split(command.replace("../shared/data/Dataset_BUSI_with_GT", str(root)))[1:]
         args += [] if "--json" in args or args[0] == "train" else ["--json"]
         result = runner.invoke(app, _report_option_value(args))
         assert result.exit_code == 0, (command, result.stderr)
         documents.append(json.loads(result.stdout) if "--json" in args else None)
-    summary, _, evaluated, predicted = documents
+    _, evaluated, predicted = documents
     assert summary["images_found"] == 780
     assert summary["masks_attached"] == 798
+    assert [p.name for p in (cache / "models").iterdir()] == [evaluated["models"][0]["name"]]  # the one trained
     assert evaluated["data"]["n"] == summary["counts"]["total"]["test"]
     metrics = evaluated["models"][0]["metrics"]  # one epoch proves nothing of skill; the scoring must add up
     matrix = np.array(metrics["confusion_matrix"])
@@ -249,8 +254,8 @@ def test_real_busi_end_to_end(cache, tmp_path, monkeypatch):
     [prediction] = predicted["predictions"]
     scan = Path(prediction["path"])
     assert scan.parent == root / "malignant"
-    manifest = (cache / "datasets").glob("*/manifest.csv")
-    rows = [line for m in manifest for line in m.read_text().splitlines() if line.startswith(f"malignant/{scan.name},")]
+    rows = [line for line in (prepared_dir / "manifest.csv").read_text().splitlines()
+            if line.startswith(f"malignant/{scan.name},")]
     assert rows and all(",test," in line for line in rows)  # the README's example is a test-split scan
 
 
