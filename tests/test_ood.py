@@ -134,7 +134,44 @@ def test_evaluate_reports_coverage_and_accuracy_on_accepted(tiny_model, use_sess
     selective = json.loads(result.stdout)["models"][0]["metrics"]["selective"]
     assert selective["checked"] is True
     assert 0 <= selective["coverage"] <= 1 and 0 <= selective["coverage_ok"] <= selective["coverage"]
+    assert 0 <= selective["sure_errors"]["sure"] <= selective["sure_errors"]["errors"]
+    assert selective["sure_errors"]["min_probability"] == 0.9
     assert "refusal: predict would reject" in result.stderr
+    assert f"wrong and sure (status ok, p >= 0.9): {selective['sure_errors']['sure']} of " in result.stderr
+
+
+def test_wrong_and_sure_counts_the_accepted_mistakes_marked_ok_at_high_probability(tiny_model, use_session_cache,
+                                                                                   prepared):
+    """Logits set by hand on the tiny model's own features: sure mistakes, hesitant mistakes (status
+    uncertain, or ok below p 0.9), right answers and a rejected image; each counted where it belongs."""
+    from mammacls.evaluation.evaluate import _logits_and_features, load_eval_set
+    from mammacls.evaluation.scoring import selective_metrics
+    from mammacls.inference.model_files import resolve_model
+
+    ref = resolve_model("tiny")
+    eval_set = load_eval_set(prepared[0])
+    eval_set.images = [np.kron(image, np.ones((2, 2), dtype=image.dtype)) for image in eval_set.images]  # >= 64 px
+    n = len(eval_set.labels)
+    assert n >= 6
+    _, features = _logits_and_features(ref, eval_set.at_size(ref.card.img_size), "cpu", 32)
+    wrong_class = (eval_set.labels + 1) % 3
+    logits = np.zeros((n, 3))
+    logits[np.arange(n), eval_set.labels] = 8.0  # right and sure
+    logits[0, :] = 0.0
+    logits[0, wrong_class[0]] = 9.0  # wrong and sure: p > 0.99 at the tiny model's temperature
+    logits[1, :] = 0.0
+    logits[1, wrong_class[1]] = 0.3  # wrong, hardly above the others: uncertain or below 0.9
+    features[2] = features[2] * 0 + 1e6  # far from everything the model saw: rejected, whatever its label
+    logits[2, :] = 0.0
+    logits[2, wrong_class[2]] = 9.0
+    eval_set.sources = ["A"] * 2 + ["B"] * (n - 2)
+    selective, statuses = selective_metrics(ref, eval_set, logits, features, calibrated=True)
+    assert statuses[0] == "ok" and statuses[2] == "rejected"
+    assert (selective.sure_errors.errors, selective.sure_errors.sure) == (2, 1)
+    assert selective.sure_errors.share == pytest.approx(0.5)
+    by_source = selective.sure_errors_by_source
+    assert (by_source["A"].errors, by_source["A"].sure) == (2, 1) and (by_source["B"].errors, by_source["B"].sure) == (0, 0)
+    assert by_source["B"].share is None and by_source["B"].to_record()["share"] is None
 
 
 @pytest.mark.parametrize("bad", ["--model"])

@@ -222,8 +222,16 @@ def test_real_two_source_prepare_and_per_source_evaluation_of_the_shipped_model(
                                  "--bootstrap", "200"])
     assert result.exit_code == 0, result.stderr
     assert "per source" in result.stderr
-    sources = json.loads(result.stdout)["models"][0]["metrics"]["sources"]
+    metrics = json.loads(result.stdout)["models"][0]["metrics"]
+    sources = metrics["sources"]
     assert set(sources) == {"Dataset_BUSI_with_GT", "BUS-BRA", "all sources"}
+    selective, n = metrics["selective"], sources["all sources"]["n"]  # the mistakes, wrong and sure or not
+    accepted = round(selective["coverage"] * n)
+    assert selective["sure_errors"]["errors"] == accepted - round(selective["accuracy_accepted"] * accepted)
+    by_source = selective["sure_errors_by_source"]
+    assert set(by_source) == {"Dataset_BUSI_with_GT", "BUS-BRA"}
+    assert sum(f["sure"] for f in by_source.values()) == selective["sure_errors"]["sure"]
+    assert sum(f["errors"] for f in by_source.values()) == selective["sure_errors"]["errors"] > 0
     on_busi = sources["Dataset_BUSI_with_GT"]
     assert on_busi["n"] == card["n"] and on_busi["accuracy"] == pytest.approx(card["accuracy"], abs=1e-6)
     on_bra = sources["BUS-BRA"]

@@ -153,7 +153,7 @@ def _print_model_detail(entry, console) -> None:
     for c, row in zip(CLASSES, m.confusion_matrix):
         confusion.add_row(c, *map(str, row))
     console.print(confusion)
-    from mammacls.reporting.text import describe_malignant
+    from mammacls.reporting.text import describe_malignant, describe_sure_errors
 
     cal = m.calibration
     console.print(describe_malignant(m.malignant), soft_wrap=True, markup=False)
@@ -162,7 +162,8 @@ def _print_model_detail(entry, console) -> None:
         console.print(f"refusal: predict would reject {selective.rejected} of these images and mark "
                       f"{selective.uncertain} uncertain; accuracy on the {selective.coverage:.1%} it accepts "
                       f"{_fmt(selective.accuracy_accepted)}, on the {selective.coverage_ok:.1%} it marks ok "
-                      f"{_fmt(selective.accuracy_ok)}", soft_wrap=True, markup=False)
+                      f"{_fmt(selective.accuracy_ok)}; {describe_sure_errors(selective)}", soft_wrap=True,
+                      markup=False)
     console.print(f"calibration (T = {cal.temperature:.2f}): ECE {cal.before.ece:.3f} -> "
                   f"{cal.after.ece:.3f}, Brier {cal.before.brier:.3f} -> {cal.after.brier:.3f}, "
                   f"NLL {cal.before.nll:.3f} -> {cal.after.nll:.3f}", soft_wrap=True, markup=False)

@@ -140,6 +140,24 @@ class RejectedImage(Record):
     reason: str | None
 
 
+SURE = 0.9  # "wrong and sure": an answer marked ok whose top probability is at least this
+
+
+@dataclass(frozen=True)
+class SureErrors(Record):
+    """Of the accepted answers that are wrong (``errors``), those predict marks ok with a top probability
+    of at least ``SURE`` (``sure``): the mistakes a reader has no reason to doubt."""
+    errors: int
+    sure: int
+
+    @property
+    def share(self) -> float | None:
+        return self.sure / self.errors if self.errors else None
+
+    def to_record(self) -> dict[str, Any]:
+        return {"errors": self.errors, "sure": self.sure, "share": self.share, "min_probability": SURE}
+
+
 @dataclass(frozen=True)
 class SelectiveFigures(Record):
     """What predict's refusal gate would do with these images: coverage, and accuracy on what it accepts."""
@@ -153,6 +171,8 @@ class SelectiveFigures(Record):
     uncertain: int
     min_confidence: float | None
     ood_threshold: float | None
+    sure_errors: SureErrors
+    sure_errors_by_source: dict[str, SureErrors]
     rejected_images: tuple[RejectedImage, ...] = ()
 
 

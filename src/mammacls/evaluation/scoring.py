@@ -13,7 +13,7 @@ from mammacls.evaluation.metrics import compute_metrics
 from mammacls.evaluation.results import (
     GROUP_COLUMNS, Bootstrap, CalibrationFigures, CalibrationScores, ClassFigures, GroupRow, GroupSummary,
     HeadlineIntervals, MalignantFigures, MeanStd, Metrics, ModelResult, RejectedImage, ReliabilityBin,
-    SelectiveFigures, SourceFigures, Spec90Point, as_interval,
+    SURE, SelectiveFigures, SourceFigures, Spec90Point, SureErrors, as_interval,
 )
 from mammacls.inference.card import ModelCard
 from mammacls.inference.model_files import ModelRef
@@ -112,6 +112,9 @@ def selective_metrics(ref: ModelRef, eval_set, logits: np.ndarray, features: np.
     accepted = statuses != "rejected"
     confident = statuses == "ok"
     sources = np.array(eval_set.sources or ["data"] * len(statuses))
+    top = np.array([max(answer.probabilities.values()) if answer.probabilities else 0.0 for answer in answers])
+    wrong = accepted & ~correct
+    sure_wrong = wrong & confident & (top >= SURE)
     return SelectiveFigures(
         coverage_by_source={name: float(accepted[sources == name].mean()) for name in dict.fromkeys(sources)},
         checked=bool(record), coverage=float(accepted.mean()),
@@ -119,6 +122,10 @@ def selective_metrics(ref: ModelRef, eval_set, logits: np.ndarray, features: np.
         coverage_ok=float(confident.mean()), accuracy_ok=float(correct[confident].mean()) if confident.any() else None,
         rejected=int((~accepted).sum()), uncertain=int((statuses == "uncertain").sum()),
         min_confidence=predictor.min_confidence, ood_threshold=record.threshold if record else None,
+        sure_errors=SureErrors(int(wrong.sum()), int(sure_wrong.sum())),
+        sure_errors_by_source={name: SureErrors(int(wrong[sources == name].sum()),
+                                                int(sure_wrong[sources == name].sum()))
+                               for name in dict.fromkeys(sources)},
         rejected_images=tuple(RejectedImage(eval_set.paths[i], answers[i].reason) for i in np.flatnonzero(~accepted)),
     ), tuple(statuses.tolist())
 

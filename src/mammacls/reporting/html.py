@@ -15,7 +15,8 @@ from mammacls.evaluation.results import (
     GROUP_COLUMNS, ClassFigures, Evaluation, GroupSummary, ModelResult, Overlap, SelectiveFigures,
 )
 from mammacls.inference.model_files import ModelSummary
-from mammacls.reporting.text import SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, describe_malignant, source_rows
+from mammacls.reporting.text import (SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, describe_malignant,
+                                     describe_sure_errors, source_rows)
 from mammacls.reporting.plots import (
     confusion_matrix_figure, figure_png_bytes, precision_recall_figure, reliability_figure, roc_figure,
     thumbnail_png, training_curves_figure,
@@ -68,7 +69,7 @@ def _selective_line(selective: SelectiveFigures | None, kind: str) -> str:
     return (f"<p>Abstention (as predict would decide): {selective.coverage:.1%} of the {kind}'s images accepted, "
             f"accuracy on them {_fmt(selective.accuracy_accepted)}; {selective.coverage_ok:.1%} confident "
             f"(status ok), accuracy {_fmt(selective.accuracy_ok)}; {selective.rejected} rejected, "
-            f"{selective.uncertain} uncertain.</p>"
+            f"{selective.uncertain} uncertain; {html.escape(describe_sure_errors(selective))}.</p>"
             + _folded_list(f"Rejected images ({len(rejected)})",
                            [f"{Path(r.path).name}: {r.reason or ''}" for r in rejected]))
 

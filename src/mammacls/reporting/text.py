@@ -15,12 +15,12 @@ def format_ci(value: float | None, interval: tuple[float, float] | None) -> str:
 
 
 SOURCE_COLUMNS = ("source", "n", "accuracy", "macro F1", "mal. AUC", "sens @ val thr.", "sens @ spec 90%", "called",
-                  "accepted")
+                  "accepted", "wrong & sure")
 SOURCE_COLUMNS_NOTE = ("sens @ val thr.: malignant sensitivity at the model's own threshold for 90% specificity on its "
                        "validation set; sens @ spec 90%: the ROC point of 90% specificity on these images (threshold "
                        "chosen on them, optimistic); called: how often the model named a class the source does not "
-                       "hold; accepted: the share the refusal gate lets through; macro F1 over the classes the "
-                       "source holds")
+                       "hold; accepted: the share the refusal gate lets through; wrong & sure: of the accepted wrong "
+                       "answers, how many predict marks ok at p >= 0.9; macro F1 over the classes the source holds")
 
 
 def source_rows(entry: ModelResult) -> list[tuple[str, ...]]:
@@ -30,15 +30,18 @@ def source_rows(entry: ModelResult) -> list[tuple[str, ...]]:
     for name, m in entry.metrics.sources.items():
         called = ", ".join(f"{c} {share:.1%}" for c, share in m.predicted_absent.items()) or "–"
         if selective is None:
-            coverage = None
+            coverage = sure = None
+        elif name == ALL_SOURCES:
+            coverage, sure = selective.coverage, selective.sure_errors
         else:
-            coverage = selective.coverage if name == ALL_SOURCES else selective.coverage_by_source.get(name)
+            coverage, sure = selective.coverage_by_source.get(name), selective.sure_errors_by_source.get(name)
         point, ci = m.point, m.ci95
         rows.append((name, str(m.n), format_ci(point.accuracy, ci.accuracy), format_ci(point.macro_f1, ci.macro_f1),
                      format_ci(point.malignant_auc, ci.malignant_auc),
                      format_ci(point.malignant_sensitivity_at_val_threshold, ci.malignant_sensitivity_at_val_threshold),
                      format_ci(point.malignant_sensitivity_at_set_spec90, ci.malignant_sensitivity_at_set_spec90),
-                     called, "–" if coverage is None else f"{coverage:.1%}"))
+                     called, "–" if coverage is None else f"{coverage:.1%}",
+                     "–" if sure is None else f"{sure.sure} of {sure.errors}"))
     return rows
 
 
@@ -56,3 +59,13 @@ def describe_malignant(mal: MalignantFigures) -> str:
                  f"sensitivity {format_ci(at.sensitivity, at.sensitivity_ci95)}, "
                  f"specificity {format_ci(at.specificity, None)}")
     return text
+
+
+
+def describe_sure_errors(selective) -> str:
+    """How many of the accepted wrong answers predict marks ok at p >= SURE."""
+    from mammacls.evaluation.results import SURE
+
+    figures = selective.sure_errors
+    share = f" ({figures.share:.0%})" if figures.share is not None else ""
+    return f"wrong and sure (status ok, p >= {SURE:g}): {figures.sure} of {figures.errors} errors{share}"
