@@ -3,7 +3,7 @@ the malignant operating points in a sentence."""
 
 from __future__ import annotations
 
-from mammacls.evaluation.results import MalignantFigures, ModelResult
+from mammacls.evaluation.results import SURE, MalignantFigures, ModelResult, SelectiveFigures
 from mammacls.evaluation.scoring import ALL_SOURCES
 
 
@@ -20,7 +20,7 @@ SOURCE_COLUMNS_NOTE = ("sens @ val thr.: malignant sensitivity at the model's ow
                        "validation set; sens @ spec 90%: the ROC point of 90% specificity on these images (threshold "
                        "chosen on them, optimistic); called: how often the model named a class the source does not "
                        "hold; accepted: the share the refusal gate lets through; wrong & sure: of the accepted wrong "
-                       "answers, how many predict marks ok at p >= 0.9; macro F1 over the classes the source holds")
+                       f"answers, how many predict marks ok at p >= {SURE:g}; macro F1 over the classes the source holds")
 
 
 def source_rows(entry: ModelResult) -> list[tuple[str, ...]]:
@@ -61,11 +61,8 @@ def describe_malignant(mal: MalignantFigures) -> str:
     return text
 
 
-
-def describe_sure_errors(selective) -> str:
+def describe_sure_errors(selective: SelectiveFigures) -> str:
     """How many of the accepted wrong answers predict marks ok at p >= SURE."""
-    from mammacls.evaluation.results import SURE
-
     figures = selective.sure_errors
     share = f" ({figures.share:.0%})" if figures.share is not None else ""
     return f"wrong and sure (status ok, p >= {SURE:g}): {figures.sure} of {figures.errors} errors{share}"
