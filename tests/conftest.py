@@ -178,49 +178,42 @@ def _once_for_the_run(tmp_path_factory, name: str, make) -> Path:
     return folder
 
 
+def _prepared_once_through_the_cli(tmp_path_factory, name: str, args: list[str]) -> tuple[Path, dict, str]:
+    """``mammacls prepare ARGS --json`` once for the run (``_once_for_the_run``), in a cache of its own:
+    the prepared folder, the JSON document it printed and what it wrote on stderr."""
+    from typer.testing import CliRunner
+
+    from mammacls.cli import app
+
+    def make(folder: Path) -> None:
+        done = CliRunner().invoke(app, ["prepare", *args, "--json"], env={"MAMMACLS_CACHE_DIR": str(folder / "cache")})
+        assert done.exit_code == 0, done.stderr
+        (folder / "prepare.json").write_text(done.stdout, encoding="utf-8")
+        (folder / "prepare.stderr").write_text(done.stderr, encoding="utf-8")
+
+    folder = _once_for_the_run(tmp_path_factory, name, make)
+    document = json.loads((folder / "prepare.json").read_text(encoding="utf-8"))
+    return Path(document["prepared_dir"]), document, (folder / "prepare.stderr").read_text(encoding="utf-8")
+
+
 @pytest.fixture(scope="session")
 def real_busi_prepared(tmp_path_factory) -> tuple[Path, dict]:
     """The README's BUSI ``mammacls prepare`` line, as written, on the real copy, once for the run (its
     --json document: what the prepared folder's summary.json holds), for every test that starts from a
     prepared BUSI: the README walk-through itself, the card's reproduction, the fast-path training."""
-    from typer.testing import CliRunner
-
-    from mammacls.cli import app
-
     root = real_busi_or_skip()
     [line] = [c for c in readme_quickstart_commands() if c.startswith("mammacls prepare") and "BUS-BRA" not in c]
-
-    def make(folder: Path) -> None:
-        args = shlex.split(line.replace("../shared/data/Dataset_BUSI_with_GT", str(root)))[1:] + ["--json"]
-        done = CliRunner().invoke(app, args, env={"MAMMACLS_CACHE_DIR": str(folder / "cache")})
-        assert done.exit_code == 0, done.stderr
-        (folder / "prepare.json").write_text(done.stdout, encoding="utf-8")
-
-    document = json.loads((_once_for_the_run(tmp_path_factory, "real-busi", make) / "prepare.json").read_text(
-        encoding="utf-8"))
-    return Path(document["prepared_dir"]), document
+    args = shlex.split(line.replace("../shared/data/Dataset_BUSI_with_GT", str(root)))[2:]  # after "mammacls prepare"
+    prepared_dir, document, _ = _prepared_once_through_the_cli(tmp_path_factory, "real-busi", args)
+    return prepared_dir, document
 
 
 @pytest.fixture(scope="session")
 def real_two_sources_prepared(tmp_path_factory) -> tuple[Path, dict, str]:
     """``mammacls prepare BUSI BUS-BRA --json`` on the real data, once for the run: the prepared folder,
     the JSON document it printed and what it wrote on stderr."""
-    from typer.testing import CliRunner
-
-    from mammacls.cli import app
-
     busi, busbra = real_busi_or_skip(), real_busbra_or_skip()
-
-    def make(folder: Path) -> None:
-        done = CliRunner().invoke(app, ["prepare", str(busi), str(busbra), "--json"],
-                                  env={"MAMMACLS_CACHE_DIR": str(folder / "cache")})
-        assert done.exit_code == 0, done.stderr
-        (folder / "prepare.json").write_text(done.stdout, encoding="utf-8")
-        (folder / "prepare.stderr").write_text(done.stderr, encoding="utf-8")
-
-    folder = _once_for_the_run(tmp_path_factory, "real-two-sources", make)
-    document = json.loads((folder / "prepare.json").read_text(encoding="utf-8"))
-    return Path(document["prepared_dir"]), document, (folder / "prepare.stderr").read_text(encoding="utf-8")
+    return _prepared_once_through_the_cli(tmp_path_factory, "real-two-sources", [str(busi), str(busbra)])
 
 
 REAL_BUSBRA = REAL_BUSI.parent / "BUS-BRA"

@@ -161,7 +161,7 @@ def test_wrong_and_sure_counts_the_accepted_mistakes_marked_ok_at_high_probabili
     logits[0, wrong_class[0]] = 9.0  # wrong and sure: p > 0.99 at the tiny model's temperature
     logits[1, :] = 0.0
     logits[1, wrong_class[1]] = 0.3  # wrong, hardly above the others: uncertain or below 0.9
-    features[2] = features[2] * 0 + 1e6  # far from everything the model saw: rejected, whatever its label
+    features[2] = 1e6  # far from everything the model saw: rejected, whatever its label
     logits[2, :] = 0.0
     logits[2, wrong_class[2]] = 9.0
     eval_set.sources = ["A"] * 2 + ["B"] * (n - 2)
