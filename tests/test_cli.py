@@ -297,13 +297,18 @@ def test_report_takes_an_optional_folder():
 
 @pytest.mark.slow
 def test_report_folder_through_the_installed_command(tiny_model, session_cache, prepared, tmp_path):
+    """--report DIR as a shell passes it; on a machine without a GPU evaluate never imports torch
+    (ONNX Runtime scores, the device is decided from the driver's files)."""
     import os
 
-    done = subprocess.run([sys.executable, "-m", "mammacls", "evaluate", "--data", str(prepared[0]),
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mammacls", "evaluate", "--data", str(prepared[0]),
                            "--bootstrap", "100", "--report", str(tmp_path / "my report")],
-                          capture_output=True, text=True, env={**os.environ, "MAMMACLS_CACHE_DIR": str(session_cache)})
+                          capture_output=True, text=True, env={**os.environ, "MAMMACLS_CACHE_DIR": str(session_cache),
+                                                               "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-1500:]
     assert (tmp_path / "my report" / "index.html").is_file()
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "onnxruntime" in imported and not {"torch", "torchvision"} & imported
 
 
 def test_json_errors_are_one_document_on_stdout_too(cache):

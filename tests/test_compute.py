@@ -62,6 +62,25 @@ def test_nvidia_gpus_are_found_without_torch_and_cuda_visible_devices_hides_them
     assert runtime.nvidia_gpu_visible() is False
 
 
+def test_the_device_is_decided_from_the_driver_before_torch_is_asked(monkeypatch):
+    import torch
+
+    from mammacls import runtime
+    from mammacls.nets import networks
+
+    asked = []
+    monkeypatch.setattr(networks, "resolve_device", lambda device: asked.append(device) or "cuda")
+    monkeypatch.setattr(runtime, "nvidia_gpu_visible", lambda: False)
+    assert runtime.resolved_device("auto") == runtime.resolved_device("cpu") == "cpu" and asked == []
+    assert runtime.resolved_device("cuda") == "cuda" and len(asked) == 1  # asked for: torch decides
+    monkeypatch.setattr(runtime, "nvidia_gpu_visible", lambda: True)
+    assert runtime.resolved_device("auto") == "cuda" and len(asked) == 2  # a driver shows a GPU: torch decides
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with pytest.raises(MammaclsError, match="no CUDA device is available"):
+            runtime.resolved_device("cuda")
+
+
 def test_device_auto_runs_on_the_gpu_when_there_is_one(monkeypatch, tiny_model, use_session_cache):
     from mammacls import runtime
     from mammacls.inference.model_files import resolve_model

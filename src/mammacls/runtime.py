@@ -82,6 +82,17 @@ def _cuda_usable() -> bool:
     return torch.cuda.is_available()
 
 
+def resolved_device(device: str | Device) -> str:
+    """``device`` as "cpu" or "cuda"; torch is imported only where an NVIDIA GPU could answer, so a
+    CPU-only machine decides without it."""
+    device = parse_choice(Device, device, "device")
+    if device == Device.cpu or (device == Device.auto and not nvidia_gpu_visible()):
+        return Device.cpu.value
+    from mammacls.nets.networks import resolve_device
+
+    return resolve_device(device)
+
+
 def open_backend(ref: ModelRef, device: str | Device = "auto",
                  backend: str | Backend = "auto") -> tuple[Any, str | None]:
     """Pick how to run ``ref``: PyTorch on CUDA when an NVIDIA GPU is usable (``device='auto'``) or asked

@@ -159,9 +159,9 @@ def evaluate_models(
     its results) or ``drop_overlap`` (those images are left out for every model, and listed in
     ``eval_set.dropped``).
     """
-    from mammacls.nets.networks import resolve_device
+    from mammacls.runtime import resolved_device
 
-    device = resolve_device(device)
+    device = resolved_device(device)
     overlaps = {ref.name: training_overlap(ref, eval_set) for ref in refs}
     leaking = {name: o for name, o in overlaps.items() if o.checked and o.images}
     if leaking and drop_overlap:  # every model is then scored on the same, unseen images
