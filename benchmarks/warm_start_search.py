@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from assemble_default import check_same_data, member_hashes  # noqa: E402
-from recipe_search import BUSBRA, BUSI, source_scores  # noqa: E402
+from recipe_search import source_scores  # noqa: E402
 
 SEARCH = HERE / "results" / "recipe_search_2026-11-27_30ep.json"
 VARIANTS = ("pooled", "per-source")
@@ -119,13 +119,7 @@ def scores(logits: np.ndarray, rows: list[dict]) -> dict:
 
     labels = np.array([CLASSES.index(r["label"]) for r in rows])
     sources = np.array([r["source"] for r in rows])
-    out = source_scores(softmax(logits), labels, sources)
-    busi = sources == BUSI
-    predicted = logits.argmax(axis=1)
-    out["busi_predicted_normal"] = float((predicted[busi] == CLASSES.index("normal")).mean())
-    out["busi_true_normal"] = float((labels[busi] == CLASSES.index("normal")).mean())
-    out["busbra_called_normal"] = float((predicted[sources == BUSBRA] == CLASSES.index("normal")).mean())
-    return out
+    return source_scores(softmax(logits), labels, sources)
 
 
 def assemble(variant: str, seed: int, results: dict, dataset, folds, target: Path) -> None:

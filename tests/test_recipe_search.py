@@ -94,6 +94,25 @@ def test_class_weights_balance_classes_pooled_or_within_each_source():
     assert busi == pytest.approx([busi[0]] * 3)
     held_out = search.class_weights(labels, sources, np.arange(20), "per-source")
     assert not held_out[20:].any()  # images outside the training folds get no weight
+    unweighted = search.class_weights(labels, sources, np.arange(20), "none")
+    assert unweighted[:20].tolist() == [1.0] * 20 and not unweighted[20:].any()
+
+
+def test_balanced_sampling_draws_each_sources_classes_equally_and_only_training_images():
+    search = importlib.import_module("recipe_search")
+    labels = np.array([0] * 60 + [1] * 20 + [2] * 20 + [0] * 100 + [1] * 100)  # BUSI 60/20/20, BUS-BRA 100/100
+    sources = np.array(["BUSI"] * 100 + ["BUS-BRA"] * 200)
+    train = np.arange(290)  # the last 10 BUS-BRA malignant images are held out
+    np.random.seed(0)
+    assert sorted(search.epoch_order(search.RECIPES["scanner-mask"], labels, sources, train)) == train.tolist()
+    balanced = search.RECIPES["scanner-mask-balanced"]
+    drawn = np.concatenate([search.epoch_order(balanced, labels, sources, train) for _ in range(40)])
+    assert len(drawn) == 40 * 290 and drawn.max() < 290
+    busi = drawn[drawn < 100]
+    shares = np.bincount(labels[busi], minlength=3) / len(busi)
+    assert shares == pytest.approx([1 / 3] * 3, abs=0.02)  # 60/20/20 drawn as thirds
+    assert (drawn < 100).mean() == pytest.approx(100 / 290, abs=0.02)  # the sources by their size
+    assert len(np.unique(drawn[drawn < 100])) == 100  # with replacement, yet every image seen
 
 
 # the model card's recipe-table rows: (words that start the row, results file, recipe)
@@ -212,3 +231,34 @@ def test_committed_warm_start_logits_reproduce_the_model_cards_table():
                     float(cells[5]) / 100)
         assert (got["busi_accuracy"], got["busi_macro_f1"], got["busi_macro_auc"], got["busi_predicted_normal"],
                 got["busbra_malignant_auc"], got["busbra_called_normal"]) == pytest.approx(expected, abs=0.0006), run
+
+
+def test_the_lite0_recipe_trains_a_fold_from_the_bundles_file(tmp_path, monkeypatch):
+    """EfficientNet-Lite0 in the search (candidate d of issue 22): its ImageNet file beside MobileNetV2's
+    in the bundle, folded to grey, with the lesion decoder; one fold, one epoch, in this process."""
+    import torch
+    from safetensors.torch import save_file
+
+    search = importlib.import_module("recipe_search")
+    lite0 = importlib.import_module("efficientnet_lite0")
+    _tiny_bundle(tmp_path / "bundle")
+    torch.manual_seed(0)
+    imagenet = {k: v.half().contiguous() for k, v in lite0.build().state_dict().items()}
+    imagenet["features.9._bn1.running_mean"].fill_(3.0)  # a mark no fresh network has
+    save_file(imagenet, str(tmp_path / "bundle" / search.LITE0_FILE))
+    index, images, masks = search.load_bundle(tmp_path / "bundle")
+    monkeypatch.setitem(search.HYPER, "epochs", 1)
+    monkeypatch.setitem(search.HYPER, "batch_size", 16)
+    data = {"images": torch.from_numpy(images), "masks": torch.from_numpy(masks),
+            "known": np.ones(len(index), np.float32), "labels": np.array([search.CLASSES.index(r["label"]) for r in index]),
+            "sources": np.array([r["source"] for r in index]), "folds": search.fold_assignment(index),
+            "imagenet": tmp_path / "bundle" / "mobilenet_v2_imagenet1k_v1.fp16.safetensors"}  # lite0's is its neighbour
+    result, state = search.train_one(("lite0-scanner-mask", 0, 0), data, torch.device("cpu"))
+    assert result["epochs"] == 1 and len(result["held_idx"]) == int((data["folds"] == 0).sum())
+    assert np.isfinite(result["held_logits"]).all() and np.asarray(result["val_logits"]).shape == (20, 3)
+    assert tuple(state["features.0._conv_stem.weight"].shape) == (32, 1, 3, 3)
+    assert any(key.startswith("lesion_decoder.") for key in state)
+    untouched = imagenet["features.9._depthwise_conv.weight"].float()
+    assert not torch.equal(state["features.9._depthwise_conv.weight"].float(), untouched)  # it trained from there
+    # the file was loaded: 5 steps at batch norm's momentum 0.01 keep its mark near 3 (a fresh network: 0)
+    assert state["features.9._bn1.running_mean"].float().mean() == pytest.approx(3.0, abs=0.5)
