@@ -140,6 +140,27 @@ def test_committed_search_reproduces_the_model_cards_recipe_table(levers):
         assert got == pytest.approx(expected, abs=0.0006), start
 
 
+def test_committed_cpu_search_reproduces_the_model_cards_class_balance_table(levers):
+    """weights/MODEL_CARD.md's class-balance table (96 px on the CPU), recomputed from its committed logits."""
+    results = levers.load_search(REPO / "benchmarks" / "results" / "recipe_search_2026-12-02_cpu96.json")
+    assert results["hyper"]["img_size"] == 96 and results["hyper"]["epochs"] == 10 and results["device"] == "cpu"
+    table = levers.recipe_table(results)
+    card_lines = (REPO / "weights" / "MODEL_CARD.md").read_text().splitlines()
+    for start, recipe in (("scanner + mask, pooled class weights", "scanner-mask"),
+                          ("+ per-source class weights", "scanner-mask-per-source"),
+                          ("+ no class weights", "scanner-mask-unweighted"),
+                          ("+ no weights, sampling balanced", "scanner-mask-balanced")):
+        [row] = [line for line in card_lines if line.startswith(f"| {start}")]
+        cells = [cell.strip().strip("*").rstrip(" %").strip("*") for cell in row.split("|")[2:7]]
+        expected = (float(cells[0]), float(cells[1]), float(cells[2]), float(cells[3]) / 100, float(cells[4]))
+        got = table[recipe]
+        assert (got["busi_accuracy"], got["busi_macro_f1"], got["busi_macro_auc"], got["busi_predicted_normal"],
+                got["busbra_malignant_auc"]) == pytest.approx(expected, abs=0.0006), start
+    search = importlib.import_module("recipe_search")  # the selection rule's pick, as the card says
+    assert search.choose(search.summarise(results["runs"], results["labels"], results["sources"]))[0] == \
+        "scanner-mask-per-source"
+
+
 def test_calibration_map_recovers_a_known_temperature_and_biases(levers):
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 3, (4000, 3))
