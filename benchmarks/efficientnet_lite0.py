@@ -213,6 +213,7 @@ def top5(net, batch) -> list[list[tuple[str, float]]]:
 
 def main() -> None:
     import torch
+    import torchvision
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, required=True)
@@ -240,7 +241,7 @@ def main() -> None:
             report["top5"][label] = dict(zip(crops, top5(net, (rgb - mean) / std)))
     from mammacls.nets.imagenet import load_imagenet_state_dict
 
-    reference = __import__("torchvision").models.mobilenet_v2()
+    reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(load_imagenet_state_dict("mobilenet_v2", "IMAGENET1K_V1")[0])
     mean, std = scalings["ImageNet mean/std"]
     report["top5"]["torchvision MobileNetV2 IMAGENET1K_V1 (reference)"] = dict(zip(crops, top5(reference,
