@@ -406,6 +406,8 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--repeat", action="store_true", help="re-run the chosen recipe's folds with other seeds "
                         "(the first run, of 2026-11-27, repeated the first candidate to finish: standard)")
+    parser.add_argument("--other-seed", action="store_true", help="train only the other-seed runs (repeat 1) of "
+                        "--recipes: the seed spread of a search already done")
     args = parser.parse_args()
     HYPER["epochs"] = args.epochs
     started = time.perf_counter()
@@ -431,8 +433,9 @@ def main() -> None:
         f"{np.bincount(folds[folds >= 0]).tolist()}, val {(folds == -1).sum()}")
 
     wanted = [r for r in args.recipes.split(",") if r]
-    job_list = [(r, k, 0) for r in wanted if r in CANDIDATES for k in range(FOLDS)]
-    job_list += [(r, k, 0) for r in wanted if r in ABLATIONS for k in range(FOLDS)]
+    repeat = 1 if args.other_seed else 0
+    job_list = [(r, k, repeat) for r in wanted if r in CANDIDATES for k in range(FOLDS)]
+    job_list += [(r, k, repeat) for r in wanted if r in ABLATIONS for k in range(FOLDS)]
     repeat_queued = False
     ctx = mp.get_context("spawn")
     jobs, results = ctx.Queue(), ctx.Queue()
