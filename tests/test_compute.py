@@ -70,6 +70,7 @@ def test_the_device_is_decided_from_the_driver_before_torch_is_asked(monkeypatch
 
     asked = []
     monkeypatch.setattr(networks, "resolve_device", lambda device: asked.append(device) or "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: asked.append("is_available") or True)
     monkeypatch.setattr(runtime, "nvidia_gpu_visible", lambda: False)
     assert runtime.resolved_device("auto") == runtime.resolved_device("cpu") == "cpu" and asked == []
     assert runtime.resolved_device("cuda") == "cuda" and len(asked) == 1  # asked for: torch decides

@@ -86,9 +86,11 @@ def resolved_device(device: str | Device) -> str:
     """``device`` as "cpu" or "cuda"; torch is imported only where an NVIDIA GPU could answer, so a
     CPU-only machine decides without it."""
     device = parse_choice(Device, device, "device")
-    if device == Device.cpu or (device == Device.auto and not nvidia_gpu_visible()):
+    if device == Device.auto:
+        return Device.cuda.value if _cuda_usable() else Device.cpu.value
+    if device == Device.cpu:
         return Device.cpu.value
-    from mammacls.nets.networks import resolve_device
+    from mammacls.nets.networks import resolve_device  # cuda asked for: torch says whether there is one
 
     return resolve_device(device)
 
