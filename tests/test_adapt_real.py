@@ -32,9 +32,15 @@ def test_fast_path_and_plain_fp32_reach_the_same_validation_figures(real_busi_pr
     auto = compute.choose_compute("mobilenet_v2", "cpu")
     assert (auto.precision, auto.memory_format) == ("bf16" if compute.cpu_has_native_bf16() else "fp32",
                                                     "channels-last")
+    from mammacls.nets.imagenet import hub_checkpoint_path, imagenet_weights
+
+    # From random weights, 3 epochs at 64 px learn nothing (about 0.26 accuracy): nothing to compare
+    hub = hub_checkpoint_path(imagenet_weights("mobilenet_v2", "IMAGENET1K_V1"))
+    if not hub.is_file():
+        pytest.skip(f"MobileNetV2's ImageNet file is not in the torch hub cache ({hub}); "
+                    "../shared/pretrained/README.md says how to put it there")
     data = real_busi_prepared[0]
-    hub = Path.home() / ".cache" / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
-    start = {"pretrained": True, "imagenet": "IMAGENET1K_V1"} if hub.is_file() else {"pretrained": False}
+    start = {"pretrained": True, "imagenet": "IMAGENET1K_V1"}
     figures = {}
     for name, precision, layout in (("plain", "fp32", "contiguous"), ("fast", "bf16", "channels-last")):
         if name == "fast":
