@@ -296,3 +296,44 @@ def test_the_lite0_recipe_trains_a_fold_from_the_bundles_file(tmp_path, monkeypa
     assert not torch.equal(state["features.9._depthwise_conv.weight"].float(), untouched)  # it trained from there
     # the file was loaded: 5 steps at batch norm's momentum 0.01 keep its mark near 3 (a fresh network: 0)
     assert state["features.9._bn1.running_mean"].float().mean() == pytest.approx(3.0, abs=0.5)
+
+
+@pytest.fixture(scope="module")
+def wrong_and_sure():
+    return importlib.import_module("wrong_and_sure")
+
+
+def test_committed_logits_reproduce_the_model_cards_sure_and_wrong_table(wrong_and_sure, levers):
+    """weights/MODEL_CARD.md's leave-one-source-out table and its committed JSON, recomputed from the search."""
+    figures = wrong_and_sure.report(levers.load_search(levers.DEFAULT_RESULTS))
+    card = (REPO / "weights" / "MODEL_CARD.md").read_text()
+    for row in wrong_and_sure.card_rows(figures):
+        assert row in card.splitlines(), row
+    committed = json.loads((REPO / "benchmarks" / "results" / "wrong_and_sure.json").read_text())
+    held = figures["held_out_scanner"]["ensemble_on_val"]
+    for name, row in committed["held_out_scanner"]["ensemble_on_val"].items():
+        assert held[name].keys() == row.keys(), name
+        for key, value in row.items():
+            assert held[name][key] == pytest.approx(value, abs=1e-9), (name, key)
+    single = figures["held_out_scanner"]["single_models_on_train"]
+    assert (single["n"], single["errors"], single["sure_wrong"]) == (1049, 467, 134)  # the card's prose
+    assert held[wrong_and_sure.COMBINATIONS[0]]["n"] == 225
+
+
+def test_unanimity_and_probability_averaging_do_what_their_names_say(wrong_and_sure):
+    # two members sure of class 0 and one sure of class 1 on image 0; all sure of class 2 on image 1
+    members = np.array([[[8.0, 0, 0], [0, 0, 8.0]], [[8.0, 0, 0], [0, 0, 8.0]], [[0, 8.0, 0], [0, 0, 8.0]]])
+    labels = np.array([1, 2])
+    fitted = {"temperature": 1.0, "floor": 0.4}
+    logits_mean, ok = wrong_and_sure.Combiner("mean logits, one temperature (ships)").apply(members, fitted)
+    assert ok.tolist() == [True, True] and logits_mean[0].max() > 0.9  # mean logits: sure of class 0
+    _, ok = wrong_and_sure.Combiner("mean logits + unanimous").apply(members, fitted)
+    assert ok.tolist() == [False, True]  # image 0 has a dissenting member
+    probability_mean, _ = wrong_and_sure.Combiner("mean probabilities").apply(members, fitted)
+    assert probability_mean[0].max() < 0.7 and probability_mean[0].argmax() == 0  # the dissent flattens it
+    assert np.allclose(probability_mean.sum(axis=1), 1.0)
+    sure = wrong_and_sure.sure_and_wrong(logits_mean, np.array([True, True]), labels)
+    assert sure.tolist() == [True, False]  # wrong at p > 0.9 and ok; the second is right
+    assert wrong_and_sure.sure_and_wrong(logits_mean, np.array([False, True]), labels).tolist() == [False, False]
+    row = wrong_and_sure.scored(logits_mean, np.array([True, True]), labels)
+    assert (row["errors"], row["sure_wrong"], row["sure_wrong_per_100"]) == (1, 1, 50.0)
