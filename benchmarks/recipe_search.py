@@ -32,6 +32,8 @@ Recipes (candidates to ship, simplest first, then two ablations of ``scanner-mas
                   to ``mammacls.archs`` before its members can ship.
   scanner-mask-scratch   ... without the ImageNet start
   scanner-mask-busi      ... trained on BUSI's folds only (BUS-BRA never seen: a held-out scanner)
+  scanner-mask-busbra    ... trained on BUS-BRA's folds only (BUSI never seen, nor any normal scan):
+                         the other held-out scanner, for ``wrong_and_sure.py``
 Selection rule, fixed before the run: mean of BUSI out-of-fold macro ROC-AUC and BUS-BRA
 out-of-fold malignant ROC-AUC; within 0.005 the simpler recipe wins. Output: results.json
 (per-recipe, per-fold figures, out-of-fold and val logits), the chosen and runner-up recipes'
@@ -61,7 +63,7 @@ from mammacls.training.batches import lesion_loss
 FOLDS = 5
 CANDIDATES = ("standard", "scanner", "scanner-mask", "scanner-mask-per-source", "scanner-mask-long",
               "scanner-mask-unweighted", "scanner-mask-balanced", "lite0-scanner-mask")
-ABLATIONS = ("scanner-mask-scratch", "scanner-mask-busi")
+ABLATIONS = ("scanner-mask-scratch", "scanner-mask-busi", "scanner-mask-busbra")
 RECIPES = {
     "standard": {"scanner": False, "mask": False, "imagenet": True, "sources": "all",
                  "scale": (0.75, 1.0), "rotation": 10.0},
@@ -85,6 +87,8 @@ RECIPES = {
                               "sampling": "per-source"},
     "lite0-scanner-mask": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
                            "scale": (0.45, 1.35), "rotation": 15.0, "arch": "efficientnet_lite0"},
+    "scanner-mask-busbra": {"scanner": True, "mask": True, "imagenet": True, "sources": "BUS-BRA",
+                            "scale": (0.45, 1.35), "rotation": 15.0},
 }
 LITE0_FILE = "efficientnet_lite0_imagenet.fp16.safetensors"  # beside MobileNetV2's in the bundle
 HYPER = {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1,
@@ -406,6 +410,8 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--repeat", action="store_true", help="re-run the chosen recipe's folds with other seeds "
                         "(the first run, of 2026-11-27, repeated the first candidate to finish: standard)")
+    parser.add_argument("--keep", default="", help="also save the members of these recipes (comma-separated; "
+                        "by default only the two best candidates' are saved)")
     parser.add_argument("--other-seed", action="store_true", help="train only the other-seed runs (repeat 1) of "
                         "--recipes: the seed spread of a search already done")
     args = parser.parse_args()
@@ -473,7 +479,8 @@ def main() -> None:
         if ranking and candidates_done and args.repeat and not repeat_queued:  # seed spread of the chosen recipe
             pending += [(ranking[0], k, 1) for k in range(FOLDS)]
             repeat_queued = True
-        for recipe in ranking[:2] if (candidates_done or not in_flight) else []:
+        kept = [r for r in args.keep.split(",") if r and summary.get(r, {}).get("folds_done") == FOLDS]
+        for recipe in (ranking[:2] if (candidates_done or not in_flight) else []) + kept:
             if recipe not in saved:
                 saved[recipe] = save_members(args.out, recipe, states)
                 log(f"saved members of {recipe}")

@@ -1,20 +1,27 @@
 """Where the model is wrong on a scanner it never saw, how often is it sure? (issue "Default model 3")
 
-    python benchmarks/wrong_and_sure.py [--results FILE] [--json OUT]
+    python benchmarks/wrong_and_sure.py [--busbra-held-out FILE] [--busi-held-out FILE] [--json OUT]
 
-Leave one source out, with the committed recipe search's logits and no training: the search trained
-``scanner-mask-busi``, the shipped recipe on BUSI's folds only, so BUS-BRA (GE scanners, Brazil) is
-a scanner those five members never saw. Three views:
+Leave one source out, with committed recipe searches' logits and no training here. Each direction
+has members trained on one source only, so the other source's scanners are scanners they never saw:
 
-- **held-out scanner, ensemble**: the five BUSI-only members on BUS-BRA's 225 validation images (each
-  image predicted by all five), calibrated and given their confidence floor on BUSI's validation
-  images alone, as a model trained on BUSI would ship;
-- **held-out scanner, single models**: each BUSI-only fold model on the BUS-BRA train images of its
+- **BUS-BRA held out**: ``scanner-mask-busi`` (the shipped recipe on BUSI's folds only) in the 224 px,
+  30-epoch GPU search the default came from;
+- **BUSI held out**: ``scanner-mask-busbra`` (on BUS-BRA's folds only: no normal scan either, so BUSI
+  is scored on its lesions) in the 96 px, 10-epoch CPU search, a proxy whose figures compare with
+  each other, not with the 224 px ones.
+
+Per direction, three views:
+
+- **held-out scanner, ensemble**: the five members on the held-out source's validation images (each
+  predicted by all five), calibrated and given their confidence floor on their own source's
+  validation images alone, as a model trained there would ship;
+- **held-out scanner, single models**: each fold model on the held-out source's train images of its
   held-out fold (every one of them, by the one model that held it out), its temperature and floor
-  from its own BUSI validation logits;
+  from its own source's validation logits;
 - **in source**, for what a change costs where the model knows the scanner: the shipped recipe's five
-  members on both sources' validation images, calibration cross-fitted (fitted on four of five
-  grouped folds of the validation split, applied to the fifth).
+  members of the same search on both sources' validation images, calibration cross-fitted (fitted on
+  four of five grouped folds of the validation split, applied to the fifth).
 
 A prediction is *sure and wrong* when it is an error whose status would be ``ok`` (top probability at
 or above the confidence floor, ``training.refusal.choose_min_confidence``; for the ``unanimous`` rules
@@ -47,7 +54,9 @@ from mammacls.training.refusal import choose_min_confidence
 from posthoc_levers import DEFAULT_RESULTS, SHIPPED_RECIPE, load_search, recipe_logits  # this script's neighbour
 from recipe_search import BUSBRA, BUSI
 
-BUSI_ONLY_RECIPE = "scanner-mask-busi"
+# held-out source: (the source its members were trained on, their recipe in the search)
+HELD_OUT = {BUSBRA: (BUSI, "scanner-mask-busi"), BUSI: (BUSBRA, "scanner-mask-busbra")}
+CPU_RESULTS = DEFAULT_RESULTS.parent / "recipe_search_2026-12-02_cpu96.json"  # the only BUS-BRA-only members
 SURE = 0.9
 NORMAL = CLASSES.index("normal")
 COMBINATIONS = ("mean logits, one temperature (ships)", "mean logits + unanimous",
@@ -112,13 +121,16 @@ def paired_interval(first: np.ndarray, second: np.ndarray, draws: int = 2000, se
     return [float(v) for v in np.percentile(differences, [2.5, 97.5])]
 
 
-def held_out_scanner_ensemble(results: dict) -> dict:
-    """The BUSI-only members on BUS-BRA's validation images, fitted on BUSI's."""
-    _, val_logits, _ = recipe_logits(results, BUSI_ONLY_RECIPE)
+def held_out_scanner_ensemble(results: dict, held_out: str) -> dict:
+    """The members that never saw ``held_out`` on its validation images (of the classes they were
+    trained on), calibrated and floored on their own source's validation images."""
+    trained_on, recipe = HELD_OUT[held_out]
+    _, val_logits, _ = recipe_logits(results, recipe)
     members = np.stack(val_logits)
     val = results["fold_of"] == -1
     labels, sources = results["labels"][val], results["sources"][val]
-    fit_on, scored_on = sources == BUSI, sources == BUSBRA
+    fit_on = sources == trained_on
+    scored_on = (sources == held_out) & np.isin(labels, labels[fit_on])
     rows, sure, correct = {}, {}, {}
     for name in COMBINATIONS:
         combiner = Combiner(name)
@@ -134,21 +146,23 @@ def held_out_scanner_ensemble(results: dict) -> dict:
     return rows
 
 
-def held_out_scanner_single_models(results: dict) -> dict:
-    """Each BUSI-only fold model on the BUS-BRA train images it held out, calibrated on BUSI val."""
-    runs = sorted((r for r in results["runs"] if r["recipe"] == BUSI_ONLY_RECIPE and r["repeat"] == 0
+def held_out_scanner_single_models(results: dict, held_out: str) -> dict:
+    """Each fold model that never saw ``held_out`` on its train images it held out (of the classes it
+    was trained on), calibrated and floored on its own source's validation logits."""
+    trained_on, recipe = HELD_OUT[held_out]
+    runs = sorted((r for r in results["runs"] if r["recipe"] == recipe and r["repeat"] == 0
                    and "error" not in r), key=lambda r: r["fold"])
     val = results["fold_of"] == -1
-    busi_val = results["sources"][val] == BUSI
-    val_labels = results["labels"][val][busi_val]
+    own_val = results["sources"][val] == trained_on
+    val_labels = results["labels"][val][own_val]
     probabilities, ok, labels = [], [], []
     for run in runs:
         held = np.asarray(run["held_idx"])
-        held = held[results["sources"][held] == BUSBRA]
+        keep = (results["sources"][held] == held_out) & np.isin(results["labels"][held], val_labels)
         combiner = Combiner(COMBINATIONS[0])  # one member: both averages are the same
-        fitted = combiner.fit(np.asarray(run["val_logits"])[busi_val][None], val_labels)
-        p, o = combiner.apply(np.asarray(run["held_logits"])[np.isin(run["held_idx"], held)][None], fitted)
-        probabilities.append(p), ok.append(o), labels.append(results["labels"][held])
+        fitted = combiner.fit(np.asarray(run["val_logits"])[own_val][None], val_labels)
+        p, o = combiner.apply(np.asarray(run["held_logits"])[keep][None], fitted)
+        probabilities.append(p), ok.append(o), labels.append(results["labels"][held[keep]])
     return scored(np.concatenate(probabilities), np.concatenate(ok), np.concatenate(labels))
 
 
@@ -174,10 +188,12 @@ def in_source(results: dict, folds: int = 5) -> dict:
     return rows
 
 
-def report(results: dict) -> dict:
-    return {"held_out_scanner": {"source": BUSBRA, "trained_on": BUSI, "recipe": BUSI_ONLY_RECIPE,
-                                 "ensemble_on_val": held_out_scanner_ensemble(results),
-                                 "single_models_on_train": held_out_scanner_single_models(results)},
+def report(results: dict, held_out: str) -> dict:
+    trained_on, recipe = HELD_OUT[held_out]
+    return {"held_out_scanner": {"source": held_out, "trained_on": trained_on, "recipe": recipe,
+                                 "img_size": results["hyper"]["img_size"], "epochs": results["hyper"]["epochs"],
+                                 "ensemble_on_val": held_out_scanner_ensemble(results, held_out),
+                                 "single_models_on_train": held_out_scanner_single_models(results, held_out)},
             "in_source": {"recipe": SHIPPED_RECIPE, "calibration": "cross-fitted, 5 grouped folds of val",
                           "by_combination": in_source(results)},
             "sure": SURE, "gate": "confidence floor (and unanimity where named); feature gate not applied"}
@@ -200,15 +216,11 @@ def card_rows(figures: dict) -> list[str]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--json", type=Path, help="write the figures here")
-    args = parser.parse_args()
-    figures = report(load_search(args.results))
+def print_report(figures: dict) -> None:
     held = figures["held_out_scanner"]
-    print(f"BUS-BRA held out (members trained on BUSI only), ensemble on its {held['ensemble_on_val'][COMBINATIONS[0]]['n']} "
-          f"validation images; sure and wrong: an ok error at p >= {SURE}")
+    print(f"{held['source']} held out (members trained on {held['trained_on']} only, {held['img_size']} px, "
+          f"{held['epochs']} epochs), ensemble on its {held['ensemble_on_val'][COMBINATIONS[0]]['n']} validation "
+          f"images of the classes they know; sure and wrong: an ok error at p >= {SURE}")
     keys = ("accuracy", "errors", "sure_wrong", "sure_wrong_share_of_errors", "sure_wrong_per_100", "correct_not_ok",
             "ece", "lesions_called_normal")
     for name, row in held["ensemble_on_val"].items():
@@ -222,8 +234,26 @@ def main() -> None:
         for source, row in by_source.items():
             print(f"  {name:38s} {source:22s} " + " ".join(f"{k}={row[k]:.3g}" for k in keys))
     print("\n".join(card_rows(figures)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--busbra-held-out", type=Path, default=DEFAULT_RESULTS,
+                        help=f"a search with the {HELD_OUT[BUSBRA][1]} recipe (default: the 224 px GPU search)")
+    parser.add_argument("--busi-held-out", type=Path, default=CPU_RESULTS,
+                        help=f"a search with the {HELD_OUT[BUSI][1]} recipe (default: the 96 px CPU search)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    out = {}
+    for held_out, path in ((BUSBRA, args.busbra_held_out), (BUSI, args.busi_held_out)):
+        results = load_search(path)
+        recipe = HELD_OUT[held_out][1]
+        if not any(run["recipe"] == recipe for run in results["runs"]):
+            raise SystemExit(f"{path} has no {recipe} runs: run recipe_search.py --recipes {recipe} first")
+        out[held_out] = {"results": path.name, **report(results, held_out)}
+        print_report(out[held_out])
     if args.json:
-        args.json.write_text(json.dumps({"results": str(args.results.name), **figures}, indent=1) + "\n")
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

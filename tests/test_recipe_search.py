@@ -304,20 +304,28 @@ def wrong_and_sure():
 
 
 def test_committed_logits_reproduce_the_model_cards_sure_and_wrong_table(wrong_and_sure, levers):
-    """weights/MODEL_CARD.md's leave-one-source-out table and its committed JSON, recomputed from the search."""
-    figures = wrong_and_sure.report(levers.load_search(levers.DEFAULT_RESULTS))
-    card = (REPO / "weights" / "MODEL_CARD.md").read_text()
-    for row in wrong_and_sure.card_rows(figures):
-        assert row in card.splitlines(), row
+    """weights/MODEL_CARD.md's leave-one-source-out tables (both directions) and their committed JSON,
+    recomputed from the searches."""
+    card = (REPO / "weights" / "MODEL_CARD.md").read_text().splitlines()
     committed = json.loads((REPO / "benchmarks" / "results" / "wrong_and_sure.json").read_text())
-    held = figures["held_out_scanner"]["ensemble_on_val"]
-    for name, row in committed["held_out_scanner"]["ensemble_on_val"].items():
-        assert held[name].keys() == row.keys(), name
-        for key, value in row.items():
-            assert held[name][key] == pytest.approx(value, abs=1e-9), (name, key)
-    single = figures["held_out_scanner"]["single_models_on_train"]
-    assert (single["n"], single["errors"], single["sure_wrong"]) == (1049, 467, 134)  # the card's prose
-    assert held[wrong_and_sure.COMBINATIONS[0]]["n"] == 225
+    bra, busi = wrong_and_sure.BUSBRA, wrong_and_sure.BUSI
+    figures = {bra: wrong_and_sure.report(levers.load_search(levers.DEFAULT_RESULTS), bra),
+               busi: wrong_and_sure.report(levers.load_search(wrong_and_sure.CPU_RESULTS), busi)}
+    for held_out, expected_n in ((bra, 225), (busi, 95)):
+        rows = wrong_and_sure.card_rows(figures[held_out])
+        assert len(rows) == len(wrong_and_sure.COMBINATIONS)
+        for row in rows:
+            assert row in card, row
+        held = figures[held_out]["held_out_scanner"]["ensemble_on_val"]
+        for name, row in committed[held_out]["held_out_scanner"]["ensemble_on_val"].items():
+            assert held[name].keys() == row.keys(), name
+            for key, value in row.items():
+                assert held[name][key] == pytest.approx(value, abs=1e-9), (held_out, name, key)
+        assert held[wrong_and_sure.COMBINATIONS[0]]["n"] == expected_n
+    single = {k: figures[k]["held_out_scanner"]["single_models_on_train"] for k in (bra, busi)}
+    assert (single[bra]["n"], single[bra]["errors"], single[bra]["sure_wrong"]) == (1049, 467, 134)  # the card's prose
+    assert (single[busi]["n"], single[busi]["errors"], single[busi]["sure_wrong"]) == (441, 104, 15)
+    assert single[busi]["lesions_called_normal"] == 0.0  # never saw a normal scan, never answers normal
 
 
 def test_unanimity_and_probability_averaging_do_what_their_names_say(wrong_and_sure):
