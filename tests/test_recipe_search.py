@@ -345,3 +345,36 @@ def test_unanimity_and_probability_averaging_do_what_their_names_say(wrong_and_s
     assert wrong_and_sure.sure_and_wrong(logits_mean, np.array([False, True]), labels).tolist() == [False, False]
     row = wrong_and_sure.scored(logits_mean, np.array([True, True]), labels)
     assert (row["errors"], row["sure_wrong"], row["sure_wrong_per_100"]) == (1, 1, 50.0)
+
+
+def test_a_normal_answer_with_a_lesion_on_its_map_is_flagged_or_re_answered():
+    rules = importlib.import_module("lesion_vs_normal")
+    # three members; image 0 answered normal with a bright map, image 1 normal with a dark map, image 2 benign
+    logits = np.tile(np.array([[[1.0, 0.5, 3.0], [0.0, 0.0, 3.0], [3.0, 0.0, 0.0]]]), (3, 1, 1))
+    peak = np.array([0.9, 0.1, 0.9])
+    fitted = {"temperature": 1.0, "floor": 0.4, "lesion_peak": 0.8}
+    probabilities, ok = rules.apply(logits, peak, fitted, "as trained")
+    assert probabilities.argmax(axis=1).tolist() == [2, 2, 0] and ok.all()
+    _, ok = rules.apply(logits, peak, fitted, "uncertain")
+    assert ok.tolist() == [False, True, True]
+    answered, ok = rules.apply(logits, peak, fitted, "answer")
+    assert answered.argmax(axis=1).tolist() == [0, 2, 0] and ok.all()  # benign, the likelier lesion class
+    assert np.allclose(answered.sum(axis=1), 1.0) and answered[0, 2] == 0.0
+    labels = np.array([0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    normals_peak = np.r_[0.9, 0.9, np.linspace(0.0, 0.5, 19)]
+    # the threshold lets 95 % of the own source's normal scans keep their answer
+    refit = rules.fit(np.zeros((3, len(labels), 3)), normals_peak, labels)
+    assert np.mean(normals_peak[labels == 2] < refit["lesion_peak"]) == pytest.approx(0.95, abs=0.06)
+
+
+def test_the_cards_lesion_map_paragraph_is_the_committed_measurement():
+    figures = json.loads((REPO / "benchmarks" / "results" / "lesion_vs_normal.json").read_text())
+    card = " ".join((REPO / "weights" / "MODEL_CARD.md").read_text().split())
+    auc = figures["separation_auc"]
+    for value in (auc["own"]["map_peak"], auc["own"]["classifier"],
+                  auc["foreign_lesions_against_own_normals"]["map_peak"],
+                  auc["foreign_lesions_against_own_normals"]["classifier"]):
+        assert f"{value:.2f}" in card
+    before, after = figures["as trained"]["held_out"], figures["answer"]["held_out"]
+    assert f"{before['lesions_called_normal']:.0%} to {after['lesions_called_normal']:.0%}".replace("%", " %") in card
+    assert figures["uncertain"]["held_out"]["sure_wrong"] == before["sure_wrong"]  # "removes none"
