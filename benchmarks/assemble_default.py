@@ -1,6 +1,7 @@
 """Build the shipped default model from the members a GPU recipe search saved.
 
     python benchmarks/assemble_default.py --run RUN_DIR [--out weights/default] [--members-alone]
+    python benchmarks/assemble_default.py --refinish [--out weights/default]
 
 RUN_DIR holds ``results.json`` and ``members-RECIPE-*.safetensors`` from
 ``benchmarks/recipe_search.py``. The recipe is the search's first-ranked one (its rule is in
@@ -11,6 +12,10 @@ trained on) on this CPU from the original files, exports ONNX, and publishes it 
 (float16, as the members were saved; the ONNX file is exported from the published weights, so both
 backends compute the same thing). With ``--members-alone`` it instead writes each member as a
 model of its own into the cache (``default-member-K``), to judge the members one by one.
+With ``--refinish`` it keeps the published weights as they are and fits their calibration and
+refusal gate again with this mammacls's finishing code (on the same validation and train images,
+found by pixel hash in the prepared datasets), then exports the ONNX file again: how a change to
+calibration reaches the shipped model without retraining it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from mammacls.training.ensemble import assemble_ensemble
 from mammacls.errors import MammaclsError
 from mammacls.nets.imagenet import load_imagenet_state_dict
 from mammacls.store import models_dir
-from mammacls.inference.card import Provenance, TrainingSummary
+from mammacls.inference.card import ModelCard, Provenance, TrainingSummary
 from mammacls.inference.model_files import MODEL_FILE, ModelRef, read_card
 from mammacls.nets.weights import publish_model
 
@@ -82,13 +87,49 @@ def describe_members(results: dict, recipe: str, run: Path) -> tuple[TrainingSum
     return training, Provenance(pretrained=imagenet, device=f"{results['device']} (torch {results['torch']})")
 
 
+def refinish(target: Path) -> ModelCard:
+    """Calibration and refusal gate of the published model in ``target`` fitted again, weights untouched."""
+    from mammacls.inference.model_files import resolve_model
+    from mammacls.nets.export import export_onnx
+    from mammacls.nets.weights import load_network
+    from mammacls.training.batches import load_fitting_images
+    from mammacls.training.finalise import fit_calibration
+    from mammacls.training.splits import model_rows, training_dataset
+
+    with tempfile.TemporaryDirectory(prefix="mammacls-refinish-") as scratch:
+        work = Path(scratch) / target.name
+        shutil.copytree(target, work)  # a writable copy: the folder may be the installed package's
+        ref = resolve_model(str(work))
+        weights = ref.card.weights.sha256
+        dataset = training_dataset(ref)
+        images = load_fitting_images(dataset, *model_rows(dataset, ref.card), ref.card.img_size)
+        calibration, refusal = fit_calibration(load_network(ref, "cpu"), ref.card.arch, images, "cpu", work,
+                                               members=ref.card.members)
+        ref.update_card(calibration=calibration, refusal=refusal)
+        export_onnx(ref)
+        final = read_card(work)
+        if final.weights.sha256 != weights:
+            raise MammaclsError("refinishing changed the weights; nothing was copied back")
+        for name in ("metadata.json", refusal.ood.file, "model.onnx"):
+            shutil.copyfile(work / name, target / name)
+    return read_card(target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--run", type=Path, help="a recipe search's folder (results.json, members-*.safetensors)")
+    parser.add_argument("--refinish", action="store_true", help="refit calibration and gate of --out, weights kept")
     parser.add_argument("--out", type=Path, default=Path("weights/default"))
     parser.add_argument("--name", default="mammacls-default-2")
     parser.add_argument("--members-alone", action="store_true")
     args = parser.parse_args()
+    if args.refinish:
+        card = refinish(args.out)
+        print(json.dumps({"out": str(args.out), "calibration": dataclasses.asdict(card.calibration),
+                          "min_confidence": card.refusal.min_confidence}, indent=1))
+        return
+    if args.run is None:
+        parser.error("--run is required (or --refinish)")
 
     results = json.loads((args.run / "results.json").read_text())
     recipe = results["ranking"][0]

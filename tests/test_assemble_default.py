@@ -71,6 +71,21 @@ def test_members_become_one_calibrated_exported_model(assemble, prepared, cache,
     logits, features = OnnxBackend(ref).logits_and_features(images)
     assert logits.shape == (3, 3) and features.shape == (3, 5 * 1280)
 
+    # --refinish: calibration and gate fitted again by this mammacls, weights and the rest untouched
+    from mammacls.store import sha256_file
+
+    before = {p.name: sha256_file(p) for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr("mammacls.training.splits.load_prepared", lambda path=None: load_prepared(prepared[0]))
+    refit = assemble.refinish(tmp_path / "out")
+    after = {p.name: sha256_file(p) for p in (tmp_path / "out").iterdir()}
+    assert set(after) == set(before)
+    assert after["model.safetensors"] == before["model.safetensors"] == refit.weights.sha256
+    assert after["training_data.json"] == before["training_data.json"]
+    assert refit.onnx.sha256 == after["model.onnx"] and refit.refusal.ood.sha256 == after["ood.safetensors"]
+    again = resolve_model(str(tmp_path / "out"))  # opens: digest and every file's sha256 hold
+    assert again.card == refit and again.card.calibration.val_after is not None
+    assert np.allclose(OnnxBackend(again).logits_and_features(images)[0], logits, atol=1e-4)  # same network
+
 
 def test_another_dataset_is_refused(assemble, prepared, tmp_path, monkeypatch):
     from mammacls.data.prepared import load_prepared

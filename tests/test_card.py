@@ -86,6 +86,30 @@ def test_the_card_round_trips_through_json():
     card = ModelCard.from_record(record, "x")
     again = ModelCard.from_record(json.loads(json.dumps(card.to_record())), "x")
     assert again == card and isinstance(again.preprocessing.mean, tuple)
+    assert card.calibration.class_temperatures is None  # cards written before it: one temperature
+
+
+def test_class_temperatures_round_trip_and_calibrate_by_answer():
+    import dataclasses
+
+    import numpy as np
+
+    record, _ = migrate_v1(_v1_record("cd" * 32))
+    card = ModelCard.from_record(record, "x")
+    card = card.replace(calibration=dataclasses.replace(card.calibration, temperature=1.0,
+                                                        class_temperatures=(0.5, 1.0, 4.0)))
+    again = ModelCard.from_record(json.loads(json.dumps(card.to_record())), "x")
+    assert again.calibration.class_temperatures == (0.5, 1.0, 4.0)
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    probabilities = again.calibrated(logits)
+    assert probabilities[0, 0] == pytest.approx(np.exp(4) / (np.exp(4) + 2))  # benign answer: logits / 0.5
+    assert probabilities[1, 2] == pytest.approx(np.exp(0.5) / (np.exp(0.5) + 2))  # normal answer: logits / 4
+    assert "0.50 / 1.00 / 4.00 by answer (benign / malignant / normal)" in again.calibration.describe()
+    bad = again.to_record()
+    bad["calibration"]["class_temperatures"] = [0.5, -1.0, 2.0]
+    bad.pop("digest")
+    with pytest.raises(MammaclsError, match="bad class temperatures"):
+        ModelCard.from_record(bad, "x")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -59,6 +59,46 @@ def test_temperature_scaling_lowers_nll_of_an_overconfident_model():
     assert (softmax(logits, temperature).argmax(1) == logits.argmax(1)).all()
 
 
+def test_normal_answers_get_their_own_temperature_and_keep_every_answer():
+    """Answers "normal" 3x too sure, the others as sure as they should be: one temperature can fit only
+    one of the two; normal answers' own temperature recovers the distortion, lesion answers keep the
+    shared one (so their malignant probabilities rank as before), and no answer changes."""
+    from mammacls.inference.probabilities import calibrated_softmax
+    from mammacls.training.calibration import fit_class_temperatures
+
+    y, truth = _synthetic(3000, seed=5)
+    logits = truth * np.where(truth.argmax(1) == 2, 3.0, 1.0)[:, None]
+    shared = fit_temperature(logits, y)
+    per_class = fit_class_temperatures(logits, y, shared)
+    undistorted = fit_class_temperatures(truth, y, fit_temperature(truth, y))  # what the synthetic logits need
+    assert per_class is not None and undistorted is not None
+    assert per_class[0] == per_class[1] == shared  # benign and malignant answers: the shared temperature
+    assert per_class[2] / undistorted[2] == pytest.approx(3.0, rel=0.1)  # the distortion comes back
+    one, each = softmax(logits, shared), calibrated_softmax(logits, shared, per_class)
+    assert (each.argmax(1) == logits.argmax(1)).all() and np.allclose(each.sum(1), 1.0)
+    lesion_answers = logits.argmax(1) != 2
+    assert np.allclose(each[lesion_answers], one[lesion_answers])
+    assert -np.log(each[np.arange(len(y)), y]).mean() < nll(logits, y, shared) - 0.01
+    normal_answers = ~lesion_answers  # where the distortion was, calibration improves
+    assert expected_calibration_error(y[normal_answers], each[normal_answers]) < \
+        expected_calibration_error(y[normal_answers], one[normal_answers]) - 0.05
+    assert np.allclose(calibrated_softmax(logits, shared, None), one)  # no class temperatures: as before
+    every = fit_class_temperatures(logits, y, shared, own=(0, 1, 2))  # every class its own, when asked
+    assert every is not None and len(set(every)) == 3
+
+
+def test_class_temperatures_need_enough_answers_and_stay_near_the_shared_one():
+    from mammacls.training.calibration import (MAX_TEMPERATURE_RATIO, MIN_PREDICTED_FOR_OWN_TEMPERATURE,
+                                               fit_class_temperatures)
+
+    y, logits = _synthetic(60, seed=1)
+    assert (logits.argmax(1) == 2).sum() < MIN_PREDICTED_FOR_OWN_TEMPERATURE  # too few normal answers
+    assert fit_class_temperatures(logits, y, 1.3) is None  # nothing to fit: one temperature
+    y, logits = _synthetic(600, seed=3, sharp=0.01)  # nearly flat logits: NLL wants T near 0.01
+    fitted = fit_class_temperatures(logits, y, 1.0)
+    assert fitted is not None and fitted[2] == pytest.approx(1.0 / MAX_TEMPERATURE_RATIO, rel=1e-3)
+
+
 def test_ece_and_brier_on_known_cases():
     y = np.array([0, 1, 2, 0])
     perfect = np.eye(3)[y]

@@ -9,6 +9,7 @@ import typer
 
 from mammacls import CLASSES
 from mammacls.errors import MammaclsError
+from mammacls.inference.probabilities import describe_temperatures
 from mammacls.choices import Device
 from mammacls.cli.common import app, _console, _errors, _emit_json, _fmt, choice_option
 
@@ -164,7 +165,7 @@ def _print_model_detail(entry, console) -> None:
                       f"{_fmt(selective.accuracy_accepted)}, on the {selective.coverage_ok:.1%} it marks ok "
                       f"{_fmt(selective.accuracy_ok)}; {describe_sure_errors(selective)}", soft_wrap=True,
                       markup=False)
-    console.print(f"calibration (T = {cal.temperature:.2f}): ECE {cal.before.ece:.3f} -> "
+    console.print(f"calibration ({describe_temperatures(cal.temperature, cal.class_temperatures)}): ECE {cal.before.ece:.3f} -> "
                   f"{cal.after.ece:.3f}, Brier {cal.before.brier:.3f} -> {cal.after.brier:.3f}, "
                   f"NLL {cal.before.nll:.3f} -> {cal.after.nll:.3f}", soft_wrap=True, markup=False)
 

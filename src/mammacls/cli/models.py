@@ -50,7 +50,7 @@ def calibrate(
     with _errors():
         for spec in model:
             card = recalibrate(resolve_model(spec), device=device)
-            console.print(f"{card.name}: temperature {card.temperature:.2f}, "
+            console.print(f"{card.name}: {card.calibration.describe()}, "
                           f"min confidence {card.refusal.min_confidence:.2f}, "
                           f"OOD threshold {card.refusal.ood.threshold:.1f}", soft_wrap=True, markup=False)
 
@@ -67,8 +67,8 @@ def ensemble(
     console = _console()
     with _errors():
         card = ensemble_from_models(model, name=name, reporter=lambda text: console.print(text, markup=False))
-    console.print(f"{name}: {card.members} x {card.arch}, temperature "
-                  f"{card.temperature:.2f}; use it with --model {name}", soft_wrap=True, markup=False)
+    console.print(f"{name}: {card.members} x {card.arch}, {card.calibration.describe()}; use it with --model {name}",
+                  soft_wrap=True, markup=False)
 
 
 # -------------------------------------------------------------------- use ---

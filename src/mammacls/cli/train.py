@@ -216,7 +216,7 @@ def _print_outcome(group, card, console, json_out: bool) -> None:
     console.print(
         f"saved [bold]{card.name}[/] (best epoch {training.best_epoch} of {training.epochs_run}): "
         f"val accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f}, "
-        f"ROC-AUC {_fmt(val['roc_auc_macro'])}; temperature {_fmt(card.temperature, 2)} "
+        f"ROC-AUC {_fmt(val['roc_auc_macro'])}; {card.calibration.describe() if card.calibration else 'temperature –'} "
         f"(val ECE {_fmt(before.get('ece'))} -> {_fmt(after.get('ece'))})", soft_wrap=True)
     if json_out:
         _emit_json(card.to_record())

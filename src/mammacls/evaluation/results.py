@@ -118,8 +118,10 @@ class ReliabilityBin(Record):
 
 @dataclass(frozen=True)
 class CalibrationFigures(Record):
+    SKIP_NONE: ClassVar[tuple[str, ...]] = ("class_temperatures",)
     temperature: float
-    applied: bool  # the model's temperature was applied to these probabilities
+    class_temperatures: tuple[float, ...] | None  # per predicted class (CLASSES order), or None
+    applied: bool  # the model's calibration was applied to these probabilities
     before: CalibrationScores
     after: CalibrationScores
     bins_before: tuple[ReliabilityBin, ...]

@@ -35,7 +35,7 @@ def metrics_from_figures(figures: dict[str, Any], malignant: dict[str, Any], ci:
                            sensitivity_ci95=as_interval(ci.get("malignant_sensitivity")),
                            specificity_ci95=as_interval(ci.get("malignant_specificity")), at_spec90=at_spec90)
     headline = HeadlineIntervals(**{k: as_interval(ci.get(k)) for k in ("accuracy", "macro_f1", "roc_auc_macro")})
-    cal = CalibrationFigures(calibration["temperature"], calibration["applied"],
+    cal = CalibrationFigures(calibration["temperature"], calibration["class_temperatures"], calibration["applied"],
                              CalibrationScores(**calibration["before"]), CalibrationScores(**calibration["after"]),
                              tuple(ReliabilityBin(**b) for b in calibration["bins_before"]),
                              tuple(ReliabilityBin(**b) for b in calibration["bins_after"]))
@@ -58,11 +58,13 @@ def score(logits: np.ndarray, card: ModelCard | None, labels: np.ndarray, calibr
     from mammacls.inference.probabilities import softmax
 
     temperature = card.temperature if card else 1.0
+    per_class = card.calibration.class_temperatures if card and card.calibration else None
     raw = softmax(logits) if probabilities is None else probabilities
-    tuned = softmax(logits, temperature) if probabilities is None else probabilities
+    tuned = (card.calibrated(logits) if card else softmax(logits)) if probabilities is None else probabilities
     chosen = tuned if calibrated else raw
     threshold = malignant_threshold(card, calibrated)
-    calibration = {"temperature": temperature, "applied": calibrated and probabilities is None,
+    calibration = {"temperature": temperature, "class_temperatures": per_class,
+                   "applied": calibrated and probabilities is None,
                    "before": calibration_metrics(labels, raw), "after": calibration_metrics(labels, tuned),
                    "bins_before": reliability_bins(labels, raw), "bins_after": reliability_bins(labels, tuned)}
     metrics = metrics_from_figures(compute_metrics(labels, chosen), malignant_metrics(labels, chosen, threshold),

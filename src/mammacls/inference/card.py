@@ -64,6 +64,8 @@ class WeightsInfo:
 @dataclass(frozen=True)
 class Calibration:
     temperature: float = 1.0
+    # one temperature per predicted class (CLASSES order), or None: ``temperature`` for every image
+    class_temperatures: tuple[float, ...] | None = None
     malignant_threshold_spec90: float | None = None  # on calibrated probabilities
     malignant_threshold_spec90_raw: float | None = None
     method: str = "temperature scaling"
@@ -73,6 +75,18 @@ class Calibration:
 
     def malignant_threshold(self, calibrated: bool) -> float | None:
         return self.malignant_threshold_spec90 if calibrated else self.malignant_threshold_spec90_raw
+
+    def describe(self, label: str = "temperature ") -> str:
+        """``temperature 0.70``, or the temperature of each answer."""
+        from mammacls.inference.probabilities import describe_temperatures
+
+        return describe_temperatures(self.temperature, self.class_temperatures, label)
+
+    def probabilities(self, logits):
+        """Calibrated class probabilities of N x C logits."""
+        from mammacls.inference.probabilities import calibrated_softmax
+
+        return calibrated_softmax(logits, self.temperature, self.class_temperatures)
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,12 @@ class ModelCard:
     @property
     def temperature(self) -> float:
         return self.calibration.temperature if self.calibration else 1.0
+
+    def calibrated(self, logits):
+        """Class probabilities of N x C logits under this model's calibration (none: plain softmax)."""
+        from mammacls.inference.probabilities import softmax
+
+        return self.calibration.probabilities(logits) if self.calibration else softmax(logits)
 
     @property
     def mask_guided(self) -> bool:
@@ -280,6 +300,9 @@ def _check(card: ModelCard, where: Path | str) -> None:
         raise MammaclsError(f"{where}: bad member count {card.weights.members!r}")
     if card.calibration is not None and not card.calibration.temperature > 0:
         raise MammaclsError(f"{where}: bad temperature {card.calibration.temperature!r}")
+    per_class = card.calibration.class_temperatures if card.calibration is not None else None
+    if per_class is not None and (len(per_class) != len(CLASSES) or not all(t > 0 for t in per_class)):
+        raise MammaclsError(f"{where}: bad class temperatures {list(per_class)!r}")
 
 
 # ------------------------------------------------------------------ schema 1 ---

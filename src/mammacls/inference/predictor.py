@@ -141,6 +141,12 @@ class Predictor:
         return self.ref.card.temperature if self.calibrated else 1.0
 
     @property
+    def class_temperatures(self) -> list[float] | None:
+        calibration = self.ref.card.calibration
+        per_class = calibration.class_temperatures if self.calibrated and calibration else None
+        return None if per_class is None else list(per_class)
+
+    @property
     def min_confidence(self) -> float | None:
         return self.ref.card.refusal.min_confidence if self.calibrated else None
 
@@ -154,7 +160,8 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         return {**self.ref.describe(), "chosen_by": self.ref.why, "backend": self.backend.name,
-                "temperature": self.temperature, "min_confidence": self.min_confidence,
+                "temperature": self.temperature, "class_temperatures": self.class_temperatures,
+                "min_confidence": self.min_confidence,
                 "ood_threshold": self.ood_record.threshold if self.ood_record else None}
 
     # ------------------------------------------------------------------ inputs ---
@@ -196,7 +203,11 @@ class Predictor:
         logits, features = outputs
         far = distances(self.density, features) if self.density is not None and features is not None else None
         return [self._answer(item, probs, None if far is None else float(far[k]))
-                for k, (item, probs) in enumerate(zip(frames, softmax(logits, self.temperature)))]
+                for k, (item, probs) in enumerate(zip(frames, self.probabilities(logits)))]
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Class probabilities of N x C logits: calibrated as the model's card says, or plain softmax."""
+        return self.ref.card.calibrated(logits) if self.calibrated else softmax(logits)
 
     def _answer(self, item: Frame, probs: np.ndarray, far: float | None) -> Prediction:
         status, reason = status_of(item.reason, far, self.ood_record.threshold if self.ood_record else None,

@@ -64,6 +64,8 @@ def _embed_card(path, card: ModelCard) -> None:
     described = {"schema": card.schema, "arch": card.arch, "classes": list(card.classes),
                  "img_size": card.img_size, "mean": list(card.preprocessing.mean), "std": list(card.preprocessing.std),
                  "temperature": card.temperature, "sha256": card.weights.sha256}
+    if card.calibration is not None and card.calibration.class_temperatures is not None:
+        described["class_temperatures"] = list(card.calibration.class_temperatures)
     for key, value in described.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = f"mammacls.{key}", json.dumps(value)

@@ -15,6 +15,7 @@ from mammacls.evaluation.results import (
     GROUP_COLUMNS, ClassFigures, Evaluation, GroupSummary, ModelResult, Overlap, SelectiveFigures,
 )
 from mammacls.inference.model_files import ModelSummary
+from mammacls.inference.probabilities import describe_temperatures
 from mammacls.reporting.text import (SOURCE_COLUMNS, SOURCE_COLUMNS_NOTE, absent_classes_note, describe_malignant,
                                      describe_sure_errors, source_rows)
 from mammacls.reporting.plots import (
@@ -278,7 +279,7 @@ def _model_section(r: ModelResult, eval_set, out_dir: Path, absent: tuple[str, .
         "roc": roc_figure(eval_set.labels, r.probabilities, f"ROC one-vs-rest: {r.name}"),
         "precision_recall": precision_recall_figure(eval_set.labels, r.probabilities, f"precision-recall: {r.name}"),
         "reliability": reliability_figure(cal.bins_before, cal.bins_after, cal.before.ece, cal.after.ece,
-                                          f"reliability (T = {cal.temperature:.2f})"),
+                                          f"reliability ({describe_temperatures(cal.temperature, cal.class_temperatures)})"),
     }
     if r.history:
         figures["training_curves"] = training_curves_figure(list(r.history), f"training: {r.name}")
@@ -300,7 +301,7 @@ def _model_section(r: ModelResult, eval_set, out_dir: Path, absent: tuple[str, .
         "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th>"
         f"<th>support</th></tr>{per_class}</table>"
         f"<p>{html.escape(_sentence(describe_malignant(m.malignant)))}</p>"
-        f"<p>Calibration: temperature {cal.temperature:.2f}; ECE {cal.before.ece:.3f} → "
+        f"<p>Calibration: {describe_temperatures(cal.temperature, cal.class_temperatures, 'temperature ')}; ECE {cal.before.ece:.3f} → "
         f"{cal.after.ece:.3f}, Brier {cal.before.brier:.3f} → {cal.after.brier:.3f} "
         "(15 confidence bins).</p>"
         f"{_selective_line(m.selective, eval_set.kind)}"

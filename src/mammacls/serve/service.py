@@ -72,6 +72,8 @@ class PredictionService:
                       "resize": pre.resize, "range": pre.input_range},
             "calibration": None if calibration is None else {
                 "method": calibration.method, "temperature": calibration.temperature,
+                "class_temperatures": None if calibration.class_temperatures is None
+                else list(calibration.class_temperatures),
                 "fitted_on": calibration.fitted_on, "val_before": calibration.val_before,
                 "val_after": calibration.val_after},
             "refusal": {"min_confidence": card.refusal.min_confidence,

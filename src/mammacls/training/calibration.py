@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mammacls import CLASSES
 from mammacls.inference.probabilities import softmax
 
 
@@ -24,3 +25,41 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
                              bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     best = float(np.exp(result.x))
     return best if nll(logits, y_true, best) <= nll(logits, y_true, 1.0) else 1.0
+
+
+# A class predicted on fewer validation images than this keeps the shared temperature: too few to fit one.
+MIN_PREDICTED_FOR_OWN_TEMPERATURE = 20
+# How far a class's temperature may stray from the shared one (either way): a class whose few validation
+# answers are all right would otherwise be driven to near-certainty.
+MAX_TEMPERATURE_RATIO = 4.0
+
+
+def fit_class_temperatures(logits: np.ndarray, y_true: np.ndarray, shared: float,
+                           own: tuple[int, ...] = (CLASSES.index("normal"),)) -> tuple[float, ...] | None:
+    """A temperature per predicted class: for the classes in ``own``, the one minimising the NLL of the
+    validation images predicted that class (an image's temperature depends only on its top class, so
+    the NLL splits into those sums); for the others, ``shared``. None when no class in ``own`` has
+    enough validation answers.
+
+    Why normal answers get their own: one temperature fitted on both sources sharpens a model that is
+    already too sure when it says normal (BUSI's normals; BUS-BRA has none) to suit its benign and
+    malignant answers, and on a scanner it does not know its surest mistakes are lesions called normal.
+    The top class is known at prediction time, the source is not. Why only normal: benign and
+    malignant answers keep one temperature, so the malignant probability ranks lesion answers as one
+    temperature ranks them (giving each its own cost malignant ROC-AUC out of fold)."""
+    from scipy.optimize import minimize_scalar
+
+    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true, dtype=int)
+    top = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=int)
+    low, high = np.log(shared / MAX_TEMPERATURE_RATIO), np.log(shared * MAX_TEMPERATURE_RATIO)
+    temperatures, fitted = [float(shared)] * len(CLASSES), False
+    for k in own:
+        mine = top == k
+        if mine.sum() < MIN_PREDICTED_FOR_OWN_TEMPERATURE:
+            continue
+        result = minimize_scalar(lambda log_t, mine=mine: nll(logits[mine], y_true[mine], float(np.exp(log_t))),
+                                 bounds=(low, high), method="bounded")
+        best = float(np.exp(result.x))
+        if nll(logits[mine], y_true[mine], best) <= nll(logits[mine], y_true[mine], shared):
+            temperatures[k], fitted = best, True
+    return tuple(temperatures) if fitted else None

@@ -28,9 +28,11 @@ from mammacls.nets.weights import save_model
 
 def fit_calibration(net, arch: str, images: FittingImages, device: str, run_dir: Path,
                     members: int = 1) -> tuple[Calibration, Refusal]:
-    """Fitted on validation: temperature scaling, the malignant threshold for 90 % specificity and
+    """Fitted on validation: temperature scaling (and a temperature per predicted class where validation
+    has enough answers of that class), the malignant threshold for 90 % specificity and
     the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
-    from mammacls.training.calibration import fit_temperature
+    from mammacls.inference.probabilities import calibrated_softmax
+    from mammacls.training.calibration import fit_class_temperatures, fit_temperature
     from mammacls.evaluation.metrics import MALIGNANT, calibration_metrics, threshold_at_specificity
     from mammacls.nets.networks import predict_logits_and_features
     from mammacls.inference.gate import image_statistics
@@ -47,18 +49,29 @@ def fit_calibration(net, arch: str, images: FittingImages, device: str, run_dir:
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     temperature = fit_temperature(logits, val_y)
-    calibrated = softmax(logits, temperature)
+    class_temperatures = fit_class_temperatures(logits, val_y, temperature)
+    calibrated = calibrated_softmax(logits, temperature, class_temperatures)
     density = fit_density(train_features, train_y, val_features, len(CLASSES), members=members)
     image_density = fit_image_density(np.stack([image_statistics(x) for x in train_x]),
                                       np.stack([image_statistics(x) for x in val_x]))
     calibration = Calibration(
-        temperature=temperature, method="temperature scaling", fitted_on="val",
+        temperature=temperature, class_temperatures=class_temperatures,
+        method=calibration_method(temperature, class_temperatures),
+        fitted_on="val",
         malignant_threshold_spec90=threshold_at_specificity(val_y, calibrated[:, MALIGNANT], 0.9),
         malignant_threshold_spec90_raw=threshold_at_specificity(val_y, softmax(logits)[:, MALIGNANT], 0.9),
         val_before=calibration_metrics(val_y, softmax(logits)), val_after=calibration_metrics(val_y, calibrated))
     ood = save_density(run_dir, density, image_density)
     ood["member_thresholds"] = tuple(ood["member_thresholds"])
     return calibration, Refusal(min_confidence=choose_min_confidence(calibrated, val_y), ood=OodDensity(**ood))
+
+
+def calibration_method(temperature: float, class_temperatures: tuple[float, ...] | None) -> str:
+    """``temperature scaling``, naming the answers that have a temperature of their own."""
+    if class_temperatures is None:
+        return "temperature scaling"
+    own = [name for name, value in zip(CLASSES, class_temperatures) if value != temperature]
+    return f"temperature scaling; {', '.join(own)} answers with a temperature of their own"
 
 
 def finish_model(net, card: ModelCard, folder: Path, images: FittingImages, device: str, *,
