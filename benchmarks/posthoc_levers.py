@@ -42,10 +42,15 @@ SHIPPED_RECIPE = "scanner-mask"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "recipe_search_2026-11-27_30ep.json"
 NORMAL = CLASSES.index("normal")
 # (name, fit biases?, how the two sources are weighted in the NLL); None: the raw softmax
-CALIBRATION_MAPS = (("none", None, None), ("temperature, pooled (ships)", False, "pooled"),
+# biases: False, True, or the classes whose answers get a temperature of their own (mammacls's own fit,
+# ``training.calibration.fit_class_temperatures``; the others keep the pooled temperature)
+OWN_NORMAL, OWN_EVERY = (CLASSES.index("normal"),), tuple(range(len(CLASSES)))
+CALIBRATION_MAPS = (("none", None, None), ("temperature, pooled", False, "pooled"),
                     ("temperature, sources balanced", False, "balanced"), ("temperature + biases, pooled", True, "pooled"),
                     ("temperature + biases, sources balanced", True, "balanced"),
-                    ("temperature + biases, BUSI only", True, "busi"))
+                    ("temperature + biases, BUSI only", True, "busi"),
+                    ("temperature per predicted class", OWN_EVERY, "pooled"),
+                    ("temperature of its own for normal answers (ships)", OWN_NORMAL, "pooled"))
 
 
 def load_search(path: Path) -> dict:
@@ -123,6 +128,22 @@ def fit_map(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, biases:
                            + [(-10.0, 10.0)] * (len(start) - 1)).x)
 
 
+def fitted_map(logits: np.ndarray, labels: np.ndarray, sources: np.ndarray, biases, mode: str | None):
+    """The map a CALIBRATION_MAPS entry fits on these logits, as (logits -> probabilities, what was fitted)."""
+    if biases is None:
+        return softmax, {}
+    if isinstance(biases, tuple):
+        from mammacls.inference.probabilities import calibrated_softmax
+        from mammacls.training.calibration import fit_class_temperatures, fit_temperature
+
+        temperature = fit_temperature(logits, labels)
+        per_class = fit_class_temperatures(logits, labels, temperature, own=biases)
+        return (lambda z: calibrated_softmax(z, temperature, per_class)), {
+            "temperature": temperature, "class_temperatures": None if per_class is None else list(per_class)}
+    temperature, bias = fit_map(logits, labels, source_weights(sources, mode), biases)
+    return (lambda z: softmax(z / temperature + bias)), {"temperature": temperature, "bias": bias.tolist()}
+
+
 def cross_validated_maps(logits: np.ndarray, labels: np.ndarray, sources: np.ndarray, groups: np.ndarray,
                          repeats: int = 5) -> dict[str, dict[str, list[float]]]:
     """Each calibration map fitted on 4/5 of the images and applied to the rest; the figures of
@@ -135,9 +156,8 @@ def cross_validated_maps(logits: np.ndarray, labels: np.ndarray, sources: np.nda
         predicted = {name: np.zeros_like(logits) for name, *_ in CALIBRATION_MAPS}
         for fit_idx, held in StratifiedGroupKFold(5, shuffle=True, random_state=repeat).split(logits, strata, groups):
             for name, biases, mode in CALIBRATION_MAPS:
-                temperature, bias = (1.0, 0.0) if biases is None else fit_map(
-                    logits[fit_idx], labels[fit_idx], source_weights(sources[fit_idx], mode), biases)
-                predicted[name][held] = softmax(logits[held] / temperature + bias)
+                calibrate, _ = fitted_map(logits[fit_idx], labels[fit_idx], sources[fit_idx], biases, mode)
+                predicted[name][held] = calibrate(logits[held])
         for name, probabilities in predicted.items():
             for key, value in figures(probabilities, labels, sources).items():
                 scores[name].setdefault(key, []).append(value)
@@ -247,7 +267,7 @@ def member_figures(logits: dict[str, np.ndarray], labels: np.ndarray, sources: n
 
 
 CARD_KEYS = ("busi_accuracy", "busi_macro_f1", "busi_macro_auc", "busbra_malignant_auc", "busbra_called_normal")
-CALIBRATION_KEYS = ("busi_accuracy", "busi_macro_f1", "busi_recall_normal", "busi_ece", "busi_nll", "busbra_ece",
+CALIBRATION_KEYS = ("busi_accuracy", "busi_macro_f1", "busi_recall_normal", "busi_ece", "busi_nll", "busi_malignant_auc", "busbra_ece",
                     "busbra_malignant_auc")
 
 
@@ -273,14 +293,13 @@ def main() -> None:
         "out_of_fold": cross_validated_maps(oof[cv], labels[cv], sources[cv], groups[cv]),
         "validation_ensemble": cross_validated_maps(ensemble_val, labels[val], sources[val], groups[val])}
     record["calibration_fitted_on_validation"] = {
-        name: dict(zip(("temperature", "bias"), (t, b.tolist()))) for name, biases, mode in CALIBRATION_MAPS[1:]
-        for t, b in [fit_map(ensemble_val, labels[val], source_weights(sources[val], mode), biases)]}
+        name: fitted_map(ensemble_val, labels[val], sources[val], biases, mode)[1] for name, biases, mode in CALIBRATION_MAPS[1:]}
     for key, title in (("out_of_fold", "out-of-fold logits of single members"),
                        ("validation_ensemble", "validation logits of the five-member ensemble")):
         print_rows(f"Calibration maps, grouped 5-fold x 5 on the {title} (mean ± sd over repeats)",
                    record["calibration"][key], CALIBRATION_KEYS)
     for name, fitted in record["calibration_fitted_on_validation"].items():
-        print(f"fitted on all validation images, {name}: T = {fitted['temperature']:.3f}, biases {np.round(fitted['bias'], 2)}")
+        print(f"fitted on all validation images, {name}: {fitted}")
 
     if args.members:
         try:

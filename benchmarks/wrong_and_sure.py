@@ -29,7 +29,10 @@ also every member naming the ensemble's class) with top probability >= 0.9. The 
 not applied (the search kept logits, not features): a foreign scan it would reject counts here, so
 these are upper bounds. Combinations of the members:
 
-  mean logits, one temperature      what ships: the members' logits averaged, then temperature scaling
+  mean logits, one temperature      what shipped until 2026-12-02: the members' logits averaged, then
+                                    temperature scaling (the baseline of the intervals)
+  normal answers' own temperature   what ships: the same, with a temperature of their own for images
+                                    answered normal (``training.calibration.fit_class_temperatures``)
   + unanimous                       ... uncertain unless all members name the ensemble's class
   mean probabilities                one temperature for the members (fitted on their pooled logits),
                                     their probabilities averaged: a deep ensemble (Lakshminarayanan
@@ -48,8 +51,8 @@ import numpy as np
 
 from mammacls import CLASSES
 from mammacls.evaluation.metrics import calibration_metrics
-from mammacls.inference.probabilities import softmax
-from mammacls.training.calibration import fit_temperature
+from mammacls.inference.probabilities import calibrated_softmax, softmax
+from mammacls.training.calibration import fit_class_temperatures, fit_temperature
 from mammacls.training.refusal import choose_min_confidence
 from posthoc_levers import DEFAULT_RESULTS, SHIPPED_RECIPE, load_search, recipe_logits  # this script's neighbour
 from recipe_search import BUSBRA, BUSI
@@ -59,7 +62,8 @@ HELD_OUT = {BUSBRA: (BUSI, "scanner-mask-busi"), BUSI: (BUSBRA, "scanner-mask-bu
 CPU_RESULTS = DEFAULT_RESULTS.parent / "recipe_search_2026-12-02_cpu96.json"  # the only BUS-BRA-only members
 SURE = 0.9
 NORMAL = CLASSES.index("normal")
-COMBINATIONS = ("mean logits, one temperature (ships)", "mean logits + unanimous",
+COMBINATIONS = ("mean logits, one temperature (shipped before)", "mean logits, normal answers' own temperature (ships)",
+                "mean logits + unanimous",
                 "mean probabilities", "mean probabilities + unanimous")
 
 
@@ -71,22 +75,25 @@ class Combiner:
         self.name = name
         self.averages_probabilities = name.startswith("mean probabilities")
         self.unanimous = name.endswith("unanimous")
+        self.normal_own = "normal answers" in name
 
-    def probabilities(self, member_logits: np.ndarray, temperature: float) -> np.ndarray:
+    def probabilities(self, member_logits: np.ndarray, temperature: float,
+                      class_temperatures: tuple[float, ...] | None = None) -> np.ndarray:
         if self.averages_probabilities:
             return np.stack([softmax(z, temperature) for z in member_logits]).mean(axis=0)
-        return softmax(member_logits.mean(axis=0), temperature)
+        return calibrated_softmax(member_logits.mean(axis=0), temperature, class_temperatures)
 
     def fit(self, member_logits: np.ndarray, labels: np.ndarray) -> dict:
         if self.averages_probabilities:
             temperature = fit_temperature(np.concatenate(member_logits), np.tile(labels, len(member_logits)))
         else:
             temperature = fit_temperature(member_logits.mean(axis=0), labels)
-        floor = choose_min_confidence(self.probabilities(member_logits, temperature), labels)
-        return {"temperature": temperature, "floor": floor}
+        per_class = fit_class_temperatures(member_logits.mean(axis=0), labels, temperature) if self.normal_own else None
+        floor = choose_min_confidence(self.probabilities(member_logits, temperature, per_class), labels)
+        return {"temperature": temperature, "class_temperatures": per_class, "floor": floor}
 
     def apply(self, member_logits: np.ndarray, fitted: dict) -> tuple[np.ndarray, np.ndarray]:
-        probabilities = self.probabilities(member_logits, fitted["temperature"])
+        probabilities = self.probabilities(member_logits, fitted["temperature"], fitted.get("class_temperatures"))
         ok = probabilities.max(axis=1) >= fitted["floor"]
         if self.unanimous:
             ok &= (member_logits.argmax(axis=2) == probabilities.argmax(axis=1)).all(axis=0)

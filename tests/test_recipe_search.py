@@ -204,9 +204,16 @@ def test_cross_validated_maps_score_every_map_on_held_out_images(levers):
     scores = levers.cross_validated_maps(oof[seen], results["labels"][seen], results["sources"][seen],
                                          results["groups"][seen], repeats=1)
     assert set(scores) == {name for name, *_ in levers.CALIBRATION_MAPS}
-    raw, shipped = scores["none"], scores["temperature, pooled (ships)"]
-    # a temperature never changes the argmax; it does change the probabilities' calibration
-    assert raw["busi_accuracy"] == shipped["busi_accuracy"] and raw["busi_ece"] != shipped["busi_ece"]
+    raw, one = scores["none"], scores["temperature, pooled"]
+    every, shipped = scores["temperature per predicted class"], scores["temperature of its own for normal answers (ships)"]
+    # a temperature (one, or one per answer) never changes the argmax; it does change the calibration
+    for calibrated in (one, every, shipped):
+        assert raw["busi_accuracy"] == calibrated["busi_accuracy"] and raw["busi_ece"] != calibrated["busi_ece"]
+    # normal answers' own temperature: BUSI's NLL well below one temperature's, its malignant ranking kept;
+    # a temperature for every answer ranks BUSI's malignancies worse (why it does not ship)
+    assert shipped["busi_nll"][0] < one["busi_nll"][0] - 0.03
+    assert shipped["busi_malignant_auc"][0] >= one["busi_malignant_auc"][0] - 0.001
+    assert every["busi_malignant_auc"][0] < shipped["busi_malignant_auc"][0] - 0.002
     assert raw["busi_accuracy"][0] == pytest.approx(0.820, abs=0.0006)
 
 

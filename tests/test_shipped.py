@@ -107,4 +107,7 @@ def test_evaluate_default_reproduces_the_model_card(real_busi_prepared, cache):
     for key, interval in card["ci95"].items():
         assert metrics["ci95"][key] == pytest.approx(interval, abs=1e-2), key
     assert metrics["calibration"]["temperature"] == pytest.approx(card["temperature"], rel=1e-3)
+    # normal answers have a temperature of their own; benign and malignant ones share the pooled one
+    assert metrics["calibration"]["class_temperatures"] == pytest.approx(card["class_temperatures"], rel=1e-3)
+    assert card["class_temperatures"][:2] == [card["temperature"]] * 2 and card["class_temperatures"][2] > 1.5
     assert metrics["calibration"]["after"]["ece"] == pytest.approx(card["ece_calibrated"], abs=2e-3)
