@@ -32,7 +32,7 @@ import numpy as np
 
 from mammacls import CLASSES
 from recipe_search import BUSBRA, RECIPES, build_net, fold_assignment, load_bundle  # neighbours
-from wrong_and_sure import HELD_OUT, SURE, Combiner, scored
+from wrong_and_sure import COMBINATIONS, HELD_OUT, SURE, Combiner, scored
 
 NORMAL = CLASSES.index("normal")
 NORMALS_KEPT = 0.95  # share of the own source's normal validation scans whose "normal" stays as it is
@@ -68,7 +68,7 @@ def member_outputs(bundle: Path, run: Path, recipe: str) -> dict:
 
 
 def fit(logits: np.ndarray, peak: np.ndarray, labels: np.ndarray) -> dict:
-    combiner = Combiner("mean logits, one temperature (ships)")
+    combiner = Combiner(COMBINATIONS[0])
     fitted = combiner.fit(logits, labels)
     normals = peak[labels == NORMAL]
     fitted["lesion_peak"] = float(np.quantile(normals, NORMALS_KEPT)) if len(normals) else float("inf")
@@ -76,7 +76,7 @@ def fit(logits: np.ndarray, peak: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def apply(logits: np.ndarray, peak: np.ndarray, fitted: dict, rule: str) -> tuple[np.ndarray, np.ndarray]:
-    probabilities, ok = Combiner("mean logits, one temperature (ships)").apply(logits, fitted)
+    probabilities, ok = Combiner(COMBINATIONS[0]).apply(logits, fitted)
     contradicted = (probabilities.argmax(axis=1) == NORMAL) & (peak >= fitted["lesion_peak"])
     if rule == "uncertain":
         ok = ok & ~contradicted

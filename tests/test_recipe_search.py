@@ -340,7 +340,7 @@ def test_unanimity_and_probability_averaging_do_what_their_names_say(wrong_and_s
     members = np.array([[[8.0, 0, 0], [0, 0, 8.0]], [[8.0, 0, 0], [0, 0, 8.0]], [[0, 8.0, 0], [0, 0, 8.0]]])
     labels = np.array([1, 2])
     fitted = {"temperature": 1.0, "floor": 0.4}
-    logits_mean, ok = wrong_and_sure.Combiner("mean logits, one temperature (ships)").apply(members, fitted)
+    logits_mean, ok = wrong_and_sure.Combiner(wrong_and_sure.COMBINATIONS[0]).apply(members, fitted)
     assert ok.tolist() == [True, True] and logits_mean[0].max() > 0.9  # mean logits: sure of class 0
     _, ok = wrong_and_sure.Combiner("mean logits + unanimous").apply(members, fitted)
     assert ok.tolist() == [False, True]  # image 0 has a dissenting member
@@ -352,6 +352,19 @@ def test_unanimity_and_probability_averaging_do_what_their_names_say(wrong_and_s
     assert wrong_and_sure.sure_and_wrong(logits_mean, np.array([False, True]), labels).tolist() == [False, False]
     row = wrong_and_sure.scored(logits_mean, np.array([True, True]), labels)
     assert (row["errors"], row["sure_wrong"], row["sure_wrong_per_100"]) == (1, 1, 50.0)
+    # normal answers' own temperature: fitted only where there are normal answers, and it keeps every answer
+    normal_own = wrong_and_sure.Combiner(wrong_and_sure.COMBINATIONS[1])
+    assert normal_own.normal_own and not wrong_and_sure.Combiner(wrong_and_sure.COMBINATIONS[0]).normal_own
+    rng = np.random.default_rng(0)
+    truth = rng.choice(3, 400, p=[0.4, 0.3, 0.3])
+    many = rng.normal(0, 1, (3, 400, 3)) + 2.0 * np.eye(3)[truth]
+    lesion_as_normal = rng.random(400) < 0.15  # some lesions answered normal, and very surely
+    many[:, lesion_as_normal & (truth != 2), 2] += 8.0
+    many[:, truth == 2, 2] += 6.0  # normal answers far too sure in general
+    fitted = normal_own.fit(many, truth)
+    assert fitted["class_temperatures"][2] > fitted["temperature"] == fitted["class_temperatures"][0]
+    softened, _ = normal_own.apply(many, fitted)
+    assert (softened.argmax(axis=1) == many.mean(axis=0).argmax(axis=1)).all()
 
 
 def test_a_normal_answer_with_a_lesion_on_its_map_is_flagged_or_re_answered():

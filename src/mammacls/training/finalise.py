@@ -28,8 +28,9 @@ from mammacls.nets.weights import save_model
 
 def fit_calibration(net, arch: str, images: FittingImages, device: str, run_dir: Path,
                     members: int = 1) -> tuple[Calibration, Refusal]:
-    """Fitted on validation: temperature scaling (and a temperature per predicted class where validation
-    has enough answers of that class), the malignant threshold for 90 % specificity and
+    """Fitted on validation: temperature scaling (with a temperature of their own for images answered
+    normal, where validation has enough of them: ``fit_class_temperatures``), the malignant threshold
+    for 90 % specificity and
     the abstention threshold; on train features (threshold on validation): the out-of-distribution density."""
     from mammacls.inference.probabilities import calibrated_softmax
     from mammacls.training.calibration import fit_class_temperatures, fit_temperature
