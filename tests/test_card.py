@@ -119,6 +119,7 @@ def test_class_temperatures_round_trip_and_calibrate_by_answer():
     (lambda r: r.update(arch="alexnet"), "unknown architecture 'alexnet'"),
     (lambda r: r["preprocessing"].update(img_size="big"), "bad input size"),
     (lambda r: r.update(classes=["a", "b"]), "classes"),
+    (lambda r: r["calibration"].update(later_field=1.0), r"or one written by a newer mammacls \(unknown Calibration fields \['later_field'\]\); if it is newer"),
 ])
 def test_old_foreign_or_damaged_records_are_one_clear_line(tmp_path, change, message):
     record, _ = migrate_v1(_v1_record("cd" * 32))

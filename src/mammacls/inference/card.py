@@ -251,6 +251,9 @@ def parse_record(record: Any, where: Path | str) -> tuple[ModelCard, dict[str, A
     record = {key: value for key, value in record.items() if key != DIGEST_KEY}
     try:
         card = _build(ModelCard, record)
+    except UnknownFields as exc:  # the same schema with a field added later (e.g. class_temperatures)
+        raise MammaclsError(f"{where}: damaged model record, or one written by a newer mammacls ({exc}); "
+                            "if it is newer, upgrade mammacls") from None
     except (TypeError, ValueError, KeyError) as exc:
         raise MammaclsError(f"{where}: damaged model record ({str(exc)[:120]})") from None
     _check(card, where)
@@ -265,6 +268,10 @@ def without_machine_specific(training_data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in training_data.items() if key not in MACHINE_SPECIFIC}
 
 
+class UnknownFields(ValueError):
+    """A record holds fields this mammacls's dataclasses do not have."""
+
+
 def _build(cls, values: dict[str, Any]):
     """A dataclass from its JSON form, nested dataclasses and tuples included (unknown keys refused)."""
     import typing
@@ -273,7 +280,7 @@ def _build(cls, values: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        raise UnknownFields(f"unknown {cls.__name__} fields {sorted(unknown)}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
