@@ -90,27 +90,18 @@ def describe_members(results: dict, recipe: str, run: Path) -> tuple[TrainingSum
 def refinish(target: Path) -> ModelCard:
     """Calibration and refusal gate of the published model in ``target`` fitted again, weights untouched."""
     from mammacls.inference.model_files import resolve_model
-    from mammacls.nets.export import export_onnx
-    from mammacls.nets.weights import load_network
-    from mammacls.training.batches import load_fitting_images
-    from mammacls.training.finalise import fit_calibration
-    from mammacls.training.splits import model_rows, training_dataset
+    from mammacls.training.finalise import recalibrate
 
     with tempfile.TemporaryDirectory(prefix="mammacls-refinish-") as scratch:
         work = Path(scratch) / target.name
         shutil.copytree(target, work)  # a writable copy: the folder may be the installed package's
         ref = resolve_model(str(work))
         weights = ref.card.weights.sha256
-        dataset = training_dataset(ref)
-        images = load_fitting_images(dataset, *model_rows(dataset, ref.card), ref.card.img_size)
-        calibration, refusal = fit_calibration(load_network(ref, "cpu"), ref.card.arch, images, "cpu", work,
-                                               members=ref.card.members)
-        ref.update_card(calibration=calibration, refusal=refusal)
-        export_onnx(ref)
+        recalibrate(ref, device="cpu", sections_only=True)
         final = read_card(work)
         if final.weights.sha256 != weights:
             raise MammaclsError("refinishing changed the weights; nothing was copied back")
-        for name in ("metadata.json", refusal.ood.file, "model.onnx"):
+        for name in ("metadata.json", final.refusal.ood.file, "model.onnx"):
             shutil.copyfile(work / name, target / name)
     return read_card(target)
 

@@ -13,18 +13,20 @@ def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> flo
     return float(-np.log(probabilities[np.arange(len(y_true)), y_true]).mean())
 
 
-def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017)."""
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0),
+                    baseline: float = 1.0) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al. 2017), searched
+    within ``bounds``; ``baseline`` when no T there does better (or there is nothing to fit)."""
     from scipy.optimize import minimize_scalar
 
     y_true = np.asarray(y_true, dtype=int)
     if len(y_true) == 0:
-        return 1.0
+        return baseline
     # search log T so T stays positive; [1/20, 20] covers any sane network
     result = minimize_scalar(lambda log_t: nll(logits, y_true, float(np.exp(log_t))),
-                             bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+                             bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
     best = float(np.exp(result.x))
-    return best if nll(logits, y_true, best) <= nll(logits, y_true, 1.0) else 1.0
+    return best if nll(logits, y_true, best) <= nll(logits, y_true, baseline) else baseline
 
 
 # A class predicted on fewer validation images than this keeps the shared temperature: too few to fit one.
@@ -47,19 +49,15 @@ def fit_class_temperatures(logits: np.ndarray, y_true: np.ndarray, shared: float
     The top class is known at prediction time, the source is not. Why only normal: benign and
     malignant answers keep one temperature, so the malignant probability ranks lesion answers as one
     temperature ranks them (giving each its own cost malignant ROC-AUC out of fold)."""
-    from scipy.optimize import minimize_scalar
-
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true, dtype=int)
     top = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=int)
-    low, high = np.log(shared / MAX_TEMPERATURE_RATIO), np.log(shared * MAX_TEMPERATURE_RATIO)
+    bounds = (shared / MAX_TEMPERATURE_RATIO, shared * MAX_TEMPERATURE_RATIO)
     temperatures, fitted = [float(shared)] * len(CLASSES), False
     for k in own:
         mine = top == k
         if mine.sum() < MIN_PREDICTED_FOR_OWN_TEMPERATURE:
             continue
-        result = minimize_scalar(lambda log_t, mine=mine: nll(logits[mine], y_true[mine], float(np.exp(log_t))),
-                                 bounds=(low, high), method="bounded")
-        best = float(np.exp(result.x))
-        if nll(logits[mine], y_true[mine], best) <= nll(logits[mine], y_true[mine], shared):
+        best = fit_temperature(logits[mine], y_true[mine], bounds=bounds, baseline=float(shared))
+        if best != shared:
             temperatures[k], fitted = best, True
     return tuple(temperatures) if fitted else None

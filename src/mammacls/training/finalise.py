@@ -110,13 +110,16 @@ def finished_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def recalibrate(ref, *, device: str = "auto") -> ModelCard:
+def recalibrate(ref, *, device: str = "auto", sections_only: bool = False) -> ModelCard:
     """Refit a saved model's temperature, thresholds and out-of-distribution density on its own
     train/validation images (for models trained by an older mammacls, or on another machine).
 
     The prepared dataset must hold the model's train+val images (checked by their pixel hashes, so
     a dataset prepared again elsewhere or moved is accepted). A read-only (shipped) model gets its
-    refitted files in the cache; its own files are never written. Returns the updated card.
+    refitted files in the cache; its own files are never written. A writable one is saved again in
+    the current schema, unless ``sections_only``: then, as for a read-only model, only the card's
+    calibration and refusal sections, the density file and the ONNX export are rewritten, in its own
+    folder, and the weights and sidecars stay byte for byte. Returns the updated card.
     """
     from mammacls.nets.weights import load_network
 
@@ -127,7 +130,7 @@ def recalibrate(ref, *, device: str = "auto") -> ModelCard:
     images = load_fitting_images(dataset, *model_rows(dataset, card), card.img_size)
     device = resolve_device(device)
     net = load_network(ref, device)
-    if ref.read_only:  # the refit lives in the cache, beside what is derived from the shipped model
+    if ref.read_only or sections_only:  # read-only: the refit lives in the cache, beside what is derived
         calibration, refusal = fit_calibration(net, card.arch, images, device, ref.files_dir, members=card.members)
         ref.update_card(calibration=calibration, refusal=refusal)
         if card.onnx is not None:
