@@ -62,7 +62,7 @@ from mammacls.training.batches import lesion_loss
 
 FOLDS = 5
 CANDIDATES = ("standard", "scanner", "scanner-mask", "scanner-mask-per-source", "scanner-mask-long",
-              "scanner-mask-unweighted", "scanner-mask-balanced", "lite0-scanner-mask")
+              "scanner-mask-unweighted", "scanner-mask-balanced", "lite0-scanner-mask", "lite0-scanner-mask-per-source")
 ABLATIONS = ("scanner-mask-scratch", "scanner-mask-busi", "scanner-mask-busbra")
 RECIPES = {
     "standard": {"scanner": False, "mask": False, "imagenet": True, "sources": "all",
@@ -89,6 +89,9 @@ RECIPES = {
                            "scale": (0.45, 1.35), "rotation": 15.0, "arch": "efficientnet_lite0"},
     "scanner-mask-busbra": {"scanner": True, "mask": True, "imagenet": True, "sources": "BUS-BRA",
                             "scale": (0.45, 1.35), "rotation": 15.0},
+    "lite0-scanner-mask-per-source": {"scanner": True, "mask": True, "imagenet": True, "sources": "all",
+                                      "scale": (0.45, 1.35), "rotation": 15.0, "arch": "efficientnet_lite0",
+                                      "class_weights": "per-source"},
 }
 LITE0_FILE = "efficientnet_lite0_imagenet.fp16.safetensors"  # beside MobileNetV2's in the bundle
 HYPER = {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1,

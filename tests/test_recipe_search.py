@@ -398,3 +398,71 @@ def test_the_cards_lesion_map_paragraph_is_the_committed_measurement():
     before, after = figures["as trained"]["held_out"], figures["answer"]["held_out"]
     assert f"{before['lesions_called_normal']:.0%} to {after['lesions_called_normal']:.0%}".replace("%", " %") in card
     assert figures["uncertain"]["held_out"]["sure_wrong"] == before["sure_wrong"]  # "removes none"
+
+
+def _synthetic_search(rng) -> dict:
+    """Three five-fold runs over 40 train and 10 val images of both sources (posthoc_levers.load_search's keys)."""
+    sources = np.array(["Dataset_BUSI_with_GT", "BUS-BRA"] * 25)
+    labels = np.array([k % 3 if s == "Dataset_BUSI_with_GT" else k // 2 % 2 for k, s in enumerate(sources)])
+    folds = np.array([k % 5 for k in range(40)] + [-1] * 10)
+    runs = []
+    for recipe, repeat in (("scanner-mask", 0), ("scanner-mask", 1), ("lite0-scanner-mask", 0)):
+        for fold in range(5):
+            held = np.where(folds == fold)[0]
+            runs.append({"recipe": recipe, "fold": fold, "repeat": repeat, "held_idx": held.tolist(),
+                         "held_logits": rng.normal(size=(len(held), 3)).tolist(),
+                         "val_logits": rng.normal(size=(10, 3)).tolist()})
+    return {"index": [{}] * 50, "runs": runs, "folds": folds.tolist(), "labels": labels, "sources": sources}
+
+
+def test_second_architecture_pairs_fold_models_that_never_saw_the_fold():
+    """Each pair averages fold k of one run with fold k of the other on fold k's images; the
+    disagreement counts the images the two name differently; validation pairs average the two
+    five-member means."""
+    diversity = importlib.import_module("second_architecture")
+    levers = importlib.import_module("posthoc_levers")
+    results = _synthetic_search(np.random.default_rng(3))
+    table = diversity.diversity_table(results)
+    assert list(table) == ["pooled"]  # the per-source family has no runs here
+    family = table["pooled"]
+    assert list(family["single"]) == ["MobileNetV2, seed 1", "MobileNetV2, seed 2", "EfficientNet-Lite0"]
+    held = np.array(results["folds"]) >= 0
+    first, _, _ = levers.recipe_logits(results, "scanner-mask", 0)
+    lite0, lite0_val, _ = levers.recipe_logits(results, "lite0-scanner-mask", 0)
+    pair = family["pairs"]["MobileNetV2, seed 1 + EfficientNet-Lite0"]
+    expected = diversity.scores((first + lite0) / 2, held, results)
+    assert {k: pair[k] for k in expected} == pytest.approx(expected)
+    assert pair["disagreement"] == pytest.approx((first[held].argmax(1) != lite0[held].argmax(1)).mean())
+    assert 0 < pair["disagreement"] < 1
+    alone = family["validation"]["EfficientNet-Lite0 (5 members)"]
+    val_rows = ~held
+    full = np.full_like(lite0, np.nan)
+    full[val_rows] = np.mean(lite0_val, axis=0)
+    assert alone == pytest.approx(diversity.scores(full, val_rows, results))
+    assert len(family["validation"]) == 3 + 3
+    results["runs"] = [r for r in results["runs"] if not (r["recipe"] == "lite0-scanner-mask" and r["fold"] == 4)]
+    assert "EfficientNet-Lite0" not in diversity.diversity_table(results)["pooled"]["single"]  # an unfinished run is left out
+
+
+def test_committed_cpu_search_reproduces_the_model_cards_second_architecture_table():
+    """weights/MODEL_CARD.md's second-architecture table (96 px on the CPU), recomputed from the committed logits."""
+    diversity = importlib.import_module("second_architecture")
+    levers = importlib.import_module("posthoc_levers")
+    table = diversity.diversity_table(levers.load_search(diversity.CPU_SEARCH))
+    assert list(table) == ["pooled", "per-source"]
+    card = {line.split("|")[1].strip(): line.split("|")[2:8] for line in
+            (REPO / "weights" / "MODEL_CARD.md").read_text().splitlines() if line.startswith("| ")}
+    checked = 0
+    for weights, family in table.items():
+        assert len(family["single"]) == 3 and len(family["pairs"]) == 3
+        for part in ("single", "pairs"):
+            for name, got in family[part].items():
+                cells = [cell.strip().rstrip(" %") for cell in card[f"{weights}: {name}"]]
+                expected = [float(cells[0]), float(cells[1]), float(cells[2]), float(cells[3]) / 100, float(cells[4])]
+                keys = ["busi_accuracy", "busi_macro_f1", "busi_macro_auc", "busi_predicted_normal", "busbra_malignant_auc"]
+                if part == "pairs":
+                    expected.append(float(cells[5]) / 100)
+                    keys.append("disagreement")
+                assert [got[k] for k in keys] == pytest.approx(expected, abs=0.0006), (weights, name)
+                checked += 1
+    assert checked == 12
